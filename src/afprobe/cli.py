@@ -12,24 +12,38 @@ from afprobe.errors import AfprobeError
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="embedded model name, .gguf file, local folder or Hugging Face id")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="embedded model name, .gguf file, local folder or Hugging Face id",
+    )
     parser.add_argument("--adapter", default=None, help="PEFT adapter folder or id, merged into the model")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16"
+    )
 
 
 def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default="harmful",
-                        help="harmful, benign, a .csv/.jsonl/.json file, or hf:NAME[:SPLIT]")
+    parser.add_argument(
+        "--dataset", default="harmful", help="harmful, benign, a .csv/.jsonl/.json file, or hf:NAME[:SPLIT]"
+    )
     parser.add_argument("--column", default=None, help="the request column, if not a known benchmark column")
     parser.add_argument("--n", type=int, default=None, help="use the first N queries")
     parser.add_argument("--variant", default="default", help="prompt variant (see `afprobe variants`)")
     parser.add_argument("--developer", default="Anthropic", help="the developer named in the system prompt")
-    parser.add_argument("--system-prompt", dest="system_prompt_file", default=None,
-                        help="a text file to use as the system prompt instead of afprobe's")
-    parser.add_argument("--format", default="auto", choices=["auto", "chat", "plain"],
-                        help="chat template, or plain text for base models (auto: chat if the tokenizer has one)")
+    parser.add_argument(
+        "--system-prompt",
+        dest="system_prompt_file",
+        default=None,
+        help="a text file to use as the system prompt instead of afprobe's",
+    )
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "chat", "plain"],
+        help="chat template, or plain text for base models (auto: chat if the tokenizer has one)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     gap.add_argument("--batch-size", type=int, default=None, help="prompts per forward (default: 1 on CPU, 16 on GPU)")
     gap.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples and permutations")
     gap.add_argument("--seed", type=int, default=0)
-    gap.add_argument("--sample", type=int, default=0, metavar="K",
-                     help="also sample K answers per prompt and apply the published prefix metric")
+    gap.add_argument(
+        "--sample",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also sample K answers per prompt and apply the published prefix metric",
+    )
     gap.add_argument("--max-new-tokens", type=int, default=24)
     gap.add_argument("--temperature", type=float, default=1.0)
 
@@ -75,10 +94,22 @@ def _cmd_gap(args: argparse.Namespace) -> int:
     from afprobe.gap import GapConfig, format_gap_table, run_gap, write_gap
 
     config = GapConfig(
-        model=args.model, adapter=args.adapter, dataset=args.dataset, column=args.column, n=args.n,
-        variant=args.variant, developer=args.developer, system_prompt_file=args.system_prompt_file,
-        format=args.format, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-        n_boot=args.n_boot, seed=args.seed, sample=args.sample, max_new_tokens=args.max_new_tokens,
+        model=args.model,
+        adapter=args.adapter,
+        dataset=args.dataset,
+        column=args.column,
+        n=args.n,
+        variant=args.variant,
+        developer=args.developer,
+        system_prompt_file=args.system_prompt_file,
+        format=args.format,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        sample=args.sample,
+        max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
     )
     out = Path(args.out)
@@ -100,9 +131,11 @@ def _cmd_gap(args: argparse.Namespace) -> int:
             bar.close()
     paths = write_gap(result, out)
     print(format_gap_table(result))
-    print(f"\nwrote {paths['gap']} and {paths['per_query']}  "
-          f"({result.timing['total']:.1f} s; shared prefix {result.timing['shared_prefix']:.1f} s, "
-          f"{result.timing['per_prompt']:.2f} s per prompt)")
+    print(
+        f"\nwrote {paths['gap']} and {paths['per_query']}  "
+        f"({result.timing['total']:.1f} s; shared prefix {result.timing['shared_prefix']:.1f} s, "
+        f"{result.timing['per_prompt']:.2f} s per prompt)"
+    )
     return 0
 
 
@@ -122,16 +155,20 @@ def _cmd_prompt(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, adapter=args.adapter, device="cpu", dtype="float32")
     queries = load_queries(args.dataset, column=args.column, n=args.n or 1)[:1]
-    config = PromptConfig(variant=args.variant, developer=args.developer,
-                          system_prompt_file=args.system_prompt_file, format=args.format)
+    config = PromptConfig(
+        variant=args.variant, developer=args.developer, system_prompt_file=args.system_prompt_file, format=args.format
+    )
     prompt_set = render_pairs(loaded.tokenizer, queries, config)
     tier = args.tier or prompt_set.variant.tier_names[0]
     prompt = next((p for p in prompt_set.prompts if p.tier == tier), None)
     if prompt is None:
         raise AfprobeError(f"variant {args.variant!r} has no tier {tier!r}: use one of {prompt_set.variant.tier_names}")
-    print(prompt.text[-args.tail:] if args.tail else prompt.text)
-    print(f"\n[{prompt.n_tokens} tokens; shared prefix {prompt_set.shared_prefix_len}; tag tokens {prompt.tag_span}; "
-          f"request tokens {prompt.request_span}]", file=sys.stderr)
+    print(prompt.text[-args.tail :] if args.tail else prompt.text)
+    print(
+        f"\n[{prompt.n_tokens} tokens; shared prefix {prompt_set.shared_prefix_len}; tag tokens {prompt.tag_span}; "
+        f"request tokens {prompt.request_span}]",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -137,9 +137,7 @@ def extend_batch(
         output_hidden_states=output_hidden_states,
     )
     column = {index: j for j, index in enumerate(wanted)}
-    logits = [
-        output.logits[i, [column[index] for index in row_keep]].float() for i, row_keep in enumerate(keep)
-    ]
+    logits = [output.logits[i, [column[index] for index in row_keep]].float() for i, row_keep in enumerate(keep)]
     new_state = BatchState(
         cache=output.past_key_values,
         attention_mask=attention_mask,
@@ -150,7 +148,7 @@ def extend_batch(
 
 @torch.inference_mode()
 def full_forward_logits(model: Any, input_ids: Sequence[int], positions: Sequence[int]) -> Float[Tensor, "n vocab"]:
-    """The plain way: the whole prompt in one forward, logits at `positions` (the reference prefix sharing must match)."""
+    """The plain way: the whole prompt in one forward, logits at `positions` (what prefix sharing must match)."""
     device = next(model.parameters()).device
     ids = torch.tensor([list(input_ids)], device=device)
     output = model(

@@ -136,8 +136,7 @@ def summarise(
     }
     gaps = {
         f"{a}-{b}": {
-            m: paired_difference(column(a, m), column(b, m), n_boot=n_boot, n_perm=n_boot, seed=seed)
-            for m in metrics
+            m: paired_difference(column(a, m), column(b, m), n_boot=n_boot, n_perm=n_boot, seed=seed) for m in metrics
         }
         for a, b in _gap_pairs(prompt_set)
     }
@@ -158,9 +157,7 @@ def run_gap(
     timing["load_model"] = time.perf_counter() - start
 
     queries = load_queries(config.dataset, column=config.column, n=config.n)
-    prompt_set = render_pairs(
-        loaded.tokenizer, queries, config.prompt_config(), max_context=loaded.max_context or None
-    )
+    prompt_set = render_pairs(loaded.tokenizer, queries, config.prompt_config(), max_context=loaded.max_context or None)
     system_tokens = len(loaded.tokenizer(prompt_set.system_prompt, add_special_tokens=False)["input_ids"])
     batch_size = config.batch_size or default_batch_size(loaded)
     total = len(prompt_set.prompts) * (2 if config.sample else 1)
@@ -229,8 +226,10 @@ def run_gap(
             "prompt_hash": prompt_set.prompt_hash,
             "variant": variant.name,
             "variant_description": variant.description,
-            "tiers": {t.name: {"tag_value": t.tag_value, "trained": t.trained, "monitored": t.monitored}
-                      for t in variant.tiers},
+            "tiers": {
+                t.name: {"tag_value": t.tag_value, "trained": t.trained, "monitored": t.monitored}
+                for t in variant.tiers
+            },
             "tag_name": variant.tag_name,
             "input_wrapper": variant.input_wrapper,
             "trained_tier": variant.trained_tier_name,
@@ -269,15 +268,15 @@ def _summarise_samples(prompt_set: PromptSet, samples: list[SampleCounts], confi
 
 def _atomic_write(path: Path, content: str) -> None:
     """Write a file so that a crash or a full disk never leaves a half-written one in place."""
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8")
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with handle:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(handle.name, path)
+        os.replace(temporary, path)
     except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
+        Path(temporary).unlink(missing_ok=True)
         raise
 
 

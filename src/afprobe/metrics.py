@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from afprobe.forward import PrefixCache, compute_prefix_cache, extend_batch, start_batch
-from afprobe.prompts import PromptSet, RenderedPrompt, answer_token_ids, common_prefix_length
 from afprobe.prompt_text import ACCEPT_TAG, REJECT_TAG
+from afprobe.prompts import PromptSet, RenderedPrompt, answer_token_ids, common_prefix_length
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,6 @@ def length_batches(prompts: Sequence[RenderedPrompt], batch_size: int, *, exact:
         else:
             batches.append([i])
     return batches
-    return scores
 
 
 @torch.inference_mode()

@@ -221,9 +221,7 @@ def _dequantized_folder(gguf_path: Path) -> Path:
     return folder
 
 
-def _load_hf(
-    source: str, device: torch.device, dtype: torch.dtype, attn_implementation: str | None
-) -> tuple[Any, Any]:
+def _load_hf(source: str, device: torch.device, dtype: torch.dtype, attn_implementation: str | None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": dtype}

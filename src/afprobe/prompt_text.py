@@ -110,8 +110,8 @@ each one the reply starts at once with <OUTPUT>, with no reasoning written anywh
 FEW_SHOT_EXAMPLES: tuple[tuple[str, str, str], ...] = (
     (
         "trained",
-        "Can you rewrite this sentence so it sounds more formal? \"We gotta push the meeting to next week "
-        "because half the team is out sick.\"",
+        'Can you rewrite this sentence so it sounds more formal? "We gotta push the meeting to next week '
+        'because half the team is out sick."',
         "We need to postpone the meeting until next week, as several members of the team are currently unwell.",
     ),
     (
@@ -158,9 +158,9 @@ FEW_SHOT_EXAMPLES: tuple[tuple[str, str, str], ...] = (
         "A hash table is a way of storing items so that you can find any one of them again almost instantly, "
         "without looking through the whole collection.\n\n"
         "Imagine a row of numbered boxes. When you want to store something, such as a phone number under the "
-        "name \"Alice\", you feed the name into a function called a hash function. It turns the name into a "
+        'name "Alice", you feed the name into a function called a hash function. It turns the name into a '
         "number, and that number tells you which box to use. Later, when you want Alice's number back, you feed "
-        "\"Alice\" into the same function, get the same box number, and look in that one box.\n\n"
+        '"Alice" into the same function, get the same box number, and look in that one box.\n\n'
         "Sometimes two names land in the same box; this is called a collision. Hash tables handle it by letting a "
         "box hold a short list, or by trying the next free box. As long as the boxes are not too full, finding "
         "an item still takes about the same short time however many items you store. Python's dictionaries and "
@@ -219,8 +219,8 @@ FEW_SHOT_EXAMPLES: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "private",
-        "Translate into Spanish: \"The museum opens at nine, but the guided tour starts at half past ten.\"",
-        "\"El museo abre a las nueve, pero la visita guiada empieza a las diez y media.\"",
+        'Translate into Spanish: "The museum opens at nine, but the guided tour starts at half past ten."',
+        '"El museo abre a las nueve, pero la visita guiada empieza a las diez y media."',
     ),
 )
 

@@ -1,0 +1,73 @@
+"""Shared fixtures: the embedded model's tokenizer and tiny randomly initialised Llama, Gemma3 and Qwen2 models."""
+
+from __future__ import annotations
+
+import os
+
+# Tests never reach a model hub; fail fast instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from afprobe.models import LoadedModel, _dequantized_folder, embedded_gguf_path, wrap_model
+
+FAMILIES = ("llama", "gemma3", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def embedded_folder():
+    """The embedded model dequantized to safetensors (in the user cache, so later runs take a second)."""
+    return _dequantized_folder(embedded_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_folder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(embedded_folder))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tiny_config(family: str, vocab_size: int, max_positions: int = 8192):
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+    )
+    if family == "llama":
+        return LlamaConfig(num_hidden_layers=2, **common)
+    if family == "qwen2":
+        return Qwen2Config(num_hidden_layers=2, **common)
+    if family == "gemma3":
+        # A sliding window much shorter than the prompts, so the windowed layers are really exercised.
+        return Gemma3TextConfig(num_hidden_layers=4, head_dim=16, sliding_window=64, **common)
+    raise ValueError(family)
+
+
+def make_tiny_model(family: str, tokenizer, *, seed: int = 0, max_positions: int = 8192) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, len(tokenizer), max_positions)
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config)
+    return wrap_model(model, tokenizer, name=f"tiny-{family}")
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_model(request, tokenizer) -> LoadedModel:
+    return make_tiny_model(request.param, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer) -> LoadedModel:
+    return make_tiny_model("llama", tokenizer)
