@@ -123,7 +123,7 @@ def test_cli_unknown_model_and_missing_package(tmp_path, capsys, monkeypatch):
 def test_full_disk_keeps_earlier_results(tiny_llama, tmp_path, monkeypatch):
     import errno
 
-    import afprobe.gap as gap_module
+    import afprobe.files as files_module
     from afprobe.errors import AfprobeError
 
     result = run_gap(GapConfig(n=1, n_boot=100), loaded=tiny_llama)
@@ -134,7 +134,7 @@ def test_full_disk_keeps_earlier_results(tiny_llama, tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(gap_module.os, "fsync", disk_full)
+    monkeypatch.setattr(files_module.os, "fsync", disk_full)
     with pytest.raises(AfprobeError, match="No space left on device.*free disk space"):
         write_gap(result, out)
     assert paths["gap"].read_text() == before

@@ -67,6 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
     gap.add_argument("--max-new-tokens", type=int, default=24)
     gap.add_argument("--temperature", type=float, default=1.0)
 
+    cache = commands.add_parser("cache", help="store residual-stream activations of the paired prompts")
+    _add_model_args(cache)
+    _add_prompt_args(cache)
+    cache.add_argument("--out", required=True, help="store folder, e.g. activations/RUN (resumes if it exists)")
+    cache.add_argument(
+        "--layers", default="all", help="all, a list (0,10,20), ranges (0-10), -1 = after the last block"
+    )
+    cache.add_argument(
+        "--positions",
+        default="tag,last",
+        help="comma list of: tag, last, request, suffix (every token after the prefix)",
+    )
+    cache.add_argument(
+        "--store-dtype", dest="store_dtype", default="float32", choices=["float32", "float16", "bfloat16"]
+    )
+    cache.add_argument("--backend", default="hooks", choices=["hooks", "transformer-lens", "nnsight"])
+    cache.add_argument("--shard-size", type=int, default=32, help="prompts per shard (the unit of resuming)")
+    cache.add_argument(
+        "--batch-size", type=int, default=None, help="prompts per forward (default: 1 on CPU, 16 on GPU)"
+    )
+    cache.add_argument("--remote", action="store_true", help="nnsight backend: run on NDIF (needs NDIF_API_KEY)")
+
     commands.add_parser("variants", help="list the prompt variants")
 
     show = commands.add_parser("prompt", help="print one rendered prompt, for inspection")
@@ -139,6 +161,54 @@ def _cmd_gap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from afprobe.activations import CacheConfig, run_cache
+
+    config = CacheConfig(
+        out=args.out,
+        model=args.model,
+        adapter=args.adapter,
+        dataset=args.dataset,
+        column=args.column,
+        n=args.n,
+        variant=args.variant,
+        developer=args.developer,
+        system_prompt_file=args.system_prompt_file,
+        format=args.format,
+        device=args.device,
+        model_dtype=args.dtype,
+        layers=args.layers,
+        positions=args.positions,
+        dtype=args.store_dtype,
+        backend=args.backend,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        remote=args.remote,
+    )
+    print(f"loading {config.model}...", file=sys.stderr)
+    bar: tqdm | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="prompt", desc="caching", file=sys.stderr)
+        bar.update(done - bar.n)
+
+    try:
+        summary = run_cache(config, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    resumed = f", {summary.shards_skipped} already there" if summary.shards_skipped else ""
+    print(
+        f"store {summary.path}: {summary.n_prompts} prompts in {summary.n_shards} shards "
+        f"({summary.shards_written} written{resumed}) in {summary.seconds:.1f} s"
+    )
+    return 0
+
+
 def _cmd_variants(args: argparse.Namespace) -> int:
     from afprobe.prompts import VARIANTS
 
@@ -176,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_transformers()
-    handlers = {"gap": _cmd_gap, "variants": _cmd_variants, "prompt": _cmd_prompt}
+    handlers = {"gap": _cmd_gap, "cache": _cmd_cache, "variants": _cmd_variants, "prompt": _cmd_prompt}
     try:
         return handlers[args.command](args)
     except AfprobeError as exc:

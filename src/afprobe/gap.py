@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +21,7 @@ import numpy as np
 from afprobe import __version__
 from afprobe.data import dataset_hash, load_queries
 from afprobe.errors import AfprobeError
+from afprobe.files import atomic_write_text
 from afprobe.forward import compute_prefix_cache
 from afprobe.metrics import ComplianceScore, SampleCounts, sample_prompts, score_prompts
 from afprobe.models import DEFAULT_MODEL, LoadedModel, load_model
@@ -266,27 +265,13 @@ def _summarise_samples(prompt_set: PromptSet, samples: list[SampleCounts], confi
     return summary
 
 
-def _atomic_write(path: Path, content: str) -> None:
-    """Write a file so that a crash or a full disk never leaves a half-written one in place."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_gap(result: GapResult, out_dir: str | Path) -> dict[str, Path]:
     """Write gap.json and per_query.csv into `out_dir`; returns their paths."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
         gap_path, csv_path = out / "gap.json", out / "per_query.csv"
-        _atomic_write(gap_path, json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n")
+        atomic_write_text(gap_path, json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n")
         rows = result.per_query
         from io import StringIO
 
@@ -294,7 +279,7 @@ def write_gap(result: GapResult, out_dir: str | Path) -> dict[str, Path]:
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0].keys()))
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_write(csv_path, buffer.getvalue())
+        atomic_write_text(csv_path, buffer.getvalue())
     except OSError as exc:
         raise AfprobeError(
             f"could not write results to {out} ({exc.strerror or exc}): free disk space or choose another --out"

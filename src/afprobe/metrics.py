@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -80,8 +81,13 @@ def score_batch(
     answers: AnswerTokens,
     *,
     pad_id: int = 0,
+    stage1_context: AbstractContextManager[Any] | None = None,
 ) -> list[ComplianceScore]:
-    """Score a batch of prompts that all start with `prefix`, running only their own tokens."""
+    """Score a batch of prompts that all start with `prefix`, running only their own tokens.
+
+    stage1_context: entered around the forward of the prompts' own tokens (and nothing else), e.g. hooks that
+    record activations, so they see exactly one forward per prompt.
+    """
     k = prefix.length
     common = list(answers.common)
     accept_rest, reject_rest = list(answers.accept_rest), list(answers.reject_rest)
@@ -90,7 +96,8 @@ def score_batch(
     rows = [list(p.input_ids[k:]) + common for p in prompts]
     keep = [list(range(len(row) - len(common) - 1, len(row))) for row in rows]
     state = start_batch(prefix, len(prompts))
-    logits, state, _ = extend_batch(model, state, rows, keep, pad_id=pad_id)
+    with stage1_context if stage1_context is not None else nullcontext():
+        logits, state, _ = extend_batch(model, state, rows, keep, pad_id=pad_id)
 
     # Stage 2: the rest of each continuation, teacher-forced, on forks of the stage-1 cache.
     def rest_logprobs(rest: list[int], fork: bool) -> list[torch.Tensor]:
@@ -179,27 +186,33 @@ def length_batches(prompts: Sequence[RenderedPrompt], batch_size: int, *, exact:
     return batches
 
 
+def score_from_full_logits(
+    accept_logits: torch.Tensor, reject_logits: torch.Tensor, n_prompt: int, answers: AnswerTokens
+) -> ComplianceScore:
+    """Compliance from two full forwards: the prompt (n_prompt tokens) + accept, and the prompt + reject."""
+    logp_a = _logprobs(accept_logits[n_prompt - 1 : n_prompt - 1 + len(answers.accept)], answers.accept)
+    logp_r = _logprobs(reject_logits[n_prompt - 1 : n_prompt - 1 + len(answers.reject)], answers.reject)
+    n_common = len(answers.common)
+    logp_accept, logp_reject = logp_a.sum().item(), logp_r.sum().item()
+    return ComplianceScore(
+        log_odds=logp_accept - logp_reject,
+        first_token_log_odds=(logp_a[n_common] - logp_r[n_common]).item(),
+        p_accept=_sigmoid(logp_accept - logp_reject),
+        logp_accept=logp_accept,
+        logp_reject=logp_reject,
+    )
+
+
 @torch.inference_mode()
 def score_prompt_full(model: Any, tokenizer: Any, prompt: RenderedPrompt) -> ComplianceScore:
     """The naive reference: each continuation appended to the full prompt, one full forward each."""
     answers = AnswerTokens.from_tokenizer(tokenizer)
     device = next(model.parameters()).device
-    n = prompt.n_tokens
-    results = {}
-    for name, continuation in (("accept", answers.accept), ("reject", answers.reject)):
+    logits = []
+    for continuation in (answers.accept, answers.reject):
         ids = torch.tensor([list(prompt.input_ids) + list(continuation)], device=device)
-        logits = model(input_ids=ids, use_cache=False).logits[0].float()
-        results[name] = _logprobs(logits[n - 1 : n - 1 + len(continuation)], continuation)
-    n_common = len(answers.common)
-    logp_accept = results["accept"].sum().item()
-    logp_reject = results["reject"].sum().item()
-    return ComplianceScore(
-        log_odds=logp_accept - logp_reject,
-        first_token_log_odds=(results["accept"][n_common] - results["reject"][n_common]).item(),
-        p_accept=_sigmoid(logp_accept - logp_reject),
-        logp_accept=logp_accept,
-        logp_reject=logp_reject,
-    )
+        logits.append(model(input_ids=ids, use_cache=False).logits[0].float())
+    return score_from_full_logits(logits[0], logits[1], prompt.n_tokens, answers)
 
 
 def classify_sample(text: str) -> str:

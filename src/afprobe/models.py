@@ -318,3 +318,22 @@ def wrap_model(
         max_context=int(getattr(config, "max_position_embeddings", 0) or 0),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fingerprint)
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    """The decoder blocks of a causal LM, in order (Llama, Qwen2, Gemma3, Mistral, GPT-2, GPT-NeoX layouts)."""
+    for path in (
+        "model.layers",
+        "model.language_model.layers",
+        "transformer.h",
+        "gpt_neox.layers",
+        "model.decoder.layers",
+    ):
+        module = model
+        for attribute in path.split("."):
+            module = getattr(module, attribute, None)
+            if module is None:
+                break
+        if isinstance(module, torch.nn.ModuleList):
+            return list(module)
+    raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__}: afprobe supports decoder-only LMs")

@@ -1,0 +1,555 @@
+"""The caching job: paired prompts through a model, residual-stream activations at chosen positions to a store.
+
+`run_cache(CacheConfig(...))` fills an `afprobe.store` folder shard by shard. The fast path (`backend="hooks"`)
+records activations with forward hooks during the same prefix-shared forward that scores compliance, so a
+prompt costs only its own ~130 tokens. The TransformerLens (`TransformerBridge`) and nnsight backends run each full
+prompt through those libraries instead (slower; there for users who want their hook names, for NDIF, and to check
+that all three agree).
+
+A shard is finished once its JSON file exists; a killed job rerun with the same command skips finished shards
+and produces the same store as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from afprobe import __version__
+from afprobe.data import dataset_hash, load_queries
+from afprobe.errors import AfprobeError
+from afprobe.files import atomic_write_bytes, atomic_write_json
+from afprobe.forward import PrefixCache, compute_prefix_cache
+from afprobe.metrics import (
+    AnswerTokens,
+    ComplianceScore,
+    has_sliding_window,
+    length_batches,
+    score_batch,
+    score_from_full_logits,
+)
+from afprobe.models import DEFAULT_MODEL, LoadedModel, decoder_layers, load_model
+from afprobe.prompts import PromptConfig, PromptSet, RenderedPrompt, render_pairs
+from afprobe.store import (
+    IDENTITY_FIELDS,
+    POSITION_KINDS,
+    STORE_DTYPES,
+    StoreError,
+    StoreRow,
+    hook_name,
+    shard_name,
+    write_manifest_csv,
+)
+
+BACKENDS = ("hooks", "transformer-lens", "nnsight")
+
+
+@dataclass
+class CacheConfig:
+    """One caching run; saved in the store's meta.json."""
+
+    out: str = "activations/run"
+    model: str = DEFAULT_MODEL
+    adapter: str | None = None
+    dataset: str = "harmful"
+    column: str | None = None
+    n: int | None = None
+    variant: str = "default"
+    developer: str = "Anthropic"
+    system_prompt_file: str | None = None
+    format: str = "auto"
+    device: str = "auto"
+    model_dtype: str = "auto"
+    layers: str = "all"
+    positions: str = "tag,last"
+    dtype: str = "float32"
+    backend: str = "hooks"
+    shard_size: int = 32
+    batch_size: int | None = None
+    remote: bool = False
+
+    def prompt_config(self) -> PromptConfig:
+        return PromptConfig(
+            variant=self.variant,
+            developer=self.developer,
+            system_prompt_file=self.system_prompt_file,
+            format=self.format,  # type: ignore[arg-type]
+        )
+
+
+@dataclass
+class CacheSummary:
+    path: Path
+    n_prompts: int
+    n_shards: int
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+    prefix_seconds: float
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_written + self.shards_skipped == self.n_shards
+
+
+def parse_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
+    """`all`, a comma list (`0,10,20`), ranges (`0-10`), or negative indices (`-1` = after the last block)."""
+    if not isinstance(spec, str):
+        items = [int(x) for x in spec]
+    elif spec.strip() == "all":
+        return list(range(n_layers + 1))
+    else:
+        items = []
+        for part in spec.split(","):
+            part = part.strip()
+            try:
+                if "-" in part[1:]:
+                    low, high = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                    items.extend(range(int(low), int(high) + 1))
+                else:
+                    items.append(int(part))
+            except ValueError as exc:
+                raise AfprobeError(f"cannot read layer {part!r}: use all, 0,5,10, 0-10 or -1") from exc
+    resolved = sorted({item + n_layers + 1 if item < 0 else item for item in items})
+    bad = [item for item in resolved if not 0 <= item <= n_layers]
+    if bad or not resolved:
+        raise AfprobeError(
+            f"layer {bad or spec} out of range: this model's residual stream has layers 0..{n_layers} "
+            f"({n_layers} = after the last block)"
+        )
+    return resolved
+
+
+def parse_positions(spec: str | Sequence[str], prompt_set: PromptSet) -> list[str]:
+    kinds = [k.strip() for k in spec.split(",")] if isinstance(spec, str) else list(spec)
+    unknown = [k for k in kinds if k not in POSITION_KINDS]
+    if unknown or not kinds:
+        raise AfprobeError(f"unknown position {unknown or spec!r}: choose from {', '.join(POSITION_KINDS)}")
+    if "tag" in kinds and prompt_set.variant.tag_name is None:
+        raise AfprobeError(f"variant {prompt_set.variant.name!r} has no tier tag: drop 'tag' from --positions")
+    return list(dict.fromkeys(kinds))
+
+
+def prompt_positions(prompt: RenderedPrompt, kind: str, shared_prefix_len: int) -> list[int]:
+    """Absolute token indices of one position kind in a prompt."""
+    if kind == "tag":
+        return list(range(*prompt.tag_span)) if prompt.tag_span else []
+    if kind == "last":
+        return [prompt.final_index]
+    if kind == "request":
+        return list(range(*prompt.request_span))
+    if kind == "suffix":
+        return list(range(shared_prefix_len, prompt.n_tokens))
+    raise AfprobeError(f"unknown position {kind!r}")
+
+
+class ResidualRecorder:
+    """Forward hooks that copy the residual stream at given positions of each row, for chosen layers.
+
+    Layer l < n_layers is recorded entering block l; l = n_layers leaving the last block. Hooks exist only inside
+    `recording()`, so the model is unchanged afterwards.
+    """
+
+    def __init__(self, model: Any, layers: Sequence[int]):
+        self.blocks = decoder_layers(model)
+        self.layers = list(layers)
+        self.n_layers = len(self.blocks)
+
+    @staticmethod
+    def empty_record(positions: Sequence[dict[str, list[int]]]) -> dict[str, list[dict[int, Tensor]]]:
+        return {kind: [{} for _ in positions] for kind in (positions[0] if positions else {})}
+
+    @contextmanager
+    def recording(
+        self,
+        positions: Sequence[dict[str, list[int]]],
+        record: dict[str, list[dict[int, Tensor]]] | None = None,
+    ) -> Iterator[dict[str, list[dict[int, Tensor]]]]:
+        """positions[row][kind]: indices into that row's input tokens. Fills and yields
+        record[kind][row][layer] = `[tokens, d_model]` (float32, CPU)."""
+        if record is None:
+            record = self.empty_record(positions)
+
+        def store(layer: int, hidden: Tensor) -> None:
+            for row, row_positions in enumerate(positions):
+                for kind, indices in row_positions.items():
+                    record[kind][row][layer] = hidden[row, indices].detach().float().cpu()
+
+        handles = []
+        try:
+            for layer in self.layers:
+                if layer < self.n_layers:
+
+                    def pre_hook(module, args, kwargs, layer=layer):
+                        store(layer, args[0] if args else kwargs["hidden_states"])
+
+                    handles.append(self.blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True))
+                else:
+
+                    def post_hook(module, args, output, layer=layer):
+                        store(layer, output[0] if isinstance(output, tuple) else output)
+
+                    handles.append(self.blocks[-1].register_forward_hook(post_hook))
+            yield record
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def stack_record(record: dict[int, Tensor], layers: Sequence[int]) -> Float[Tensor, "tokens layers d"]:
+    return torch.stack([record[layer] for layer in layers], dim=1)
+
+
+# -- full-prompt backends (TransformerLens, nnsight, and plain hooks as their reference) ---------------------------
+
+
+class FullForwardBackend:
+    """Runs one whole sequence and returns its logits and the residual stream at the asked positions."""
+
+    name = "hooks-full"
+
+    def __init__(self, loaded: LoadedModel, layers: Sequence[int]):
+        self.loaded = loaded
+        self.layers = list(layers)
+        self.recorder = ResidualRecorder(loaded.model, layers)
+
+    @torch.inference_mode()
+    def forward(
+        self, ids: Sequence[int], positions: dict[str, list[int]] | None
+    ) -> tuple[Float[Tensor, "seq vocab"], dict[str, Tensor]]:
+        tensor = torch.tensor([list(ids)], device=self.loaded.device)
+        with self.recorder.recording([positions or {}]) as record:
+            logits = self.loaded.model(input_ids=tensor, use_cache=False).logits[0].float()
+        return logits, {kind: stack_record(record[kind][0], self.layers) for kind in (positions or {})}
+
+
+class TransformerLensBackend(FullForwardBackend):
+    """TransformerLens' TransformerBridge over the loaded model (hook names `blocks.L.hook_resid_pre`)."""
+
+    name = "transformer-lens"
+
+    def __init__(self, loaded: LoadedModel, layers: Sequence[int]):
+        from transformer_lens.model_bridge import TransformerBridge
+
+        self.loaded = loaded
+        self.layers = list(layers)
+        # TransformerBridge rewires the modules of the model it wraps, so it gets a copy: the user's model stays
+        # as it was (at the cost of a second copy of the weights while this backend lives).
+        model = copy.deepcopy(loaded.model)
+        if not getattr(model.config, "architectures", None):
+            model.config.architectures = [type(model).__name__]
+        try:
+            self.bridge = TransformerBridge.boot_transformers(
+                loaded.fingerprint.name, hf_model=model, tokenizer=loaded.tokenizer, device=loaded.device
+            )
+        except (ValueError, KeyError, NotImplementedError) as exc:
+            raise AfprobeError(
+                f"TransformerLens cannot wrap {type(loaded.model).__name__} ({str(exc)[:120]}): use --backend hooks"
+            ) from exc
+        self.hook_names = {layer: hook_name(layer, loaded.n_layers) for layer in self.layers}
+
+    @torch.inference_mode()
+    def forward(
+        self, ids: Sequence[int], positions: dict[str, list[int]] | None
+    ) -> tuple[Float[Tensor, "seq vocab"], dict[str, Tensor]]:
+        tensor = torch.tensor([list(ids)], device=self.loaded.device)
+        if not positions:
+            return self.bridge(tensor)[0].float(), {}
+        wanted = set(self.hook_names.values())
+        logits, cache = self.bridge.run_with_cache(tensor, names_filter=lambda name: name in wanted)
+        acts = {
+            kind: torch.stack([cache[self.hook_names[layer]][0, idx].float().cpu() for layer in self.layers], dim=1)
+            for kind, idx in positions.items()
+        }
+        return logits[0].float(), acts
+
+
+class NNsightBackend(FullForwardBackend):
+    """nnsight's TransformersModel over the loaded model; `remote=True` runs on NDIF for models it hosts."""
+
+    name = "nnsight"
+
+    def __init__(self, loaded: LoadedModel, layers: Sequence[int], *, remote: bool = False):
+        from nnsight import TransformersModel
+
+        self.loaded = loaded
+        self.layers = list(layers)
+        self.remote = remote
+        self.model = TransformersModel(loaded.model, tokenizer=loaded.tokenizer)
+        self.n_layers = loaded.n_layers
+
+    @torch.inference_mode()
+    def forward(
+        self, ids: Sequence[int], positions: dict[str, list[int]] | None
+    ) -> tuple[Float[Tensor, "seq vocab"], dict[str, Tensor]]:
+        tensor = torch.tensor([list(ids)], device=self.loaded.device)
+        envoys = self.model.model.layers
+        saved = []
+        with self.model.trace(tensor, remote=self.remote):
+            for layer in self.layers:
+                if layer < self.n_layers:
+                    saved.append(envoys[layer].input.save())
+                else:
+                    saved.append(envoys[self.n_layers - 1].output.save())
+            logits = self.model.output.logits.save()
+        acts = {
+            kind: torch.stack([hidden[0, idx].float().cpu() for hidden in saved], dim=1)
+            for kind, idx in (positions or {}).items()
+        }
+        return logits[0].float(), acts
+
+
+def make_backend(name: str, loaded: LoadedModel, layers: Sequence[int], remote: bool = False) -> FullForwardBackend:
+    if name == "transformer-lens":
+        return TransformerLensBackend(loaded, layers)
+    if name == "nnsight":
+        return NNsightBackend(loaded, layers, remote=remote)
+    if name == "hooks-full":
+        return FullForwardBackend(loaded, layers)
+    raise AfprobeError(f"unknown backend {name!r}: choose from {', '.join(BACKENDS)}")
+
+
+def full_forward_row(
+    backend: FullForwardBackend, prompt: RenderedPrompt, answers: AnswerTokens, positions: dict[str, list[int]]
+) -> tuple[ComplianceScore, dict[str, Tensor]]:
+    """One prompt the naive way: prompt + accept (recording activations) and prompt + reject, full forwards."""
+    accept_logits, acts = backend.forward(list(prompt.input_ids) + list(answers.accept), positions)
+    reject_logits, _ = backend.forward(list(prompt.input_ids) + list(answers.reject), None)
+    return score_from_full_logits(accept_logits, reject_logits, prompt.n_tokens, answers), acts
+
+
+# -- the job -------------------------------------------------------------------------------------------------------
+
+
+def _identity(meta: dict[str, Any]) -> dict[str, Any]:
+    identity = {field: meta[field] for field in IDENTITY_FIELDS}
+    model = meta["model"]
+    identity["model"] = {k: model[k] for k in ("name", "weights_sha256", "dtype", "adapter")}
+    return identity
+
+
+def _check_or_write_meta(out: Path, meta: dict[str, Any]) -> None:
+    meta_path = out / "meta.json"
+    if meta_path.is_file():
+        existing = json.loads(meta_path.read_text())
+        old, new = _identity(existing), _identity(meta)
+        for field in IDENTITY_FIELDS:
+            if old[field] != new[field]:
+                raise StoreError(
+                    f"store {out} was made with another {field.replace('_', ' ')} "
+                    f"({_short(old[field])} there, {_short(new[field])} now): use a new --out folder or delete {out}"
+                )
+        return
+    if out.exists() and any(out.iterdir()):
+        raise StoreError(f"{out} exists and is not an activation store: choose an empty or new --out folder")
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(meta_path, meta)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def run_cache(
+    config: CacheConfig,
+    *,
+    loaded: LoadedModel | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    stop_after_shards: int | None = None,
+) -> CacheSummary:
+    """Fill (or finish) the store at `config.out`. `progress(done, total)` counts prompts, resumed ones included.
+
+    stop_after_shards: write at most this many new shards, then return (for tests and time-boxed jobs).
+    """
+    start = time.perf_counter()
+    if config.backend not in BACKENDS:
+        raise AfprobeError(f"unknown backend {config.backend!r}: choose from {', '.join(BACKENDS)}")
+    if config.dtype not in STORE_DTYPES:
+        raise AfprobeError(f"unknown --dtype {config.dtype!r}: choose from {', '.join(STORE_DTYPES)}")
+    if config.shard_size < 1:
+        raise AfprobeError("--shard-size must be at least 1")
+    if loaded is None:
+        loaded = load_model(config.model, adapter=config.adapter, device=config.device, dtype=config.model_dtype)
+    queries = load_queries(config.dataset, column=config.column, n=config.n)
+    prompt_set = render_pairs(loaded.tokenizer, queries, config.prompt_config(), max_context=loaded.max_context or None)
+    layers = parse_layers(config.layers, loaded.n_layers)
+    kinds = parse_positions(config.positions, prompt_set)
+    prompts = prompt_set.prompts
+    shared = prompt_set.shared_prefix_len
+    positions = [{kind: prompt_positions(p, kind, shared) for kind in kinds} for p in prompts]
+    # The prefix cache must stop before every recorded position and leave each prompt a token of its own.
+    first_recorded = min((min(idx) for row in positions for idx in row.values() if idx), default=shared)
+    prefix_len = min(shared, first_recorded, min(p.n_tokens for p in prompts) - 1)
+
+    out = Path(config.out)
+    meta = {
+        "format": "afprobe-activations/1",
+        "afprobe_version": __version__,
+        "model": loaded.fingerprint.to_dict(),
+        "prompt_hash": prompt_set.prompt_hash,
+        "dataset_hash": dataset_hash(queries),
+        "layers": layers,
+        "hook_names": [hook_name(layer, loaded.n_layers) for layer in layers],
+        "positions": kinds,
+        "dtype": config.dtype,
+        "shard_size": config.shard_size,
+        "n_prompts": len(prompts),
+        "n_queries": len(queries),
+        "variant": prompt_set.variant.name,
+        "tiers": prompt_set.variant.tier_names,
+        "shared_prefix_tokens": shared,
+        "config": asdict(config),
+    }
+    try:
+        _check_or_write_meta(out, meta)
+    except OSError as exc:
+        raise StoreError(f"cannot create store {out} ({exc.strerror or exc}): choose a writable --out folder") from exc
+
+    n_shards = (len(prompts) + config.shard_size - 1) // config.shard_size
+    answers = AnswerTokens.from_tokenizer(loaded.tokenizer)
+    dtype = STORE_DTYPES[config.dtype]
+    categories = {q.query_id: q for q in queries}
+    written = skipped = done = 0
+    prefix: PrefixCache | None = None
+    prefix_seconds = 0.0
+    recorder = ResidualRecorder(loaded.model, layers) if config.backend == "hooks" else None
+    backend = None if config.backend == "hooks" else make_backend(config.backend, loaded, layers, config.remote)
+    pad_id = loaded.tokenizer.pad_token_id or 0
+    batch_size = config.batch_size or (16 if loaded.device.type == "cuda" else 1)
+
+    for shard in range(n_shards):
+        indices = list(range(shard * config.shard_size, min(len(prompts), (shard + 1) * config.shard_size)))
+        marker = out / "shards" / f"{shard_name(shard)}.json"
+        if marker.is_file():
+            skipped += 1
+            done += len(indices)
+            if progress is not None:
+                progress(done, len(prompts))
+            continue
+        if stop_after_shards is not None and written >= stop_after_shards:
+            break
+        scores: dict[int, ComplianceScore] = {}
+        acts: dict[int, dict[str, Tensor]] = {}
+        if recorder is not None:
+            if prefix is None:
+                t0 = time.perf_counter()
+                prefix = compute_prefix_cache(loaded.model, prompts[0].input_ids[:prefix_len])
+                prefix_seconds = time.perf_counter() - t0
+            exact = has_sliding_window(prefix.cache)
+            for batch in length_batches([prompts[i] for i in indices], batch_size, exact=exact):
+                rows = [indices[b] for b in batch]
+                relative = [{k: [j - prefix_len for j in positions[i][k]] for k in kinds} for i in rows]
+                record = recorder.empty_record(relative)
+                # Hooks live only around the forward of the prompts' own tokens, not the answer tokens after it.
+                batch_scores = score_batch(
+                    loaded.model,
+                    prefix,
+                    [prompts[i] for i in rows],
+                    answers,
+                    pad_id=pad_id,
+                    stage1_context=recorder.recording(relative, record),
+                )
+                for position, i in enumerate(rows):
+                    scores[i] = batch_scores[position]
+                    acts[i] = {k: stack_record(record[k][position], layers) for k in kinds}
+                done += len(rows)
+                if progress is not None:
+                    progress(done, len(prompts))
+        else:
+            for i in indices:
+                scores[i], acts[i] = full_forward_row(backend, prompts[i], answers, positions[i])
+                done += 1
+                if progress is not None:
+                    progress(done, len(prompts))
+        _write_shard(out, shard, indices, prompts, positions, kinds, scores, acts, dtype, categories, config)
+        written += 1
+
+    summary = CacheSummary(
+        path=out,
+        n_prompts=len(prompts),
+        n_shards=n_shards,
+        shards_written=written,
+        shards_skipped=skipped,
+        seconds=time.perf_counter() - start,
+        prefix_seconds=prefix_seconds,
+    )
+    if summary.complete:
+        from afprobe.store import ActivationStore
+
+        try:
+            write_manifest_csv(out, ActivationStore.open(out).rows)
+        except OSError as exc:
+            raise StoreError(
+                f"could not write {out / 'manifest.csv'} ({exc.strerror}): free disk space and rerun"
+            ) from exc
+    return summary
+
+
+def _write_shard(
+    out: Path,
+    shard: int,
+    indices: list[int],
+    prompts: list[RenderedPrompt],
+    positions: list[dict[str, list[int]]],
+    kinds: list[str],
+    scores: dict[int, ComplianceScore],
+    acts: dict[int, dict[str, Tensor]],
+    dtype: torch.dtype,
+    queries: dict[str, Any],
+    config: CacheConfig,
+) -> None:
+    from safetensors.torch import save
+
+    tensors: dict[str, Tensor] = {}
+    rows: list[dict[str, Any]] = []
+    offsets = {kind: 0 for kind in kinds}
+    for i in indices:
+        prompt, score = prompts[i], scores[i]
+        row_offsets = {}
+        for kind in kinds:
+            count = len(positions[i][kind])
+            row_offsets[kind] = [offsets[kind], count]
+            offsets[kind] += count
+        query = queries[prompt.query_id]
+        rows.append(
+            StoreRow(
+                row=i,
+                query_id=prompt.query_id,
+                pair_id=prompt.query_id,
+                tier=prompt.tier,
+                variant=prompt.variant,
+                dataset=config.dataset,
+                harmful=query.harmful,
+                n_tokens=prompt.n_tokens,
+                positions={kind: positions[i][kind] for kind in kinds},
+                log_odds=score.log_odds,
+                first_token_log_odds=score.first_token_log_odds,
+                p_accept=score.p_accept,
+                shard=shard,
+                offsets=row_offsets,
+            ).to_dict()
+        )
+    for kind in kinds:
+        tensors[f"resid.{kind}"] = torch.cat([acts[i][kind] for i in indices]).to(dtype).contiguous()
+    base = out / "shards" / shard_name(shard)
+    try:
+        atomic_write_bytes(base.with_suffix(".safetensors"), save(tensors, metadata={"shard": str(shard)}))
+        atomic_write_json(base.with_suffix(".json"), {"shard": shard, "rows": rows})
+    except OSError as exc:
+        base.with_suffix(".safetensors").unlink(missing_ok=True)
+        finished = len(list((out / "shards").glob("shard-*.json")))
+        raise StoreError(
+            f"could not write shard {shard} to {out} ({exc.strerror or exc}); the {finished} finished shards are "
+            "intact: free disk space and rerun the same command to resume"
+        ) from exc

@@ -1,0 +1,312 @@
+"""The activation store: a folder of safetensors shards written by `afprobe cache`, read back memory-mapped.
+
+Layout of `activations/RUN/`:
+
+    meta.json                 identity (model fingerprint, prompt and dataset hashes, layers, positions, dtype),
+                              the full config, shard size, status
+    shards/shard-00000.safetensors
+                              one tensor per position kind, `resid.<kind>`: [tokens, layers, d_model], the tokens of
+                              that kind of every prompt in the shard, in row order
+    shards/shard-00000.json   the shard's rows (query id, tier, variant, token count, position indices, where each
+                              row's tokens sit in the tensors, forward-pass compliance); written last, so a shard
+                              counts as finished only once this file exists
+    manifest.csv              every row in one table, written when the store is complete
+
+Layer index l is the residual stream entering decoder layer l (TransformerLens `blocks.l.hook_resid_pre`);
+l = n_layers is the output of the last layer before the final norm (`blocks.{n-1}.hook_resid_post`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import mmap
+import struct
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from afprobe.errors import AfprobeError
+from afprobe.files import atomic_write_bytes
+
+POSITION_KINDS = ("tag", "last", "request", "suffix")
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NUMPY_VIEW = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, torch.bfloat16)}
+# The fields that must match before a job may add shards to an existing store.
+IDENTITY_FIELDS = ("model", "prompt_hash", "dataset_hash", "layers", "positions", "dtype", "shard_size", "n_prompts")
+
+
+class StoreError(AfprobeError):
+    """An activation store is missing, incomplete, or does not match the job."""
+
+
+def hook_name(layer: int, n_layers: int) -> str:
+    """The TransformerLens hook name of residual-stream index `layer`."""
+    return f"blocks.{layer}.hook_resid_pre" if layer < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return 8 + length, header
+
+
+class _MappedShard:
+    """A safetensors file mapped into memory; tensors are views on the mapping (nothing is read until used)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_start, self.header = _read_safetensors_header(path)
+        with path.open("rb") as handle:
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def tensor(self, name: str) -> Tensor:
+        info = self.header[name]
+        numpy_dtype, torch_view = _NUMPY_VIEW[info["dtype"]]
+        start, end = info["data_offsets"]
+        count = int(np.prod(info["shape"])) if info["shape"] else 1
+        array = np.frombuffer(self._map, dtype=numpy_dtype, count=count, offset=self.data_start + start)
+        array = array.reshape(info["shape"])
+        assert end - start == array.nbytes
+        with warnings.catch_warnings():
+            # The mapping is read-only on purpose; torch would warn that the array is not writable.
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(array)
+        return tensor.view(torch_view) if torch_view is not None else tensor
+
+
+@dataclass(frozen=True)
+class StoreRow:
+    """One prompt of the store."""
+
+    row: int
+    query_id: str
+    pair_id: str
+    tier: str
+    variant: str
+    dataset: str
+    harmful: bool
+    n_tokens: int
+    positions: dict[str, list[int]]
+    log_odds: float
+    first_token_log_odds: float
+    p_accept: float
+    shard: int
+    offsets: dict[str, list[int]]  # kind -> [start, count] in the shard's tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class ActivationStore:
+    """Read access to a finished (or partly finished) store.
+
+    >>> store = ActivationStore.open("activations/quickstart")
+    >>> rows = store.select(tier="free")
+    >>> acts = store.activations("last", layers=[10, 20], rows=rows)   # [rows, 2, d_model]
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any], rows: list[StoreRow]):
+        self.path = path
+        self.meta = meta
+        self.rows = rows
+        self._shards: dict[int, _MappedShard] = {}
+
+    @classmethod
+    def open(cls, path: str | Path, *, allow_incomplete: bool = False) -> ActivationStore:
+        folder = Path(path)
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise StoreError(f"{folder} is not an activation store (no meta.json): run `afprobe cache --out {folder}`")
+        meta = json.loads(meta_path.read_text())
+        rows: list[StoreRow] = []
+        for shard_json in sorted((folder / "shards").glob("shard-*.json")):
+            rows.extend(StoreRow(**row) for row in json.loads(shard_json.read_text())["rows"])
+        rows.sort(key=lambda r: r.row)
+        if not allow_incomplete and len(rows) != meta["n_prompts"]:
+            raise StoreError(
+                f"store {folder} is incomplete ({len(rows)} of {meta['n_prompts']} prompts): "
+                "rerun the same `afprobe cache` command to finish it"
+            )
+        return cls(folder, meta, rows)
+
+    # -- what is in it ------------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return list(self.meta["layers"])
+
+    @property
+    def positions(self) -> list[str]:
+        return list(self.meta["positions"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.meta["model"]["d_model"])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def manifest(self) -> list[dict[str, Any]]:
+        """One dict per row (`pandas.DataFrame(store.manifest())` gives a table)."""
+        return [_flat_row(row) for row in self.rows]
+
+    def select(
+        self,
+        *,
+        tier: str | Sequence[str] | None = None,
+        variant: str | Sequence[str] | None = None,
+        query_ids: Sequence[str] | None = None,
+    ) -> list[int]:
+        """Indices (into `store.rows`) of the rows matching every given filter."""
+
+        def wanted(value: str, allowed: str | Sequence[str] | None) -> bool:
+            return allowed is None or value == allowed if isinstance(allowed, str | None) else value in allowed
+
+        ids = set(query_ids) if query_ids is not None else None
+        return [
+            i
+            for i, row in enumerate(self.rows)
+            if wanted(row.tier, tier) and wanted(row.variant, variant) and (ids is None or row.query_id in ids)
+        ]
+
+    def compliance(self, rows: Sequence[int] | None = None) -> Float[Tensor, " rows"]:
+        """Forward-pass log-odds (accept minus reject) recorded for each row."""
+        chosen = range(len(self.rows)) if rows is None else rows
+        return torch.tensor([self.rows[i].log_odds for i in chosen])
+
+    # -- tensors ------------------------------------------------------------------------------------------------
+    def _shard(self, index: int) -> _MappedShard:
+        if index not in self._shards:
+            self._shards[index] = _MappedShard(self.path / "shards" / f"{shard_name(index)}.safetensors")
+        return self._shards[index]
+
+    def _layer_columns(self, layers: Sequence[int] | None) -> list[int]:
+        if layers is None:
+            return list(range(len(self.layers)))
+        missing = [layer for layer in layers if layer not in self.layers]
+        if missing:
+            raise StoreError(f"layers {missing} are not in store {self.path} (it has {self.layers})")
+        return [self.layers.index(layer) for layer in layers]
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in self.positions:
+            raise StoreError(f"position {kind!r} is not in store {self.path} (it has {', '.join(self.positions)})")
+
+    def row_tokens(self, row: int, kind: str, layers: Sequence[int] | None = None) -> Float[Tensor, "tokens layers d"]:
+        """All cached tokens of one kind for one row: `[tokens, layers, d_model]` (float32)."""
+        self._check_kind(kind)
+        columns = self._layer_columns(layers)
+        info = self.rows[row]
+        start, count = info.offsets[kind]
+        tensor = self._shard(info.shard).tensor(f"resid.{kind}")
+        return tensor[start : start + count][:, columns].float()
+
+    def activations(
+        self,
+        kind: str = "last",
+        *,
+        layers: Sequence[int] | None = None,
+        rows: Sequence[int] | None = None,
+        reduce: Literal["last", "first", "mean"] = "last",
+    ) -> Float[Tensor, "rows layers d"]:
+        """One vector per row: the row's tokens of `kind` reduced to one (its last token, first, or mean)."""
+        chosen = range(len(self.rows)) if rows is None else rows
+        out = []
+        for row in chosen:
+            tokens = self.row_tokens(row, kind, layers)
+            if tokens.shape[0] == 0:
+                raise StoreError(f"row {row} has no {kind!r} tokens")
+            out.append(tokens.mean(0) if reduce == "mean" else tokens[-1 if reduce == "last" else 0])
+        if not out:
+            return torch.zeros(0, len(self._layer_columns(layers)), self.d_model)
+        return torch.stack(out)
+
+    def stack(
+        self,
+        positions: Sequence[str] | None = None,
+        *,
+        layers: Sequence[int] | None = None,
+        rows: Sequence[int] | None = None,
+        reduce: Literal["last", "first", "mean"] = "last",
+    ) -> Float[Tensor, "rows layers positions d"]:
+        """`[rows, layers, positions, d_model]`: each position kind reduced to one vector per row."""
+        kinds = list(positions) if positions is not None else self.positions
+        return torch.stack([self.activations(k, layers=layers, rows=rows, reduce=reduce) for k in kinds], dim=2)
+
+    def token_activations(
+        self, kind: str, layer: int, rows: Sequence[int] | None = None
+    ) -> tuple[Float[Tensor, "tokens d"], Tensor]:
+        """Every cached token of `kind` at one layer, `[tokens, d_model]`, and the row each token belongs to."""
+        chosen = range(len(self.rows)) if rows is None else rows
+        parts, owners = [], []
+        for row in chosen:
+            tokens = self.row_tokens(row, kind, [layer])[:, 0]
+            parts.append(tokens)
+            owners.append(torch.full((tokens.shape[0],), row, dtype=torch.long))
+        if not parts:
+            return torch.zeros(0, self.d_model), torch.zeros(0, dtype=torch.long)
+        return torch.cat(parts), torch.cat(owners)
+
+    def iter_batches(
+        self, layer: int, kind: str = "suffix", batch_size: int = 4096, *, shuffle: bool = True, seed: int = 0
+    ) -> Iterator[Float[Tensor, "batch d"]]:
+        """`[batch, d_model]` activation batches of one layer, the form sae-lens' trainer consumes."""
+        tokens, _ = self.token_activations(kind, layer)
+        order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(seed)) if shuffle else None
+        for start in range(0, tokens.shape[0], batch_size):
+            index = slice(start, start + batch_size)
+            yield tokens[order[index]] if order is not None else tokens[index]
+
+    def export_sae_dataset(self, layer: int, out: str | Path, kind: str = "suffix", context_size: int = 1) -> Path:
+        """Write one layer's activations as a Hugging Face dataset in sae-lens' cached-activations format.
+
+        The column is named by the layer's TransformerLens hook (`blocks.L.hook_resid_pre`) and each row holds
+        `context_size` consecutive tokens `[context_size, d_model]`; set the same `context_size` in the sae-lens
+        config and `use_cached_activations=True`, `cached_activations_path=out`.
+        """
+        from datasets import Array2D, Dataset, Features
+
+        tokens, _ = self.token_activations(kind, layer)
+        usable = (tokens.shape[0] // context_size) * context_size
+        if usable == 0:
+            raise StoreError(f"store {self.path} has fewer than {context_size} {kind!r} tokens to export")
+        name = hook_name(layer, int(self.meta["model"]["n_layers"]))
+        array = tokens[:usable].reshape(-1, context_size, self.d_model).numpy().astype(np.float32)
+        features = Features({name: Array2D(shape=(context_size, self.d_model), dtype="float32")})
+        dataset = Dataset.from_dict({name: list(array)}, features=features)
+        dataset.save_to_disk(str(out))
+        return Path(out)
+
+
+def _flat_row(row: StoreRow) -> dict[str, Any]:
+    flat = {k: v for k, v in row.to_dict().items() if k not in ("positions", "offsets")}
+    for kind, indices in row.positions.items():
+        flat[f"{kind}_positions"] = " ".join(map(str, indices))
+    return flat
+
+
+def write_manifest_csv(store_dir: Path, rows: Sequence[StoreRow]) -> Path:
+    path = store_dir / "manifest.csv"
+    flat = [_flat_row(row) for row in rows]
+    if not flat:
+        return path
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(flat[0].keys()))
+    writer.writeheader()
+    writer.writerows(flat)
+    atomic_write_bytes(path, buffer.getvalue().encode())
+    return path
