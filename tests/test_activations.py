@@ -54,6 +54,12 @@ def test_store_round_trip_matches_plain_forward(tiny_model, tmp_path):
             expected = torch.stack([hidden[layer][0, row.positions[kind]] for layer in range(n_layers)], dim=1)
             torch.testing.assert_close(cached, expected, atol=TOLERANCE, rtol=0)
     assert (tmp_path / "store" / "manifest.csv").read_text().count("\n") == 7
+    # The store also carries the compliance gap of its prompts, from the same forward passes.
+    gap = json.loads((tmp_path / "store" / "gap.json").read_text())
+    free = [r.log_odds for r in store.rows if r.tier == "free"]
+    paid = [r.log_odds for r in store.rows if r.tier == "paid"]
+    expected_gap = sum(f - p for f, p in zip(free, paid, strict=True)) / len(free)
+    assert gap["gaps"]["free-paid"]["log_odds"]["mean"] == pytest.approx(expected_gap, abs=1e-9)
 
 
 @pytest.mark.parametrize("backend", ["transformer-lens", "nnsight"])

@@ -26,10 +26,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from afprobe import __version__
+from afprobe.contrast import CONTRAST_SETS, load_situational_awareness, render_contrast_set
 from afprobe.data import dataset_hash, load_queries
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_bytes, atomic_write_json
 from afprobe.forward import PrefixCache, compute_prefix_cache
+from afprobe.gap import GapConfig, GapResult, build_gap_result, write_gap
 from afprobe.metrics import (
     AnswerTokens,
     ComplianceScore,
@@ -44,6 +46,7 @@ from afprobe.store import (
     IDENTITY_FIELDS,
     POSITION_KINDS,
     STORE_DTYPES,
+    ActivationStore,
     StoreError,
     StoreRow,
     hook_name,
@@ -96,10 +99,22 @@ class CacheSummary:
     shards_skipped: int
     seconds: float
     prefix_seconds: float
+    gap: GapResult | None = None
 
     @property
     def complete(self) -> bool:
         return self.shards_written + self.shards_skipped == self.n_shards
+
+
+def build_prompt_set(config: CacheConfig, loaded: LoadedModel) -> PromptSet:
+    """The paired prompts of a job: a dataset under a variant, or a contrast set (`situational-awareness`)."""
+    if config.dataset in CONTRAST_SETS:
+        pairs = load_situational_awareness(n=config.n)
+        return render_contrast_set(
+            loaded.tokenizer, pairs, format=config.format, max_context=loaded.max_context or None
+        )
+    queries = load_queries(config.dataset, column=config.column, n=config.n)
+    return render_pairs(loaded.tokenizer, queries, config.prompt_config(), max_context=loaded.max_context or None)
 
 
 def parse_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
@@ -135,7 +150,7 @@ def parse_positions(spec: str | Sequence[str], prompt_set: PromptSet) -> list[st
     unknown = [k for k in kinds if k not in POSITION_KINDS]
     if unknown or not kinds:
         raise AfprobeError(f"unknown position {unknown or spec!r}: choose from {', '.join(POSITION_KINDS)}")
-    if "tag" in kinds and prompt_set.variant.tag_name is None:
+    if "tag" in kinds and any(p.tag_span is None for p in prompt_set.prompts):
         raise AfprobeError(f"variant {prompt_set.variant.name!r} has no tier tag: drop 'tag' from --positions")
     return list(dict.fromkeys(kinds))
 
@@ -381,8 +396,8 @@ def run_cache(
         raise AfprobeError("--shard-size must be at least 1")
     if loaded is None:
         loaded = load_model(config.model, adapter=config.adapter, device=config.device, dtype=config.model_dtype)
-    queries = load_queries(config.dataset, column=config.column, n=config.n)
-    prompt_set = render_pairs(loaded.tokenizer, queries, config.prompt_config(), max_context=loaded.max_context or None)
+    prompt_set = build_prompt_set(config, loaded)
+    queries = prompt_set.queries
     layers = parse_layers(config.layers, loaded.n_layers)
     kinds = parse_positions(config.positions, prompt_set)
     prompts = prompt_set.prompts
@@ -408,6 +423,7 @@ def run_cache(
         "n_queries": len(queries),
         "variant": prompt_set.variant.name,
         "tiers": prompt_set.variant.tier_names,
+        "contrast": list(prompt_set.variant.contrast) if prompt_set.variant.contrast else None,
         "shared_prefix_tokens": shared,
         "config": asdict(config),
     }
@@ -485,15 +501,47 @@ def run_cache(
         prefix_seconds=prefix_seconds,
     )
     if summary.complete:
-        from afprobe.store import ActivationStore
-
         try:
-            write_manifest_csv(out, ActivationStore.open(out).rows)
+            rows = ActivationStore.open(out).rows
+            write_manifest_csv(out, rows)
+            summary.gap = _gap_from_rows(config, loaded, prompt_set, rows, prefix_len)
+            write_gap(summary.gap, out)
         except OSError as exc:
             raise StoreError(
                 f"could not write {out / 'manifest.csv'} ({exc.strerror}): free disk space and rerun"
             ) from exc
     return summary
+
+
+def _gap_from_rows(
+    config: CacheConfig, loaded: LoadedModel, prompt_set: PromptSet, rows: list[StoreRow], prefix_len: int
+) -> GapResult:
+    """The compliance gap of the cached prompts, from the scores recorded in the same forward passes."""
+    gap_config = GapConfig(
+        model=config.model,
+        adapter=config.adapter,
+        dataset=config.dataset,
+        column=config.column,
+        n=config.n,
+        variant=prompt_set.variant.name,
+        developer=config.developer,
+        system_prompt_file=config.system_prompt_file,
+        format=config.format,
+        device=config.device,
+        dtype=config.model_dtype,
+        batch_size=config.batch_size,
+    )
+    scores = [
+        ComplianceScore(
+            log_odds=r.log_odds,
+            first_token_log_odds=r.first_token_log_odds,
+            p_accept=r.p_accept,
+            logp_accept=r.logp_accept,
+            logp_reject=r.logp_reject,
+        )
+        for r in rows
+    ]
+    return build_gap_result(gap_config, loaded, prompt_set, scores, prefix_tokens=prefix_len)
 
 
 def _write_shard(
@@ -536,6 +584,8 @@ def _write_shard(
                 log_odds=score.log_odds,
                 first_token_log_odds=score.first_token_log_odds,
                 p_accept=score.p_accept,
+                logp_accept=score.logp_accept,
+                logp_reject=score.logp_reject,
                 shard=shard,
                 offsets=row_offsets,
             ).to_dict()

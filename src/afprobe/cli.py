@@ -26,7 +26,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--dataset", default="harmful", help="harmful, benign, a .csv/.jsonl/.json file, or hf:NAME[:SPLIT]"
+        "--dataset",
+        default="harmful",
+        help="harmful, benign, a .csv/.jsonl/.json file, hf:NAME[:SPLIT]; for cache also situational-awareness",
     )
     parser.add_argument("--column", default=None, help="the request column, if not a known benchmark column")
     parser.add_argument("--n", type=int, default=None, help="use the first N queries")
@@ -88,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=None, help="prompts per forward (default: 1 on CPU, 16 on GPU)"
     )
     cache.add_argument("--remote", action="store_true", help="nnsight backend: run on NDIF (needs NDIF_API_KEY)")
+
+    probe = commands.add_parser("probe", help="train probes and directions on a store, with nulls and plots")
+    probe.add_argument("--cache", required=True, help="the paired-prompt store (activations/RUN)")
+    probe.add_argument("--sa-cache", default=None, help="a store of the situational-awareness contrast set")
+    probe.add_argument("--benign-cache", default=None, help="a store of the benign queries (for the refusal direction)")
+    probe.add_argument("--out", required=True, help="results folder, e.g. probes/RUN")
+    probe.add_argument("--layers", default=None, help="comma list of store layers (default: all in the store)")
+    probe.add_argument("--positions", default=None, help="comma list of store positions (default: all)")
+    probe.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by query")
+    probe.add_argument("--n-random", type=int, default=20, help="random directions for the null")
+    probe.add_argument("--n-shuffles", type=int, default=5, help="label shuffles for the null")
+    probe.add_argument("--seed", type=int, default=0)
 
     commands.add_parser("variants", help="list the prompt variants")
 
@@ -201,12 +215,76 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if summary.gap is not None:
+        from afprobe.gap import format_gap_table
+
+        print(format_gap_table(summary.gap) + "\n")
     resumed = f", {summary.shards_skipped} already there" if summary.shards_skipped else ""
     print(
         f"store {summary.path}: {summary.n_prompts} prompts in {summary.n_shards} shards "
         f"({summary.shards_written} written{resumed}) in {summary.seconds:.1f} s"
     )
     return 0
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from afprobe.probes import ProbeConfig, run_probes
+
+    config = ProbeConfig(
+        cache=args.cache,
+        out=args.out,
+        sa_cache=args.sa_cache,
+        benign_cache=args.benign_cache,
+        layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
+        positions=args.positions.split(",") if args.positions else None,
+        folds=args.folds,
+        n_random=args.n_random,
+        n_shuffles=args.n_shuffles,
+        seed=args.seed,
+    )
+    bar: tqdm | None = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="layer", desc="probing", file=sys.stderr)
+        bar.update(done - bar.n)
+
+    try:
+        output = run_probes(config, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(format_probe_summary(output))
+    print(f"\nwrote {args.out}/ (metrics.json, directions.safetensors, probes.safetensors, *.html)")
+    return 0
+
+
+def format_probe_summary(output: dict) -> str:
+    summary = output["summary"]
+    best = summary["best"]
+    lines = [
+        f"best place (held-out effect size): layer {best['layer']}, position {best['position']}: "
+        f"AUROC {best['logistic_auroc']:.3f}, Cohen's d {best['mean_diff_cohens_d']:.2f}",
+        f"null: shuffled-label AUROC at most {summary['max_shuffled_auroc']:.3f}",
+    ]
+    for row in summary["embedding_layer"]:
+        lines.append(
+            f"embedding layer ({row['position']}): AUROC {row['logistic_auroc']:.3f}, d {row['mean_diff_cohens_d']:.2f}"
+        )
+    if "best_transfer_to_sa" in summary:
+        t = summary["best_transfer_to_sa"]
+        lines.append(
+            f"transfer to the situational-awareness set: AUROC {t['auroc']:.3f} (layer {t['layer']}, {t['position']})"
+        )
+    for pair, info in summary["largest_cosines"].items():
+        lines.append(
+            f"largest |cosine| {pair.replace('~', ' vs ')}: {info['cosine']:+.3f} "
+            f"(layer {info['layer']}, {info['position']})"
+        )
+    return "\n".join(lines)
 
 
 def _cmd_variants(args: argparse.Namespace) -> int:
@@ -246,7 +324,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_transformers()
-    handlers = {"gap": _cmd_gap, "cache": _cmd_cache, "variants": _cmd_variants, "prompt": _cmd_prompt}
+    handlers = {
+        "gap": _cmd_gap,
+        "cache": _cmd_cache,
+        "probe": _cmd_probe,
+        "variants": _cmd_variants,
+        "prompt": _cmd_prompt,
+    }
     try:
         return handlers[args.command](args)
     except AfprobeError as exc:

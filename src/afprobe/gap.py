@@ -157,7 +157,6 @@ def run_gap(
 
     queries = load_queries(config.dataset, column=config.column, n=config.n)
     prompt_set = render_pairs(loaded.tokenizer, queries, config.prompt_config(), max_context=loaded.max_context or None)
-    system_tokens = len(loaded.tokenizer(prompt_set.system_prompt, add_special_tokens=False)["input_ids"])
     batch_size = config.batch_size or default_batch_size(loaded)
     total = len(prompt_set.prompts) * (2 if config.sample else 1)
     done = 0
@@ -196,10 +195,27 @@ def run_gap(
         )
         timing["sampling"] = time.perf_counter() - t0
 
+    result = build_gap_result(config, loaded, prompt_set, scores, samples=samples, prefix_tokens=n_prefix)
+    timing["total"] = time.perf_counter() - start
+    result.timing = timing
+    return result
+
+
+def build_gap_result(
+    config: GapConfig,
+    loaded: LoadedModel,
+    prompt_set: PromptSet,
+    scores: list[ComplianceScore],
+    *,
+    samples: list[SampleCounts] | None = None,
+    prefix_tokens: int | None = None,
+) -> GapResult:
+    """Assemble a `GapResult` from per-prompt scores (used by the gap job and by the caching job)."""
+    queries = prompt_set.queries
     tiers, gaps = summarise(prompt_set, scores, n_boot=config.n_boot, seed=config.seed)
     categories = {q.query_id: q.category for q in queries}
     per_query = []
-    for i, (prompt, score) in enumerate(zip(prompts, scores, strict=True)):
+    for i, (prompt, score) in enumerate(zip(prompt_set.prompts, scores, strict=True)):
         row: dict[str, Any] = {
             "query_id": prompt.query_id,
             "category": categories[prompt.query_id],
@@ -214,9 +230,8 @@ def run_gap(
                 sampled_accept=counts.accept, sampled_reject=counts.reject, sampled_unparseable=counts.unparseable
             )
         per_query.append(row)
-
     sampled = _summarise_samples(prompt_set, samples, config) if samples is not None else None
-    timing["total"] = time.perf_counter() - start
+    system_tokens = len(loaded.tokenizer(prompt_set.system_prompt, add_special_tokens=False)["input_ids"])
     variant = prompt_set.variant
     return GapResult(
         config=config,
@@ -234,7 +249,7 @@ def run_gap(
             "trained_tier": variant.trained_tier_name,
             "format": prompt_set.format,
             "system_prompt_tokens": system_tokens,
-            "shared_prefix_tokens": n_prefix,
+            "shared_prefix_tokens": prefix_tokens if prefix_tokens is not None else prompt_set.shared_prefix_len,
             "max_prompt_tokens": prompt_set.max_tokens,
             "scoring": "teacher-forced log P(<request_fully_accepted/>) - log P(<rejected/>) after <OUTPUT>",
         },
@@ -243,7 +258,6 @@ def run_gap(
         gaps=gaps,
         per_query=per_query,
         sampled=sampled,
-        timing=timing,
     )
 
 

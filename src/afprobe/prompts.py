@@ -277,7 +277,7 @@ class PromptSet:
         return max(prompt.n_tokens for prompt in self.prompts)
 
 
-def _chat_format(tokenizer: Any, format: str) -> str:
+def chat_format(tokenizer: Any, format: str) -> str:
     if format != "auto":
         if format == "chat" and not getattr(tokenizer, "chat_template", None):
             raise PromptError("format 'chat' asked for but the tokenizer has no chat template: use --format plain")
@@ -300,14 +300,14 @@ def render_text(tokenizer: Any, system_prompt: str, user_turn: str, format: str)
     return rendered + text.OUTPUT_PREFILL
 
 
-def _char_to_token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
+def char_span_to_tokens(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
     hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
     if not hits:
         raise PromptError("could not map a prompt span to tokens: the tokenizer gives no character offsets")
     return hits[0], hits[-1] + 1
 
 
-def _tokenize(tokenizer: Any, rendered: str) -> tuple[list[int], list[tuple[int, int]]]:
+def tokenize_with_offsets(tokenizer: Any, rendered: str) -> tuple[list[int], list[tuple[int, int]]]:
     encoding = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     return list(encoding["input_ids"]), [tuple(pair) for pair in encoding["offset_mapping"]]
 
@@ -317,18 +317,18 @@ def render_prompt(
 ) -> RenderedPrompt:
     user_turn = build_user_turn(query.text, tier, variant)
     rendered = render_text(tokenizer, system_prompt, user_turn, format)
-    input_ids, offsets = _tokenize(tokenizer, rendered)
+    input_ids, offsets = tokenize_with_offsets(tokenizer, rendered)
     tag_span = None
     tag = _tag_line(variant, tier)
     if tag is not None:
         # The user turn comes after the system prompt, so its tag is the last occurrence.
         tag_start = rendered.rfind(tag) + len(f"<{variant.tag_name}>")
-        tag_span = _char_to_token_span(offsets, tag_start, tag_start + len(str(tier.tag_value)))
+        tag_span = char_span_to_tokens(offsets, tag_start, tag_start + len(str(tier.tag_value)))
     request = query.text.strip()
     request_start = rendered.rfind(request)
     if request_start < 0:
         raise PromptError(f"query {query.query_id!r} was altered by the chat template; render it with --format plain")
-    request_span = _char_to_token_span(offsets, request_start, request_start + len(request))
+    request_span = char_span_to_tokens(offsets, request_start, request_start + len(request))
     return RenderedPrompt(
         query_id=query.query_id,
         tier=tier.name,
@@ -386,7 +386,7 @@ def render_pairs(
         system_prompt = load_system_prompt_file(config.system_prompt_file)
     else:
         system_prompt = build_system_prompt(variant, config.developer)
-    format = _chat_format(tokenizer, config.format)
+    format = chat_format(tokenizer, config.format)
     prompts = [
         render_prompt(tokenizer, query, tier, variant, system_prompt, format)
         for query in queries

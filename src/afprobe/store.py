@@ -34,7 +34,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from afprobe.errors import AfprobeError
-from afprobe.files import atomic_write_bytes
+from afprobe.files import atomic_write_bytes, atomic_write_json
 
 POSITION_KINDS = ("tag", "last", "request", "suffix")
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -103,6 +103,8 @@ class StoreRow:
     log_odds: float
     first_token_log_odds: float
     p_accept: float
+    logp_accept: float
+    logp_reject: float
     shard: int
     offsets: dict[str, list[int]]  # kind -> [start, count] in the shard's tensor
 
@@ -310,3 +312,88 @@ def write_manifest_csv(store_dir: Path, rows: Sequence[StoreRow]) -> Path:
     writer.writerows(flat)
     atomic_write_bytes(path, buffer.getvalue().encode())
     return path
+
+
+def create_store(
+    path: str | Path,
+    activations: dict[str, Float[Tensor, "rows layers d"]],
+    *,
+    layers: Sequence[int],
+    query_ids: Sequence[str],
+    tiers: Sequence[str],
+    contrast: tuple[str, str] | None = ("free", "paid"),
+    variant: str = "external",
+    n_layers: int | None = None,
+    log_odds: Sequence[float] | None = None,
+    model_name: str = "external",
+) -> ActivationStore:
+    """Write activations computed elsewhere (one token per row and position kind) as a store afprobe can read.
+
+    For importing activations from other tools, and for synthetic data with a known answer.
+    """
+    from safetensors.torch import save
+
+    folder = Path(path)
+    if (folder / "meta.json").exists():
+        raise StoreError(f"{folder} already holds a store: choose a new folder")
+    kinds = list(activations)
+    n_rows = len(query_ids)
+    first = activations[kinds[0]]
+    if any(t.shape[:2] != (n_rows, len(layers)) for t in activations.values()) or len(tiers) != n_rows:
+        raise StoreError("every activation tensor must be [rows, layers, d_model] with one row per query id and tier")
+    d_model = int(first.shape[-1])
+    n_layers = n_layers if n_layers is not None else max(layers)
+    meta = {
+        "format": "afprobe-activations/1",
+        "model": {
+            "name": model_name,
+            "source": "external",
+            "weights_sha256": "external",
+            "dtype": "float32",
+            "adapter": None,
+            "n_layers": n_layers,
+            "d_model": d_model,
+            "vocab_size": 0,
+            "max_context": 0,
+        },
+        "prompt_hash": "external",
+        "dataset_hash": "external",
+        "layers": list(layers),
+        "hook_names": [hook_name(layer, n_layers) for layer in layers],
+        "positions": kinds,
+        "dtype": "float32",
+        "shard_size": n_rows,
+        "n_prompts": n_rows,
+        "n_queries": len(set(query_ids)),
+        "variant": variant,
+        "tiers": sorted(set(tiers)),
+        "contrast": list(contrast) if contrast else None,
+        "config": {},
+    }
+    rows = [
+        StoreRow(
+            row=i,
+            query_id=query_ids[i],
+            pair_id=query_ids[i],
+            tier=tiers[i],
+            variant=variant,
+            dataset="external",
+            harmful=True,
+            n_tokens=0,
+            positions={k: [0] for k in kinds},
+            log_odds=float(log_odds[i]) if log_odds is not None else float("nan"),
+            first_token_log_odds=float("nan"),
+            p_accept=float("nan"),
+            logp_accept=float("nan"),
+            logp_reject=float("nan"),
+            shard=0,
+            offsets={k: [i, 1] for k in kinds},
+        ).to_dict()
+        for i in range(n_rows)
+    ]
+    (folder / "shards").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "meta.json", meta)
+    tensors = {f"resid.{k}": v.float().contiguous() for k, v in activations.items()}
+    atomic_write_bytes(folder / "shards" / f"{shard_name(0)}.safetensors", save(tensors))
+    atomic_write_json(folder / "shards" / f"{shard_name(0)}.json", {"shard": 0, "rows": rows})
+    return ActivationStore.open(folder)

@@ -1,0 +1,256 @@
+"""Plotly figures of afprobe results. Every figure that shows an effect shows its null beside it.
+
+Figures are written as HTML next to the results, sharing one `plotly.min.js` in the same folder, so they open
+offline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from afprobe.files import atomic_write_text
+
+_COLOURS = {
+    "logistic": "#1f77b4",
+    "mean_diff": "#ff7f0e",
+    "shuffled": "#7f7f7f",
+    "random": "#bcbd22",
+    "sa": "#2ca02c",
+    "embedding": "#d62728",
+}
+
+
+def write_figure(figure: go.Figure, path: Path) -> Path:
+    """Write a figure as HTML that loads plotly.js from a file beside it (written once per folder)."""
+    html = figure.to_html(include_plotlyjs="directory", full_html=True)
+    script = path.parent / "plotly.min.js"
+    if not script.exists():
+        from plotly.offline import get_plotlyjs
+
+        atomic_write_text(script, get_plotlyjs())
+    atomic_write_text(path, html)
+    return path
+
+
+def _by_position(results: list[dict[str, Any]], position: str) -> list[dict[str, Any]]:
+    return sorted((r for r in results if r["position"] == position), key=lambda r: r["layer"])
+
+
+def probe_figures(
+    output: dict[str, Any],
+    x: np.ndarray,
+    tiers: Sequence[str],
+    variants: Sequence[str],
+    layers: Sequence[int],
+    positions: Sequence[str],
+) -> dict[str, go.Figure]:
+    results = output["results"]
+    figures = {"auroc": _auroc_figure(results, positions), "effect_size": _effect_figure(results, positions)}
+    if output.get("cosines"):
+        figures["cosines"] = _cosine_figure(output["cosines"], layers)
+    if any(r.get("transfer_to_sa_auroc") is not None for r in results):
+        figures["transfer"] = _transfer_figure(results, positions)
+    best = output["summary"]["best"]
+    figures["pca"] = pca_figure(
+        x[:, list(layers).index(best["layer"]), list(positions).index(best["position"])],
+        tiers,
+        variants,
+        title=f"PCA of the residual stream at layer {best['layer']}, position {best['position']}",
+    )
+    return figures
+
+
+def _auroc_figure(results: list[dict[str, Any]], positions: Sequence[str]) -> go.Figure:
+    figure = make_subplots(
+        rows=1, cols=len(positions), subplot_titles=[f"position: {p}" for p in positions], shared_yaxes=True
+    )
+    for col, position in enumerate(positions, start=1):
+        rows = _by_position(results, position)
+        layers = [r["layer"] for r in rows]
+        show = col == 1
+        figure.add_trace(
+            go.Scatter(
+                x=layers,
+                y=[r["logistic_auroc"] for r in rows],
+                name="logistic regression",
+                line={"color": _COLOURS["logistic"]},
+                showlegend=show,
+                legendgroup="l",
+            ),
+            row=1,
+            col=col,
+        )
+        figure.add_trace(
+            go.Scatter(
+                x=layers,
+                y=[r["mean_diff_auroc"] for r in rows],
+                name="difference of means",
+                line={"color": _COLOURS["mean_diff"]},
+                showlegend=show,
+                legendgroup="m",
+            ),
+            row=1,
+            col=col,
+        )
+        figure.add_trace(
+            go.Scatter(
+                x=layers,
+                y=[max(r["shuffled_auroc"]) for r in rows],
+                name="null: shuffled labels (max)",
+                line={"color": _COLOURS["shuffled"], "dash": "dot"},
+                showlegend=show,
+                legendgroup="s",
+            ),
+            row=1,
+            col=col,
+        )
+        figure.add_trace(
+            go.Scatter(
+                x=layers,
+                y=[r["random_auroc_p95"] for r in rows],
+                name="null: random directions (95th pct)",
+                line={"color": _COLOURS["random"], "dash": "dash"},
+                showlegend=show,
+                legendgroup="r",
+            ),
+            row=1,
+            col=col,
+        )
+        figure.update_xaxes(title_text="layer (residual stream entering it)", row=1, col=col)
+    figure.update_yaxes(title_text="held-out AUROC (grouped by query)", range=[0.3, 1.02], row=1, col=1)
+    figure.update_layout(title="Free vs paid: probe AUROC per layer, with nulls", height=450)
+    return figure
+
+
+def _effect_figure(results: list[dict[str, Any]], positions: Sequence[str]) -> go.Figure:
+    figure = make_subplots(rows=1, cols=len(positions), subplot_titles=[f"position: {p}" for p in positions])
+    for col, position in enumerate(positions, start=1):
+        rows = _by_position(results, position)
+        layers = [r["layer"] for r in rows]
+        figure.add_trace(
+            go.Scatter(
+                x=layers,
+                y=[r["mean_diff_cohens_d"] for r in rows],
+                name="difference of means",
+                line={"color": _COLOURS["mean_diff"]},
+                showlegend=col == 1,
+            ),
+            row=1,
+            col=col,
+        )
+        figure.add_trace(
+            go.Scatter(
+                x=layers,
+                y=[r["random_cohens_d_p95"] for r in rows],
+                name="null: random directions |d| (95th pct)",
+                line={"color": _COLOURS["random"], "dash": "dash"},
+                showlegend=col == 1,
+            ),
+            row=1,
+            col=col,
+        )
+        figure.update_xaxes(title_text="layer", row=1, col=col)
+    figure.update_yaxes(title_text="held-out Cohen's d of the projection", row=1, col=1)
+    figure.update_layout(title="Effect size of the free-minus-paid direction", height=450)
+    return figure
+
+
+def _cosine_figure(cosines: dict[str, dict[str, list[float | None]]], layers: Sequence[int]) -> go.Figure:
+    positions = list(cosines)
+    figure = make_subplots(
+        rows=len(positions), cols=1, subplot_titles=[f"position: {p}" for p in positions], vertical_spacing=0.12
+    )
+    for row, position in enumerate(positions, start=1):
+        table = cosines[position]
+        names = list(table)
+        z = np.array([[np.nan if v is None else v for v in table[name]] for name in names])
+        figure.add_trace(
+            go.Heatmap(
+                z=z,
+                x=list(layers),
+                y=[n.replace("~", " vs ") for n in names],
+                zmin=-1,
+                zmax=1,
+                colorscale="RdBu",
+                reversescale=True,
+                showscale=row == 1,
+                hovertemplate="layer %{x}<br>%{y}<br>cosine %{z:.3f}<extra></extra>",
+            ),
+            row=row,
+            col=1,
+        )
+    figure.update_layout(title="Cosine similarity between directions, per layer", height=300 * len(positions))
+    return figure
+
+
+def _transfer_figure(results: list[dict[str, Any]], positions: Sequence[str]) -> go.Figure:
+    figure = make_subplots(
+        rows=1, cols=len(positions), subplot_titles=[f"position: {p}" for p in positions], shared_yaxes=True
+    )
+    for col, position in enumerate(positions, start=1):
+        rows = [r for r in _by_position(results, position) if r.get("transfer_to_sa_auroc") is not None]
+        layers = [r["layer"] for r in rows]
+        figure.add_trace(
+            go.Scatter(
+                x=layers,
+                y=[r["transfer_to_sa_auroc"] for r in rows],
+                name="free/paid probe on the situational-awareness set",
+                line={"color": _COLOURS["logistic"]},
+                showlegend=col == 1,
+            ),
+            row=1,
+            col=col,
+        )
+        figure.add_trace(
+            go.Scatter(
+                x=layers,
+                y=[r["transfer_from_sa_auroc"] for r in rows],
+                name="situational-awareness probe on free/paid",
+                line={"color": _COLOURS["sa"]},
+                showlegend=col == 1,
+            ),
+            row=1,
+            col=col,
+        )
+        figure.add_hline(y=0.5, line={"color": _COLOURS["shuffled"], "dash": "dot"}, row=1, col=col)
+        figure.update_xaxes(title_text="layer", row=1, col=col)
+    figure.update_yaxes(title_text="AUROC (0.5 = chance)", range=[0, 1.02], row=1, col=1)
+    figure.update_layout(title="Transfer between the tier tag and stated training contexts", height=450)
+    return figure
+
+
+def pca_figure(x: np.ndarray, tiers: Sequence[str], variants: Sequence[str], title: str) -> go.Figure:
+    centred = x - x.mean(0)
+    _, singular, components = np.linalg.svd(centred, full_matrices=False)
+    projected = centred @ components[:2].T
+    explained = singular[:2] ** 2 / max(1e-12, (singular**2).sum())
+    figure = go.Figure()
+    symbols = {
+        v: s for v, s in zip(sorted(set(variants)), ["circle", "diamond", "square", "x", "cross"] * 4, strict=False)
+    }
+    for tier in sorted(set(tiers)):
+        for variant in sorted(set(variants)):
+            mask = np.array([t == tier and v == variant for t, v in zip(tiers, variants, strict=True)])
+            if mask.any():
+                figure.add_trace(
+                    go.Scatter(
+                        x=projected[mask, 0],
+                        y=projected[mask, 1],
+                        mode="markers",
+                        name=f"{tier} ({variant})",
+                        marker={"symbol": symbols[variant]},
+                    )
+                )
+    figure.update_layout(
+        title=title,
+        xaxis_title=f"PC1 ({explained[0]:.0%} of variance)",
+        yaxis_title=f"PC2 ({explained[1]:.0%} of variance)",
+        height=500,
+    )
+    return figure

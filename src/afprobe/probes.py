@@ -1,0 +1,550 @@
+"""Linear probes and directions on cached activations, with the nulls that make them mean something.
+
+`run_probes(ProbeConfig(cache=...))` answers, for every cached layer and position: can a linear read-out tell the
+trained tier from the untrained one (logistic regression with standardised features and cross-validated
+regularisation; difference of means), how large is the effect, and is it more than the tag's token identity, a
+random direction, or chance? With a situational-awareness store and a benign store beside the main one it also
+computes the situational-awareness and refusal directions, the cosines between all directions per layer, and how
+well each probe transfers to the other set.
+
+Cross-validation is grouped by query: the free and paid prompts of one query are always in the same fold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from torch import Tensor
+
+from afprobe import __version__
+from afprobe.errors import AfprobeError
+from afprobe.files import atomic_write_bytes, atomic_write_json
+from afprobe.store import ActivationStore
+
+DIRECTION_NAMES = ("training_context", "situational_awareness", "refusal", "token_embedding")
+
+
+@dataclass
+class ProbeConfig:
+    """One probing run; saved as config.json next to its outputs."""
+
+    cache: str
+    out: str = "probes/run"
+    sa_cache: str | None = None
+    benign_cache: str | None = None
+    positions: list[str] | None = None
+    layers: list[int] | None = None
+    folds: int = 5
+    inner_folds: int = 3
+    cs: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
+    n_random: int = 20
+    n_shuffles: int = 5
+    control_fpr: float = 0.01
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Direction:
+    """A direction in one layer's residual stream at one position kind (not normalised)."""
+
+    name: str
+    layer: int
+    position: str
+    vector: Float[Tensor, " d_model"]
+
+    def unit(self) -> Float[Tensor, " d_model"]:
+        return self.vector / self.vector.norm().clamp_min(1e-12)
+
+
+@dataclass(frozen=True)
+class LinearProbe:
+    """A logistic-regression probe in raw activation space: score = x @ weight + bias (> 0 means trained tier)."""
+
+    layer: int
+    position: str
+    weight: Float[Tensor, " d_model"]
+    bias: float
+
+    def score(self, x: Float[Tensor, "n d_model"]) -> Float[Tensor, " n"]:
+        return x.float() @ self.weight + self.bias
+
+
+@dataclass
+class ProbeSet:
+    """What `run_probes` saved: directions, probes, metrics."""
+
+    path: Path
+    directions: dict[str, Float[Tensor, "layers d_model"]]
+    probes: dict[str, Float[Tensor, "layers d_model"]]
+    biases: dict[str, Float[Tensor, " layers"]]
+    metrics: dict[str, Any]
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.metrics["layers"])
+
+    def direction(self, name: str, layer: int, position: str = "last") -> Direction:
+        key = name if name == "token_embedding" else f"{name}.{position}"
+        if key not in self.directions:
+            raise AfprobeError(f"no {name!r} direction at position {position!r} in {self.path}")
+        if name == "token_embedding":
+            return Direction(name, layer, position, self.directions[key])
+        if layer not in self.layers:
+            raise AfprobeError(f"layer {layer} is not in {self.path} (it has {self.layers})")
+        return Direction(name, layer, position, self.directions[key][self.layers.index(layer)])
+
+    def probe(self, layer: int, position: str = "last") -> LinearProbe:
+        key = f"logistic.{position}"
+        if key not in self.probes or layer not in self.layers:
+            raise AfprobeError(f"no probe at layer {layer}, position {position!r} in {self.path}")
+        index = self.layers.index(layer)
+        return LinearProbe(layer, position, self.probes[key][index], float(self.biases[key][index]))
+
+
+# -- statistics ----------------------------------------------------------------------------------------------------
+
+
+def grouped_folds(groups: Sequence[str], k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """k train/test splits in which no group (query) is on both sides."""
+    unique = np.array(sorted(set(groups)))
+    if len(unique) < k:
+        raise AfprobeError(f"{len(unique)} queries cannot make {k} cross-validation folds: cache more queries")
+    rng = np.random.default_rng(seed)
+    fold_of = dict(zip(rng.permutation(unique), np.arange(len(unique)) % k, strict=True))
+    assignment = np.array([fold_of[g] for g in groups])
+    return [(np.where(assignment != f)[0], np.where(assignment == f)[0]) for f in range(k)]
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else float("nan")
+
+
+def cohens_d(scores: np.ndarray, labels: np.ndarray) -> float:
+    a, b = scores[labels == 1], scores[labels == 0]
+    pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / max(1, len(a) + len(b) - 2))
+    difference = float(a.mean() - b.mean())
+    if pooled > 0:
+        return difference / float(pooled)
+    # No spread inside either class (e.g. the tag token's own embedding at layer 0): separation is exact.
+    return 0.0 if difference == 0 else math.copysign(math.inf, difference)
+
+
+def _standardise(train: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+    mean, std = train.mean(0), train.std(0)
+    std[std < 1e-8] = 1.0
+    return tuple((x - mean) / std for x in (train, *others)) + (mean, std)
+
+
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, groups: Sequence[str], cs: Sequence[float], inner_folds: int, seed: int
+) -> tuple[np.ndarray, float, float]:
+    """Logistic regression on standardised features, C chosen by grouped inner cross-validation.
+
+    Returns the weight and bias in raw activation space and the chosen C.
+    """
+    if len(set(groups)) >= inner_folds and len(cs) > 1:
+        best_c, best = cs[0], -1.0
+        for c in cs:
+            scores = []
+            for train, test in grouped_folds(groups, inner_folds, seed + 1):
+                xs_train, xs_test, _, _ = _standardise(x[train], x[test])
+                if len(set(y[train].tolist())) < 2:
+                    continue
+                model = LogisticRegression(C=c, max_iter=2000).fit(xs_train, y[train])
+                scores.append(auroc(model.decision_function(xs_test), y[test]))
+            mean = float(np.nanmean(scores)) if scores else -1.0
+            if mean > best + 1e-9:
+                best_c, best = c, mean
+    else:
+        best_c = cs[len(cs) // 2]
+    xs, mean, std = _standardise(x)
+    model = LogisticRegression(C=best_c, max_iter=2000).fit(xs, y)
+    weight = model.coef_[0] / std
+    bias = float(model.intercept_[0] - (mean * weight).sum())
+    return weight, bias, best_c
+
+
+def recall_at_fpr(train_scores_negative: np.ndarray, test_scores_positive: np.ndarray, fpr: float) -> float:
+    """Recall on held-out positives at the threshold giving `fpr` false positives on the control set.
+
+    The control set is the untrained-tier rows of the training folds (never the test rows), as Apollo's probes set
+    their threshold on control data.
+    """
+    threshold = np.quantile(train_scores_negative, 1 - fpr)
+    return float(np.mean(test_scores_positive > threshold))
+
+
+@dataclass
+class LayerResult:
+    layer: int
+    position: str
+    logistic_auroc: float
+    logistic_accuracy: float
+    logistic_recall_at_fpr: float
+    mean_diff_auroc: float
+    mean_diff_cohens_d: float
+    chosen_c: list[float]
+    shuffled_auroc: list[float] = field(default_factory=list)
+    random_auroc_mean: float = float("nan")
+    random_auroc_p95: float = float("nan")
+    random_cohens_d_p95: float = float("nan")
+    cosine_token_embedding: float | None = None
+    transfer_to_sa_auroc: float | None = None
+    transfer_from_sa_auroc: float | None = None
+
+
+def cross_validate(
+    x: np.ndarray, y: np.ndarray, groups: Sequence[str], config: ProbeConfig, seed: int
+) -> dict[str, Any]:
+    """Held-out metrics of both probe kinds (grouped folds)."""
+    logistic_scores = np.zeros(len(y))
+    mean_diff_scores = np.zeros(len(y))
+    recalls, chosen = [], []
+    for train, test in grouped_folds(groups, config.folds, seed):
+        train_groups = [groups[i] for i in train]
+        weight, bias, c = fit_logistic(x[train], y[train], train_groups, config.cs, config.inner_folds, seed)
+        chosen.append(c)
+        logistic_scores[test] = x[test] @ weight + bias
+        train_scores = x[train] @ weight + bias
+        recalls.append(
+            recall_at_fpr(train_scores[y[train] == 0], logistic_scores[test][y[test] == 1], config.control_fpr)
+        )
+        direction = x[train][y[train] == 1].mean(0) - x[train][y[train] == 0].mean(0)
+        mean_diff_scores[test] = x[test] @ direction
+    return {
+        "logistic_auroc": auroc(logistic_scores, y),
+        "logistic_accuracy": float(np.mean((logistic_scores > 0) == (y == 1))),
+        "logistic_recall_at_fpr": float(np.mean(recalls)),
+        "mean_diff_auroc": auroc(mean_diff_scores, y),
+        "mean_diff_cohens_d": cohens_d(mean_diff_scores, y),
+        "chosen_c": chosen,
+    }
+
+
+def shuffle_within_groups(y: np.ndarray, groups: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+    """Permute labels inside each query: the null keeps the paired design (each query still has one of each)."""
+    shuffled = y.copy()
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    for members in by_group.values():
+        shuffled[members] = y[rng.permutation(members)]
+    return shuffled
+
+
+# -- the job -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Labelled:
+    x: np.ndarray  # [rows, layers, positions, d]
+    y: np.ndarray
+    groups: list[str]
+    tiers: list[str]
+    variants: list[str]
+
+
+def _labelled(store: ActivationStore, positions: list[str], layers: list[int]) -> _Labelled:
+    contrast = store.meta.get("contrast")
+    if not contrast:
+        raise AfprobeError(f"store {store.path} has one tier ({store.meta.get('variant')}): probes need two tiers")
+    rows = [i for i, row in enumerate(store.rows) if row.tier in contrast]
+    labels = np.array([1 if store.rows[i].tier == contrast[0] else 0 for i in rows])
+    if len(set(labels.tolist())) < 2:
+        raise AfprobeError(f"store {store.path} has only one class ({contrast[0]} vs {contrast[1]}): cache both tiers")
+    x = store.stack(positions, layers=layers, rows=rows).numpy().astype(np.float64)
+    return _Labelled(
+        x=x,
+        y=labels,
+        groups=[store.rows[i].query_id for i in rows],
+        tiers=[store.rows[i].tier for i in rows],
+        variants=[store.rows[i].variant for i in rows],
+    )
+
+
+def _quantile(values: np.ndarray, q: float) -> float:
+    """Quantile that treats infinite effect sizes (no within-class spread) as larger than any finite one."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.isinf(values).sum() > (1 - q) * len(values):
+        return math.inf
+    finite = values[np.isfinite(values)]
+    return float(np.quantile(finite, q)) if finite.size else math.nan
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+
+
+def _resolve(store: ActivationStore, config: ProbeConfig) -> tuple[list[str], list[int]]:
+    positions = config.positions or store.positions
+    for position in positions:
+        if position not in store.positions:
+            raise AfprobeError(f"position {position!r} is not in store {store.path} (it has {store.positions})")
+    layers = config.layers if config.layers is not None else store.layers
+    missing = [layer for layer in layers if layer not in store.layers]
+    if missing:
+        raise AfprobeError(f"layers {missing} are not in store {store.path} (it has {store.layers})")
+    return list(positions), list(layers)
+
+
+def token_embedding_direction(main: _Labelled, store: ActivationStore, positions: list[str], layers: list[int]):
+    """Free-minus-paid difference of the tier tokens' embeddings: the residual stream at layer 0, tag position."""
+    if "tag" not in positions or 0 not in layers:
+        return None
+    at_tag = main.x[:, layers.index(0), positions.index("tag")]
+    return at_tag[main.y == 1].mean(0) - at_tag[main.y == 0].mean(0)
+
+
+def run_probes(config: ProbeConfig, *, progress: Any = None) -> dict[str, Any]:
+    """Train and evaluate probes, compute directions and nulls, write everything to `config.out`."""
+    start = time.perf_counter()
+    store = ActivationStore.open(config.cache)
+    if len(store) == 0:
+        raise AfprobeError(f"store {config.cache} is empty: cache some prompts first")
+    positions, layers = _resolve(store, config)
+    main = _labelled(store, positions, layers)
+    sa = None
+    sa_store = benign_store = None
+    if config.sa_cache:
+        sa_store = ActivationStore.open(config.sa_cache)
+        _check_same_model(store, sa_store)
+        sa_positions = [p for p in positions if p in sa_store.positions]
+        sa = _labelled(sa_store, sa_positions, layers) if sa_positions else None
+    if config.benign_cache:
+        benign_store = ActivationStore.open(config.benign_cache)
+        _check_same_model(store, benign_store)
+
+    rng = np.random.default_rng(config.seed)
+    d_model = main.x.shape[-1]
+    random_directions = rng.standard_normal((config.n_random, d_model))
+    token_direction = token_embedding_direction(main, store, positions, layers)
+
+    directions: dict[str, np.ndarray] = {}
+    probe_weights: dict[str, np.ndarray] = {}
+    probe_biases: dict[str, np.ndarray] = {}
+    results: list[LayerResult] = []
+    cosines: dict[str, dict[str, list[float | None]]] = {}
+    total = len(layers) * len(positions)
+    done = 0
+    for p_index, position in enumerate(positions):
+        tc = np.zeros((len(layers), d_model))
+        weights = np.zeros((len(layers), d_model))
+        biases = np.zeros(len(layers))
+        sa_dirs = np.full((len(layers), d_model), np.nan) if sa is not None and position in sa_store.positions else None
+        refusal = None
+        if benign_store is not None and position in benign_store.positions:
+            benign_x = benign_store.stack([position], layers=layers).numpy()[:, :, 0].astype(np.float64)
+            harmful_x = main.x[:, :, p_index]
+            refusal = harmful_x.mean(0) - benign_x.mean(0)
+        for l_index, layer in enumerate(layers):
+            x = main.x[:, l_index, p_index]
+            metrics = cross_validate(x, main.y, main.groups, config, config.seed)
+            # Nulls: labels shuffled within queries (must sit at chance), random directions (no training).
+            shuffled = []
+            for s in range(config.n_shuffles):
+                y_null = shuffle_within_groups(main.y, main.groups, np.random.default_rng(config.seed + 100 + s))
+                null_config = ProbeConfig(**{**asdict(config), "cs": (float(np.median(metrics["chosen_c"])),)})
+                shuffled.append(cross_validate(x, y_null, main.groups, null_config, config.seed)["logistic_auroc"])
+            random_scores = x @ random_directions.T
+            random_aurocs = np.array([auroc(random_scores[:, r], main.y) for r in range(config.n_random)])
+            folded = np.maximum(random_aurocs, 1 - random_aurocs)
+            random_d = np.abs([cohens_d(random_scores[:, r], main.y) for r in range(config.n_random)])
+            tc[l_index] = x[main.y == 1].mean(0) - x[main.y == 0].mean(0)
+            weights[l_index], biases[l_index], _ = fit_logistic(
+                x, main.y, main.groups, config.cs, config.inner_folds, config.seed
+            )
+            result = LayerResult(
+                layer=layer,
+                position=position,
+                **metrics,
+                shuffled_auroc=shuffled,
+                random_auroc_mean=float(folded.mean()),
+                random_auroc_p95=float(np.quantile(folded, 0.95)),
+                random_cohens_d_p95=_quantile(random_d, 0.95),
+                cosine_token_embedding=_cosine(tc[l_index], token_direction) if token_direction is not None else None,
+            )
+            if sa_dirs is not None:
+                sa_x = sa.x[:, l_index, sa_positions.index(position)]
+                sa_dirs[l_index] = sa_x[sa.y == 1].mean(0) - sa_x[sa.y == 0].mean(0)
+                result.transfer_to_sa_auroc = auroc(sa_x @ weights[l_index] + biases[l_index], sa.y)
+                sa_weight, sa_bias, _ = fit_logistic(sa_x, sa.y, sa.groups, config.cs, config.inner_folds, config.seed)
+                result.transfer_from_sa_auroc = auroc(x @ sa_weight + sa_bias, main.y)
+            results.append(result)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        directions[f"training_context.{position}"] = tc
+        probe_weights[f"logistic.{position}"] = weights
+        probe_biases[f"logistic.{position}"] = biases
+        named = {"training_context": tc}
+        if sa_dirs is not None:
+            directions[f"situational_awareness.{position}"] = sa_dirs
+            named["situational_awareness"] = sa_dirs
+        if refusal is not None:
+            directions[f"refusal.{position}"] = refusal
+            named["refusal"] = refusal
+        if token_direction is not None:
+            named["token_embedding"] = np.broadcast_to(token_direction, tc.shape)
+        cosines[position] = {
+            f"{a}~{b}": [_cosine(named[a][i], named[b][i]) for i in range(len(layers))]
+            for i_a, a in enumerate(named)
+            for b in list(named)[i_a + 1 :]
+        }
+    if token_direction is not None:
+        directions["token_embedding"] = token_direction
+
+    summary = _summarise(results, cosines, layers, positions)
+    output = {
+        "afprobe_version": __version__,
+        "config": asdict(config),
+        "store": {
+            "path": str(store.path),
+            "model": store.meta["model"],
+            "prompt_hash": store.meta["prompt_hash"],
+            "dataset_hash": store.meta["dataset_hash"],
+            "variant": store.meta["variant"],
+            "contrast": store.meta["contrast"],
+            "n_rows": int(len(main.y)),
+        },
+        "sa_store": _store_info(sa_store),
+        "benign_store": _store_info(benign_store),
+        "layers": layers,
+        "positions": positions,
+        "results": [asdict(r) for r in results],
+        "cosines": cosines,
+        "summary": summary,
+        "seconds": time.perf_counter() - start,
+    }
+    _write(Path(config.out), directions, probe_weights, probe_biases, output, main, layers, positions)
+    return output
+
+
+def _store_info(store: ActivationStore | None) -> dict[str, Any] | None:
+    if store is None:
+        return None
+    return {
+        "path": str(store.path),
+        "prompt_hash": store.meta["prompt_hash"],
+        "dataset_hash": store.meta["dataset_hash"],
+        "variant": store.meta["variant"],
+        "n_rows": len(store),
+    }
+
+
+def _check_same_model(a: ActivationStore, b: ActivationStore) -> None:
+    if a.meta["model"]["weights_sha256"] != b.meta["model"]["weights_sha256"]:
+        raise AfprobeError(
+            f"stores {a.path} and {b.path} were made with different models: cache both with the same --model"
+        )
+
+
+def _summarise(results: list[LayerResult], cosines: dict, layers: list[int], positions: list[str]) -> dict[str, Any]:
+    def key(r: LayerResult) -> tuple[float, float]:
+        return (abs(r.mean_diff_cohens_d) if np.isfinite(r.mean_diff_cohens_d) else -1.0, r.logistic_auroc)
+
+    # AUROC saturates at 1.0 wherever the tag is visible, so the best place is ranked by held-out effect size;
+    # places with no within-class spread at all (the tag token's own embedding) are the baseline, not a finding.
+    best = max(results, key=key)
+    summary: dict[str, Any] = {
+        "best": {
+            "layer": best.layer,
+            "position": best.position,
+            "logistic_auroc": best.logistic_auroc,
+            "mean_diff_cohens_d": best.mean_diff_cohens_d,
+            "transfer_to_sa_auroc": best.transfer_to_sa_auroc,
+        },
+        "max_shuffled_auroc": max((max(r.shuffled_auroc) for r in results if r.shuffled_auroc), default=None),
+        "embedding_layer": [
+            {"position": r.position, "logistic_auroc": r.logistic_auroc, "mean_diff_cohens_d": r.mean_diff_cohens_d}
+            for r in results
+            if r.layer == layers[0]
+        ],
+    }
+    transfers = [r for r in results if r.transfer_to_sa_auroc is not None]
+    if transfers:
+        top = max(transfers, key=lambda r: abs(r.transfer_to_sa_auroc - 0.5))
+        summary["best_transfer_to_sa"] = {
+            "layer": top.layer,
+            "position": top.position,
+            "auroc": top.transfer_to_sa_auroc,
+        }
+    largest = {}
+    for position, table in cosines.items():
+        for pair, values in table.items():
+            finite = [(abs(v), v, layers[i]) for i, v in enumerate(values) if v is not None and np.isfinite(v)]
+            if finite:
+                _, value, layer = max(finite)
+                if pair not in largest or abs(value) > abs(largest[pair]["cosine"]):
+                    largest[pair] = {"cosine": value, "layer": layer, "position": position}
+    summary["largest_cosines"] = largest
+    return summary
+
+
+def _write(out: Path, directions, weights, biases, output, main: _Labelled, layers, positions) -> None:
+    from safetensors.torch import save
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(
+            out / "directions.safetensors",
+            save({k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in directions.items()}),
+        )
+        tensors = {k: torch.from_numpy(v).float() for k, v in weights.items()}
+        tensors.update({f"{k}.bias": torch.from_numpy(v).float() for k, v in biases.items()})
+        atomic_write_bytes(out / "probes.safetensors", save(tensors))
+        atomic_write_json(out / "metrics.json", _finite(output), default=_json_default)
+        atomic_write_json(out / "config.json", output["config"])
+        from afprobe import plots
+
+        for name, figure in plots.probe_figures(output, main.x, main.tiers, main.variants, layers, positions).items():
+            plots.write_figure(figure, out / f"{name}.html")
+    except OSError as exc:
+        raise AfprobeError(
+            f"could not write probes to {out} ({exc.strerror or exc}): free disk space or change --out"
+        ) from exc
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinity or NaN: write them as null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float | np.floating) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def load_probe_set(path: str | Path) -> ProbeSet:
+    """Read what `run_probes` wrote."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    if not (folder / "metrics.json").is_file():
+        raise AfprobeError(f"{folder} holds no probes (no metrics.json): run `afprobe probe --out {folder}`")
+    tensors = load_file(folder / "probes.safetensors")
+    return ProbeSet(
+        path=folder,
+        directions=load_file(folder / "directions.safetensors"),
+        probes={k: v for k, v in tensors.items() if not k.endswith(".bias")},
+        biases={k.removesuffix(".bias"): v for k, v in tensors.items() if k.endswith(".bias")},
+        metrics=json.loads((folder / "metrics.json").read_text()),
+    )
