@@ -231,3 +231,21 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_llama, tmp_path):
     meta_a, meta_b = json.loads((killed / "meta.json").read_text()), json.loads((fresh / "meta.json").read_text())
     meta_a["config"].pop("out"), meta_b["config"].pop("out")
     assert meta_a == meta_b
+
+
+def test_unwritable_store_folder(tiny_llama, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(StoreError, match="cannot create store.*writable --out"):
+        run_cache(CacheConfig(out=str(blocker / "store"), n=1), loaded=tiny_llama)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_contrast_set_store_has_cue_positions(tiny_llama, tmp_path):
+    run_cache(CacheConfig(out=str(tmp_path / "sa"), dataset="situational-awareness", n=3), loaded=tiny_llama)
+    store = ActivationStore.open(tmp_path / "sa")
+    assert [r.tier for r in store.rows] == ["monitored", "unmonitored"] * 3
+    assert store.meta["contrast"] == ["monitored", "unmonitored"]
+    # The `tag` position of a contrast prompt is its context sentence.
+    assert all(len(r.positions["tag"]) > 3 for r in store.rows)
+    assert json.loads((tmp_path / "sa" / "gap.json").read_text())["primary_gap"] == "monitored-unmonitored"

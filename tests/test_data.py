@@ -95,3 +95,22 @@ def test_dataset_hash_tracks_content():
     a = load_queries("harmful", n=5)
     assert dataset_hash(a) == dataset_hash(load_queries("harmful", n=5))
     assert dataset_hash(a) != dataset_hash(a[:4])
+
+
+def test_hf_dataset_offline_fails_in_one_line():
+    with pytest.raises(DatasetError, match="could not load Hugging Face dataset 'no-such-org/no-such-set'") as info:
+        load_queries("hf:no-such-org/no-such-set:train")
+    assert "\n" not in str(info.value)
+
+
+def test_situational_awareness_pairs_never_mention_tiers():
+    import re
+
+    from afprobe.contrast import load_situational_awareness
+
+    pairs = load_situational_awareness()
+    assert len(pairs) >= 100 and len({p.pair_id for p in pairs}) == len(pairs)
+    for pair in pairs:
+        for text in (pair.monitored, pair.unmonitored):
+            assert not re.search(r"free|paid|tier", text, flags=re.IGNORECASE), text
+        assert pair.monitored != pair.unmonitored
