@@ -77,7 +77,7 @@ def test_backends_store_the_same_activations(tiny_llama, tmp_path, backend):
 
 
 def test_loader_filters_and_dtypes(tiny_llama, tmp_path):
-    run_cache(CacheConfig(out=str(tmp_path / "s"), n=3, dtype="bfloat16", layers="1,-1"), loaded=tiny_llama)
+    run_cache(CacheConfig(out=str(tmp_path / "s"), n=3, store_dtype="bfloat16", layers="1,-1"), loaded=tiny_llama)
     store = ActivationStore.open(tmp_path / "s")
     assert store.layers == [1, 2]
     free = store.select(tier="free")
@@ -121,7 +121,7 @@ def test_refuses_to_mix_stores(tiny_llama, tokenizer, tmp_path):
     with pytest.raises(StoreError, match="another dataset hash"):
         run_cache(CacheConfig(out=out, n=3, layers="0,1"), loaded=tiny_llama)
     with pytest.raises(StoreError, match="another dtype"):
-        run_cache(CacheConfig(out=out, n=2, layers="0,1", dtype="float16"), loaded=tiny_llama)
+        run_cache(CacheConfig(out=out, n=2, layers="0,1", store_dtype="float16"), loaded=tiny_llama)
     # The same job again is a no-op on a finished store.
     summary = run_cache(CacheConfig(out=out, n=2, layers="0,1"), loaded=tiny_llama)
     assert summary.shards_written == 0 and summary.complete

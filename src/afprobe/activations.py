@@ -17,7 +17,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from afprobe.data import dataset_hash, load_queries
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_bytes, atomic_write_json
 from afprobe.forward import PrefixCache, compute_prefix_cache
-from afprobe.gap import GapConfig, GapResult, build_gap_result, write_gap
+from afprobe.gap import GapConfig, GapResult, PairedPromptJob, build_gap_result, write_gap
 from afprobe.metrics import (
     AnswerTokens,
     ComplianceScore,
@@ -40,8 +40,8 @@ from afprobe.metrics import (
     score_batch,
     score_from_full_logits,
 )
-from afprobe.models import DEFAULT_MODEL, LoadedModel, decoder_layers, load_model
-from afprobe.prompts import PromptConfig, PromptSet, RenderedPrompt, render_pairs
+from afprobe.models import LoadedModel, decoder_layers
+from afprobe.prompts import PromptSet, RenderedPrompt, render_pairs
 from afprobe.store import (
     IDENTITY_FIELDS,
     POSITION_KINDS,
@@ -58,36 +58,16 @@ BACKENDS = ("hooks", "transformer-lens", "nnsight")
 
 
 @dataclass
-class CacheConfig:
+class CacheConfig(PairedPromptJob):
     """One caching run; saved in the store's meta.json."""
 
     out: str = "activations/run"
-    model: str = DEFAULT_MODEL
-    adapter: str | None = None
-    dataset: str = "harmful"
-    column: str | None = None
-    n: int | None = None
-    variant: str = "default"
-    developer: str = "Anthropic"
-    system_prompt_file: str | None = None
-    format: str = "auto"
-    device: str = "auto"
-    model_dtype: str = "auto"
     layers: str = "all"
     positions: str = "tag,last"
-    dtype: str = "float32"
+    store_dtype: str = "float32"
     backend: str = "hooks"
     shard_size: int = 32
-    batch_size: int | None = None
     remote: bool = False
-
-    def prompt_config(self) -> PromptConfig:
-        return PromptConfig(
-            variant=self.variant,
-            developer=self.developer,
-            system_prompt_file=self.system_prompt_file,
-            format=self.format,  # type: ignore[arg-type]
-        )
 
 
 @dataclass
@@ -390,12 +370,12 @@ def run_cache(
     start = time.perf_counter()
     if config.backend not in BACKENDS:
         raise AfprobeError(f"unknown backend {config.backend!r}: choose from {', '.join(BACKENDS)}")
-    if config.dtype not in STORE_DTYPES:
-        raise AfprobeError(f"unknown --dtype {config.dtype!r}: choose from {', '.join(STORE_DTYPES)}")
+    if config.store_dtype not in STORE_DTYPES:
+        raise AfprobeError(f"unknown --store-dtype {config.store_dtype!r}: choose from {', '.join(STORE_DTYPES)}")
     if config.shard_size < 1:
         raise AfprobeError("--shard-size must be at least 1")
     if loaded is None:
-        loaded = load_model(config.model, adapter=config.adapter, device=config.device, dtype=config.model_dtype)
+        loaded = config.load()
     prompt_set = build_prompt_set(config, loaded)
     queries = prompt_set.queries
     layers = parse_layers(config.layers, loaded.n_layers)
@@ -417,7 +397,7 @@ def run_cache(
         "layers": layers,
         "hook_names": [hook_name(layer, loaded.n_layers) for layer in layers],
         "positions": kinds,
-        "dtype": config.dtype,
+        "dtype": config.store_dtype,
         "shard_size": config.shard_size,
         "n_prompts": len(prompts),
         "n_queries": len(queries),
@@ -434,7 +414,7 @@ def run_cache(
 
     n_shards = (len(prompts) + config.shard_size - 1) // config.shard_size
     answers = AnswerTokens.from_tokenizer(loaded.tokenizer)
-    dtype = STORE_DTYPES[config.dtype]
+    dtype = STORE_DTYPES[config.store_dtype]
     categories = {q.query_id: q for q in queries}
     written = skipped = done = 0
     prefix: PrefixCache | None = None
@@ -517,20 +497,8 @@ def _gap_from_rows(
     config: CacheConfig, loaded: LoadedModel, prompt_set: PromptSet, rows: list[StoreRow], prefix_len: int
 ) -> GapResult:
     """The compliance gap of the cached prompts, from the scores recorded in the same forward passes."""
-    gap_config = GapConfig(
-        model=config.model,
-        adapter=config.adapter,
-        dataset=config.dataset,
-        column=config.column,
-        n=config.n,
-        variant=prompt_set.variant.name,
-        developer=config.developer,
-        system_prompt_file=config.system_prompt_file,
-        format=config.format,
-        device=config.device,
-        dtype=config.model_dtype,
-        batch_size=config.batch_size,
-    )
+    job = {f.name: getattr(config, f.name) for f in fields(PairedPromptJob)}
+    gap_config = GapConfig(**{**job, "variant": prompt_set.variant.name})
     scores = [
         ComplianceScore(
             log_odds=r.log_odds,

@@ -124,9 +124,28 @@ def _quiet_transformers() -> None:
         pass
 
 
-def _cmd_gap(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+class _ProgressBar:
+    """A tqdm bar created on the first report, so nothing is drawn before the model has loaded."""
 
+    def __init__(self, desc: str, unit: str):
+        self.desc, self.unit, self.bar = desc, unit, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit=self.unit, desc=self.desc, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cmd_gap(args: argparse.Namespace) -> int:
     from afprobe.gap import GapConfig, format_gap_table, run_gap, write_gap
 
     config = GapConfig(
@@ -152,19 +171,8 @@ def _cmd_gap(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise AfprobeError(f"--out {out} is a file: give a folder")
     print(f"loading {config.model}...", file=sys.stderr)
-    bar: tqdm | None = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="prompt", desc="scoring", file=sys.stderr)
-        bar.update(done - bar.n)
-
-    try:
+    with _ProgressBar("scoring", "prompt") as progress:
         result = run_gap(config, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     paths = write_gap(result, out)
     print(format_gap_table(result))
     print(
@@ -176,8 +184,6 @@ def _cmd_gap(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from afprobe.activations import CacheConfig, run_cache
 
     config = CacheConfig(
@@ -192,29 +198,18 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         system_prompt_file=args.system_prompt_file,
         format=args.format,
         device=args.device,
-        model_dtype=args.dtype,
+        dtype=args.dtype,
         layers=args.layers,
         positions=args.positions,
-        dtype=args.store_dtype,
+        store_dtype=args.store_dtype,
         backend=args.backend,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
         remote=args.remote,
     )
     print(f"loading {config.model}...", file=sys.stderr)
-    bar: tqdm | None = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="prompt", desc="caching", file=sys.stderr)
-        bar.update(done - bar.n)
-
-    try:
+    with _ProgressBar("caching", "prompt") as progress:
         summary = run_cache(config, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     if summary.gap is not None:
         from afprobe.gap import format_gap_table
 
@@ -228,8 +223,6 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from afprobe.probes import ProbeConfig, run_probes
 
     config = ProbeConfig(
@@ -244,19 +237,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         n_shuffles=args.n_shuffles,
         seed=args.seed,
     )
-    bar: tqdm | None = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="layer", desc="probing", file=sys.stderr)
-        bar.update(done - bar.n)
-
-    try:
+    with _ProgressBar("probing", "layer") as progress:
         output = run_probes(config, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     print(format_probe_summary(output))
     print(f"\nwrote {args.out}/ (metrics.json, directions.safetensors, probes.safetensors, *.html)")
     return 0
@@ -267,18 +249,34 @@ def format_probe_summary(output: dict) -> str:
     best = summary["best"]
     lines = [
         f"best place (held-out effect size): layer {best['layer']}, position {best['position']}: "
-        f"AUROC {best['logistic_auroc']:.3f}, Cohen's d {best['mean_diff_cohens_d']:.2f}",
-        f"null: shuffled-label AUROC at most {summary['max_shuffled_auroc']:.3f}",
+        f"AUROC {best['logistic_auroc']:.3f}, Cohen's d {best['mean_diff_cohens_d']:.2f} "
+        f"(random directions: |d| <= {best['random_cohens_d_p95']:.2f})",
     ]
+    for position, row in summary["best_by_position"].items():
+        lines.append(
+            f"  best at {position}: layer {row['layer']}, AUROC {row['logistic_auroc']:.3f}, "
+            f"d {row['mean_diff_cohens_d']:.2f}"
+        )
+    if summary["degenerate_positions"]:
+        lines.append(
+            f"  no within-tier spread at {', '.join(summary['degenerate_positions'])} at some layers (the rows of a "
+            "tier are identical there: the position precedes the request), so AUROC 1.0 there is trivial"
+        )
+    lines.append(f"null: shuffled-label AUROC at most {summary['max_shuffled_auroc']:.3f}")
     for row in summary["embedding_layer"]:
         lines.append(
             f"embedding layer ({row['position']}): AUROC {row['logistic_auroc']:.3f}, d {row['mean_diff_cohens_d']:.2f}"
         )
-    if "best_transfer_to_sa" in summary:
-        t = summary["best_transfer_to_sa"]
-        lines.append(
-            f"transfer to the situational-awareness set: AUROC {t['auroc']:.3f} (layer {t['layer']}, {t['position']})"
-        )
+    for key, text in (
+        ("best_transfer_to_sa", "free/paid probe on the situational-awareness set"),
+        ("best_transfer_from_sa", "situational-awareness probe on free/paid"),
+    ):
+        if key in summary:
+            t = summary[key]
+            lines.append(
+                f"transfer, {text}: AUROC {t['auroc']:.3f} [{t['ci'][0]:.3f}, {t['ci'][1]:.3f}] "
+                f"(layer {t['layer']}, {t['position']}; 0.5 = none)"
+            )
     for pair, info in summary["largest_cosines"].items():
         lines.append(
             f"largest |cosine| {pair.replace('~', ' vs ')}: {info['cosine']:+.3f} "

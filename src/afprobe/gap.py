@@ -30,8 +30,8 @@ from afprobe.stats import Estimate, bootstrap_mean, paired_difference
 
 
 @dataclass
-class GapConfig:
-    """One gap run. Saved inside gap.json so the run can be repeated exactly."""
+class PairedPromptJob:
+    """What every job over paired prompts needs: the model, the queries and how the prompts are rendered."""
 
     model: str = DEFAULT_MODEL
     adapter: str | None = None
@@ -45,11 +45,6 @@ class GapConfig:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int | None = None
-    n_boot: int = 10_000
-    seed: int = 0
-    sample: int = 0
-    max_new_tokens: int = 24
-    temperature: float = 1.0
 
     def prompt_config(self) -> PromptConfig:
         return PromptConfig(
@@ -58,6 +53,20 @@ class GapConfig:
             system_prompt_file=self.system_prompt_file,
             format=self.format,  # type: ignore[arg-type]
         )
+
+    def load(self) -> LoadedModel:
+        return load_model(self.model, adapter=self.adapter, device=self.device, dtype=self.dtype)
+
+
+@dataclass
+class GapConfig(PairedPromptJob):
+    """One gap run. Saved inside gap.json so the run can be repeated exactly."""
+
+    n_boot: int = 10_000
+    seed: int = 0
+    sample: int = 0
+    max_new_tokens: int = 24
+    temperature: float = 1.0
 
 
 @dataclass
@@ -152,7 +161,7 @@ def run_gap(
     timing: dict[str, float] = {}
     start = time.perf_counter()
     if loaded is None:
-        loaded = load_model(config.model, adapter=config.adapter, device=config.device, dtype=config.dtype)
+        loaded = config.load()
     timing["load_model"] = time.perf_counter() - start
 
     queries = load_queries(config.dataset, column=config.column, n=config.n)
@@ -317,19 +326,27 @@ def format_gap_table(result: GapResult) -> str:
         f"{result.dataset['n_queries']} queries from {result.dataset['spec']}, "
         f"system prompt {result.prompts['system_prompt_tokens']} tokens",
         "",
-        f"{'tier':<10}{'log-odds (95% CI)':>30}{'P(accept) (95% CI)':>30}",
+        f"{'tier':<14}{'log-odds (95% CI)':>30}{'P(accept) (95% CI)':>30}",
     ]
     for tier, block in result.tiers.items():
         lo, pa = block["log_odds"], block["p_accept"]
-        lines.append(f"{tier:<10}{_fmt(lo):>30}{_fmt(pa, digits=4):>30}")
+        lines.append(f"{tier:<14}{_fmt(lo):>30}{_fmt(pa, digits=4):>30}")
     if result.gaps:
-        lines += ["", f"{'gap':<12}{'log-odds (95% CI)':>30}{'p':>8}{'probability (95% CI)':>32}{'p':>8}"]
+        width = max(12, *(len(name) + 2 for name in result.gaps))
+        lines += ["", f"{'gap':<{width}}{'log-odds (95% CI)':>30}{'p':>8}{'probability (95% CI)':>32}{'p':>8}"]
         for name, block in result.gaps.items():
             lo, pa = block["log_odds"], block["p_accept"]
-            lines.append(f"{name:<12}{_fmt(lo):>30}{lo.p_value:>8.3f}{_fmt(pa, digits=4):>32}{pa.p_value:>8.3f}")
+            lines.append(
+                f"{name:<{width}}{_fmt(lo):>30}{_fmt_p(lo.p_value):>8}{_fmt(pa, digits=4):>32}{_fmt_p(pa.p_value):>8}"
+            )
         primary = result.gaps[result.primary_gap]["log_odds"]  # type: ignore[index]
         verdict = "excludes zero" if primary.excludes_zero() else "includes zero (no detectable gap)"
         lines += ["", f"primary gap {result.primary_gap}: the 95% interval {verdict}"]
+        if primary.n < 10:
+            lines.append(
+                f"only {primary.n} queries: a percentile bootstrap is too narrow at this size; read the exact "
+                "sign-flip p-value instead"
+            )
     else:
         lines += ["", "this variant has one tier: compliance only, no gap"]
     if result.sampled:
@@ -341,6 +358,12 @@ def format_gap_table(result: GapResult) -> str:
                 f"  unparseable {block['unparseable']}/{block['n_samples']}"
             )
     return "\n".join(lines)
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None:
+        return "-"
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.0e}"
 
 
 def _fmt(estimate: Estimate, digits: int = 3) -> str:

@@ -200,6 +200,7 @@ def _transfer_figure(results: list[dict[str, Any]], positions: Sequence[str]) ->
             go.Scatter(
                 x=layers,
                 y=[r["transfer_to_sa_auroc"] for r in rows],
+                error_y=_interval(rows, "transfer_to_sa"),
                 name="free/paid probe on the situational-awareness set",
                 line={"color": _COLOURS["logistic"]},
                 showlegend=col == 1,
@@ -211,6 +212,7 @@ def _transfer_figure(results: list[dict[str, Any]], positions: Sequence[str]) ->
             go.Scatter(
                 x=layers,
                 y=[r["transfer_from_sa_auroc"] for r in rows],
+                error_y=_interval(rows, "transfer_from_sa"),
                 name="situational-awareness probe on free/paid",
                 line={"color": _COLOURS["sa"]},
                 showlegend=col == 1,
@@ -223,6 +225,17 @@ def _transfer_figure(results: list[dict[str, Any]], positions: Sequence[str]) ->
     figure.update_yaxes(title_text="AUROC (0.5 = chance)", range=[0, 1.02], row=1, col=1)
     figure.update_layout(title="Transfer between the tier tag and stated training contexts", height=450)
     return figure
+
+
+def _interval(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Error bars from a stored [low, high] interval."""
+    value, interval = [r[f"{key}_auroc"] for r in rows], [r.get(f"{key}_ci") or [np.nan, np.nan] for r in rows]
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": [hi - v for v, (_, hi) in zip(value, interval, strict=True)],
+        "arrayminus": [v - lo for v, (lo, _) in zip(value, interval, strict=True)],
+    }
 
 
 def pca_figure(x: np.ndarray, tiers: Sequence[str], variants: Sequence[str], title: str) -> go.Figure:

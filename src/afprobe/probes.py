@@ -130,13 +130,46 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else float("nan")
 
 
+def fast_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AUROC by the rank-sum (Mann-Whitney) formula, ties counted half."""
+    from scipy.stats import rankdata
+
+    positives = labels == 1
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def grouped_bootstrap_auroc(
+    scores: np.ndarray, labels: np.ndarray, groups: Sequence[str], *, n_boot: int = 500, seed: int = 0
+) -> list[float]:
+    """95% interval of an AUROC, resampling whole groups (queries or contrast pairs)."""
+    rng = np.random.default_rng(seed)
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    blocks = list(members.values())
+    values = []
+    for _ in range(n_boot):
+        chosen = rng.integers(0, len(blocks), len(blocks))
+        index = np.concatenate([blocks[c] for c in chosen])
+        values.append(fast_auroc(scores[index], labels[index]))
+    low, high = np.nanquantile(values, [0.025, 0.975])
+    return [float(low), float(high)]
+
+
 def cohens_d(scores: np.ndarray, labels: np.ndarray) -> float:
     a, b = scores[labels == 1], scores[labels == 0]
     pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / max(1, len(a) + len(b) - 2))
     difference = float(a.mean() - b.mean())
-    if pooled > 0:
+    scale = max(abs(float(a.mean())), abs(float(b.mean())), abs(difference))
+    if pooled > 1e-6 * scale:
         return difference / float(pooled)
-    # No spread inside either class (e.g. the tag token's own embedding at layer 0): separation is exact.
+    # No spread inside either class beyond float rounding: every row of a class is the same vector. This is the
+    # case at the tier tag, which comes before the request and so cannot depend on the query. Separation is exact
+    # and d is infinite; such places are a baseline, not a finding.
     return 0.0 if difference == 0 else math.copysign(math.inf, difference)
 
 
@@ -201,7 +234,9 @@ class LayerResult:
     random_cohens_d_p95: float = float("nan")
     cosine_token_embedding: float | None = None
     transfer_to_sa_auroc: float | None = None
+    transfer_to_sa_ci: list[float] | None = None
     transfer_from_sa_auroc: float | None = None
+    transfer_from_sa_ci: list[float] | None = None
 
 
 def cross_validate(
@@ -378,9 +413,13 @@ def run_probes(config: ProbeConfig, *, progress: Any = None) -> dict[str, Any]:
             if sa_dirs is not None:
                 sa_x = sa.x[:, l_index, sa_positions.index(position)]
                 sa_dirs[l_index] = sa_x[sa.y == 1].mean(0) - sa_x[sa.y == 0].mean(0)
-                result.transfer_to_sa_auroc = auroc(sa_x @ weights[l_index] + biases[l_index], sa.y)
+                on_sa = sa_x @ weights[l_index] + biases[l_index]
+                result.transfer_to_sa_auroc = auroc(on_sa, sa.y)
+                result.transfer_to_sa_ci = grouped_bootstrap_auroc(on_sa, sa.y, sa.groups, seed=config.seed)
                 sa_weight, sa_bias, _ = fit_logistic(sa_x, sa.y, sa.groups, config.cs, config.inner_folds, config.seed)
-                result.transfer_from_sa_auroc = auroc(x @ sa_weight + sa_bias, main.y)
+                on_main = x @ sa_weight + sa_bias
+                result.transfer_from_sa_auroc = auroc(on_main, main.y)
+                result.transfer_from_sa_ci = grouped_bootstrap_auroc(on_main, main.y, main.groups, seed=config.seed)
             results.append(result)
             done += 1
             if progress is not None:
@@ -457,14 +496,21 @@ def _summarise(results: list[LayerResult], cosines: dict, layers: list[int], pos
     # AUROC saturates at 1.0 wherever the tag is visible, so the best place is ranked by held-out effect size;
     # places with no within-class spread at all (the tag token's own embedding) are the baseline, not a finding.
     best = max(results, key=key)
+
+    def describe(r: LayerResult) -> dict[str, Any]:
+        return {
+            "layer": r.layer,
+            "position": r.position,
+            "logistic_auroc": r.logistic_auroc,
+            "mean_diff_cohens_d": r.mean_diff_cohens_d,
+            "random_cohens_d_p95": r.random_cohens_d_p95,
+            "transfer_to_sa_auroc": r.transfer_to_sa_auroc,
+        }
+
     summary: dict[str, Any] = {
-        "best": {
-            "layer": best.layer,
-            "position": best.position,
-            "logistic_auroc": best.logistic_auroc,
-            "mean_diff_cohens_d": best.mean_diff_cohens_d,
-            "transfer_to_sa_auroc": best.transfer_to_sa_auroc,
-        },
+        "best": describe(best),
+        "best_by_position": {p: describe(max((r for r in results if r.position == p), key=key)) for p in positions},
+        "degenerate_positions": sorted({r.position for r in results if not np.isfinite(r.mean_diff_cohens_d)}),
         "max_shuffled_auroc": max((max(r.shuffled_auroc) for r in results if r.shuffled_auroc), default=None),
         "embedding_layer": [
             {"position": r.position, "logistic_auroc": r.logistic_auroc, "mean_diff_cohens_d": r.mean_diff_cohens_d}
@@ -472,13 +518,22 @@ def _summarise(results: list[LayerResult], cosines: dict, layers: list[int], pos
             if r.layer == layers[0]
         ],
     }
-    transfers = [r for r in results if r.transfer_to_sa_auroc is not None]
+    # Where a tier's rows are all the same vector (the tag position), transfer scores are 0 or 1 by construction.
+    transfers = [r for r in results if r.transfer_to_sa_auroc is not None and np.isfinite(r.mean_diff_cohens_d)]
     if transfers:
         top = max(transfers, key=lambda r: abs(r.transfer_to_sa_auroc - 0.5))
         summary["best_transfer_to_sa"] = {
             "layer": top.layer,
             "position": top.position,
             "auroc": top.transfer_to_sa_auroc,
+            "ci": top.transfer_to_sa_ci,
+        }
+        back = max(transfers, key=lambda r: abs(r.transfer_from_sa_auroc - 0.5))
+        summary["best_transfer_from_sa"] = {
+            "layer": back.layer,
+            "position": back.position,
+            "auroc": back.transfer_from_sa_auroc,
+            "ci": back.transfer_from_sa_ci,
         }
     largest = {}
     for position, table in cosines.items():
