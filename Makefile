@@ -9,6 +9,7 @@ QUICKSTART_N ?= 50
 QUICKSTART_MODEL ?= smollm2-135m-instruct
 QUICKSTART_STORE ?= activations/quickstart
 QUICKSTART_PROBES ?= probes/quickstart
+QUICKSTART_STEER ?= results/quickstart-steering
 QUICKSTART_CACHE = --model $(QUICKSTART_MODEL) --layers all --positions tag,last
 
 BIN := $(VENV)/bin
@@ -33,7 +34,10 @@ quickstart: install
 	$(BIN)/afprobe cache --dataset benign --n $(QUICKSTART_N) $(QUICKSTART_CACHE) --out $(QUICKSTART_STORE)-benign
 	$(BIN)/afprobe probe --cache $(QUICKSTART_STORE) --sa-cache $(QUICKSTART_STORE)-sa \
 		--benign-cache $(QUICKSTART_STORE)-benign --out $(QUICKSTART_PROBES)
-	@echo "gap: $(QUICKSTART_STORE)/gap.json; activations: $(QUICKSTART_STORE)*/; probes and figures: $(QUICKSTART_PROBES)/"
+	$(BIN)/afprobe steer --model $(QUICKSTART_MODEL) --directions $(QUICKSTART_PROBES) --n 6 --benign-n 3 \
+		--coefficients -1,1 --n-random 3 --no-ablation --out $(QUICKSTART_STEER)
+	@echo "gap: $(QUICKSTART_STORE)/gap.json; activations: $(QUICKSTART_STORE)*/; probes and figures: $(QUICKSTART_PROBES)/;"
+	@echo "steering: $(QUICKSTART_STEER)/"
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -47,4 +51,5 @@ bench: install
 	$(BIN)/python benchmarks/bench_cache.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache $(QUICKSTART_STORE) $(QUICKSTART_STORE)-sa $(QUICKSTART_STORE)-benign $(QUICKSTART_PROBES)
+	rm -rf $(VENV) .pytest_cache $(QUICKSTART_STORE) $(QUICKSTART_STORE)-sa $(QUICKSTART_STORE)-benign $(QUICKSTART_PROBES) \
+		$(QUICKSTART_STEER)

@@ -67,7 +67,6 @@ class CacheConfig(PairedPromptJob):
     store_dtype: str = "float32"
     backend: str = "hooks"
     shard_size: int = 32
-    remote: bool = False
 
 
 @dataclass
@@ -270,16 +269,15 @@ class TransformerLensBackend(FullForwardBackend):
 
 
 class NNsightBackend(FullForwardBackend):
-    """nnsight's TransformersModel over the loaded model; `remote=True` runs on NDIF for models it hosts."""
+    """nnsight's TransformersModel over the loaded model (the trace body lives in this file, as nnsight requires)."""
 
     name = "nnsight"
 
-    def __init__(self, loaded: LoadedModel, layers: Sequence[int], *, remote: bool = False):
+    def __init__(self, loaded: LoadedModel, layers: Sequence[int]):
         from nnsight import TransformersModel
 
         self.loaded = loaded
         self.layers = list(layers)
-        self.remote = remote
         self.model = TransformersModel(loaded.model, tokenizer=loaded.tokenizer)
         self.n_layers = loaded.n_layers
 
@@ -290,7 +288,7 @@ class NNsightBackend(FullForwardBackend):
         tensor = torch.tensor([list(ids)], device=self.loaded.device)
         envoys = self.model.model.layers
         saved = []
-        with self.model.trace(tensor, remote=self.remote):
+        with self.model.trace(tensor):
             for layer in self.layers:
                 if layer < self.n_layers:
                     saved.append(envoys[layer].input.save())
@@ -304,11 +302,11 @@ class NNsightBackend(FullForwardBackend):
         return logits[0].float(), acts
 
 
-def make_backend(name: str, loaded: LoadedModel, layers: Sequence[int], remote: bool = False) -> FullForwardBackend:
+def make_backend(name: str, loaded: LoadedModel, layers: Sequence[int]) -> FullForwardBackend:
     if name == "transformer-lens":
         return TransformerLensBackend(loaded, layers)
     if name == "nnsight":
-        return NNsightBackend(loaded, layers, remote=remote)
+        return NNsightBackend(loaded, layers)
     if name == "hooks-full":
         return FullForwardBackend(loaded, layers)
     raise AfprobeError(f"unknown backend {name!r}: choose from {', '.join(BACKENDS)}")
@@ -420,7 +418,7 @@ def run_cache(
     prefix: PrefixCache | None = None
     prefix_seconds = 0.0
     recorder = ResidualRecorder(loaded.model, layers) if config.backend == "hooks" else None
-    backend = None if config.backend == "hooks" else make_backend(config.backend, loaded, layers, config.remote)
+    backend = None if config.backend == "hooks" else make_backend(config.backend, loaded, layers)
     pad_id = loaded.tokenizer.pad_token_id or 0
     batch_size = config.batch_size or (16 if loaded.device.type == "cuda" else 1)
 

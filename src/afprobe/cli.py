@@ -89,7 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument(
         "--batch-size", type=int, default=None, help="prompts per forward (default: 1 on CPU, 16 on GPU)"
     )
-    cache.add_argument("--remote", action="store_true", help="nnsight backend: run on NDIF (needs NDIF_API_KEY)")
 
     probe = commands.add_parser("probe", help="train probes and directions on a store, with nulls and plots")
     probe.add_argument("--cache", required=True, help="the paired-prompt store (activations/RUN)")
@@ -102,6 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--n-random", type=int, default=20, help="random directions for the null")
     probe.add_argument("--n-shuffles", type=int, default=5, help="label shuffles for the null")
     probe.add_argument("--seed", type=int, default=0)
+
+    steer = commands.add_parser("steer", help="steer along and ablate the saved directions; compare with random ones")
+    _add_model_args(steer)
+    _add_prompt_args(steer)
+    steer.add_argument("--directions", required=True, help="a probes folder written by `afprobe probe`")
+    steer.add_argument("--out", required=True, help="results folder (steering.json, dose_response.html, ablation.html)")
+    steer.add_argument("--layer", type=int, default=None, help="layer to steer (default: the probes' best layer)")
+    steer.add_argument("--position", default="last", help="which stored direction position to use")
+    steer.add_argument(
+        "--apply-at",
+        default="suffix",
+        choices=["suffix", "last"],
+        help="edit every position after the shared prefix, or only the last prompt token",
+    )
+    steer.add_argument(
+        "--coefficients", default="-1,-0.5,0.5,1", help="comma list, in units of the typical residual norm at the layer"
+    )
+    steer.add_argument("--n-random", type=int, default=10, help="random directions of the same norm (the null)")
+    steer.add_argument("--benign-n", type=int, default=None, help="also score this many benign queries")
+    steer.add_argument("--no-ablation", action="store_true", help="skip the ablation experiments")
+    steer.add_argument("--n-boot", type=int, default=2000)
+    steer.add_argument("--seed", type=int, default=0)
 
     commands.add_parser("variants", help="list the prompt variants")
 
@@ -205,7 +226,6 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         backend=args.backend,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
-        remote=args.remote,
     )
     print(f"loading {config.model}...", file=sys.stderr)
     with _ProgressBar("caching", "prompt") as progress:
@@ -282,6 +302,71 @@ def format_probe_summary(output: dict) -> str:
             f"largest |cosine| {pair.replace('~', ' vs ')}: {info['cosine']:+.3f} "
             f"(layer {info['layer']}, {info['position']})"
         )
+    return "\n".join(lines)
+
+
+def _cmd_steer(args: argparse.Namespace) -> int:
+    from afprobe.steering import SteerConfig, run_steering
+
+    try:
+        coefficients = tuple(float(c) for c in args.coefficients.split(","))
+    except ValueError as exc:
+        raise AfprobeError(
+            f"cannot read --coefficients {args.coefficients!r}: give numbers like -1,-0.5,0.5,1"
+        ) from exc
+    config = SteerConfig(
+        model=args.model,
+        adapter=args.adapter,
+        dataset=args.dataset,
+        column=args.column,
+        n=args.n,
+        variant=args.variant,
+        developer=args.developer,
+        system_prompt_file=args.system_prompt_file,
+        format=args.format,
+        device=args.device,
+        dtype=args.dtype,
+        directions=args.directions,
+        out=args.out,
+        layer=args.layer,
+        position=args.position,
+        apply_at=args.apply_at,
+        coefficients=coefficients,
+        n_random=args.n_random,
+        benign_n=args.benign_n,
+        ablate=not args.no_ablation,
+        n_boot=args.n_boot,
+        seed=args.seed,
+    )
+    print(f"loading {config.model}...", file=sys.stderr)
+    with _ProgressBar("steering", "setting") as progress:
+        output = run_steering(config, progress=progress)
+    print(format_steering_summary(output))
+    print(f"\nwrote {args.out}/ (steering.json, dose_response.html, ablation.html)")
+    return 0
+
+
+def format_steering_summary(output: dict) -> str:
+    base = output["baseline_gap"]
+    lines = [
+        f"layer {output['layer']}, typical residual norm {output['typical_norm']:.1f}, {output['n_queries']} queries; "
+        f"baseline gap {base['mean']:+.4f} [{base['ci_low']:+.4f}, {base['ci_high']:+.4f}]"
+    ]
+    for name, verdict in output["verdicts"].items():
+        if "steering" in verdict:
+            v = verdict["steering"]
+            lines.append(
+                f"{name}: at coefficient +-{v['coefficient']:g}, gap change up to {v['largest_gap_change']:.4f} "
+                f"(random null 95th pct {v['random_null_p95']:.4f}): {v['reading']}"
+            )
+        if "ablation" in verdict:
+            a = verdict["ablation"]
+            gap = a["gap_after"]
+            lines.append(
+                f"{name} ablated: gap {gap['mean']:+.4f} [{gap['ci_low']:+.4f}, {gap['ci_high']:+.4f}] "
+                f"({a['fraction_remaining']:.0%} of baseline; random directions give "
+                f"[{a['random_gap_range_95'][0]:+.4f}, {a['random_gap_range_95'][1]:+.4f}])"
+            )
     return "\n".join(lines)
 
 

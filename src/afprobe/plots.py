@@ -267,3 +267,115 @@ def pca_figure(x: np.ndarray, tiers: Sequence[str], variants: Sequence[str], tit
         height=500,
     )
     return figure
+
+
+def steering_figures(output: dict[str, Any]) -> dict[str, go.Figure]:
+    figures = {"dose_response": _dose_response(output)}
+    if any(r["kind"] == "ablate" for r in output["settings"]):
+        figures["ablation"] = _ablation_bars(output)
+    return figures
+
+
+def _dose_response(output: dict[str, Any]) -> go.Figure:
+    rows = output["settings"]
+    baseline = rows[0]
+    named = sorted({r["direction"] for r in rows if r["kind"] == "steer" and not r["direction"].startswith("random")})
+    has_benign = "benign" in baseline
+    panels = ["gap (free - paid log-odds)", "mean shift of both tiers"] + (["benign compliance"] if has_benign else [])
+    figure = make_subplots(rows=1, cols=len(panels), subplot_titles=panels)
+    palette = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+
+    def series(name: str, key: str) -> tuple[list[float], list[float], list[float], list[float]]:
+        points = sorted(
+            [r for r in rows if r["direction"] == name and r["kind"] == "steer"] + [baseline],
+            key=lambda r: r["coefficient"],
+        )
+        if key == "mean_shift":
+            values = [r[key] if r is not baseline else {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0} for r in points]
+        else:
+            values = [r[key] for r in points]
+        return (
+            [r["coefficient"] for r in points],
+            [v["mean"] for v in values],
+            [v["ci_high"] - v["mean"] for v in values],
+            [v["mean"] - v["ci_low"] for v in values],
+        )
+
+    keys = ["gap", "mean_shift"] + (["benign"] if has_benign else [])
+    randoms = sorted({r["direction"] for r in rows if r["direction"].startswith("random")})
+    for col, key in enumerate(keys, start=1):
+        if randoms:
+            curves = np.array([series(name, key)[1] for name in randoms])
+            x = series(randoms[0], key)[0]
+            figure.add_trace(
+                go.Scatter(
+                    x=x + x[::-1],
+                    y=list(curves.max(0)) + list(curves.min(0))[::-1],
+                    fill="toself",
+                    fillcolor="rgba(127,127,127,0.2)",
+                    line={"width": 0},
+                    name=f"null: {len(randoms)} random directions (range)",
+                    showlegend=col == 1,
+                    legendgroup="random",
+                ),
+                row=1,
+                col=col,
+            )
+        for i, name in enumerate(named):
+            x, y, up, down = series(name, key)
+            figure.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=y,
+                    name=name,
+                    line={"color": palette[i % len(palette)]},
+                    error_y={"type": "data", "symmetric": False, "array": up, "arrayminus": down},
+                    showlegend=col == 1,
+                    legendgroup=name,
+                ),
+                row=1,
+                col=col,
+            )
+        figure.update_xaxes(title_text="coefficient (x typical residual norm)", row=1, col=col)
+    figure.update_layout(
+        title=f"Steering at layer {output['layer']}: dose-response with a random-direction null", height=450
+    )
+    return figure
+
+
+def _ablation_bars(output: dict[str, Any]) -> go.Figure:
+    rows = [r for r in output["settings"] if r["kind"] == "ablate"]
+    named = [r for r in rows if not r["direction"].startswith("random")]
+    randoms = [r["gap"]["mean"] for r in rows if r["direction"].startswith("random")]
+    baseline = output["baseline_gap"]
+    figure = go.Figure()
+    figure.add_trace(
+        go.Bar(
+            x=["baseline"] + [r["direction"] for r in named],
+            y=[baseline["mean"]] + [r["gap"]["mean"] for r in named],
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": [baseline["ci_high"] - baseline["mean"]]
+                + [r["gap"]["ci_high"] - r["gap"]["mean"] for r in named],
+                "arrayminus": [baseline["mean"] - baseline["ci_low"]]
+                + [r["gap"]["mean"] - r["gap"]["ci_low"] for r in named],
+            },
+            name="gap after ablation (95% CI)",
+        )
+    )
+    if randoms:
+        low, high = np.quantile(randoms, [0.025, 0.975])
+        figure.add_hrect(
+            y0=low,
+            y1=high,
+            fillcolor="rgba(127,127,127,0.25)",
+            line_width=0,
+            annotation_text="random directions (95% range)",
+        )
+    figure.update_layout(
+        title="Gap after projecting each direction out of every layer",
+        yaxis_title="gap (free - paid log-odds)",
+        height=450,
+    )
+    return figure

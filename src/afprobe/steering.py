@@ -1,0 +1,341 @@
+"""Steering and directional ablation experiments: does a direction cause the compliance gap?
+
+`run_steering(SteerConfig(directions="probes/RUN", ...))` takes the directions `afprobe probe` saved (training
+context, situational awareness, refusal) at one layer and, on fresh paired prompts:
+
+- sweeps a coefficient (both signs, in units of the typical residual-stream norm at that layer) for each
+  direction and for norm-matched random directions (the null), measuring compliance on free and paid prompts, the
+  gap, and compliance on benign queries, each with a paired bootstrap interval;
+- ablates each direction (projects it out at every layer, the shared prefix included) and measures how much of
+  the gap remains, against random directions of the same dimension;
+- states for each direction whether its effect on the gap exceeds the random null, and whether it moves the gap
+  or only shifts compliance on both tiers alike (the refusal confound).
+
+Steering edits every position after the shared prefix (for the default variant: from the tier tag on, including
+the answer tokens being scored) or, with `apply_at="last"`, only the last prompt token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from afprobe import __version__
+from afprobe.data import load_queries
+from afprobe.errors import AfprobeError
+from afprobe.files import atomic_write_json
+from afprobe.forward import compute_prefix_cache
+from afprobe.gap import PairedPromptJob
+from afprobe.interventions import PositionMask, ablate_directions, add_direction
+from afprobe.metrics import AnswerTokens, ComplianceScore, has_sliding_window, length_batches, score_batch
+from afprobe.models import LoadedModel
+from afprobe.probes import ProbeSet, load_probe_set
+from afprobe.prompts import PromptSet, render_pairs
+from afprobe.stats import Estimate, bootstrap_mean, paired_difference
+from afprobe.store import ActivationStore
+
+STEERED_DIRECTIONS = ("training_context", "situational_awareness", "refusal")
+
+
+@dataclass
+class SteerConfig(PairedPromptJob):
+    """One steering run; saved in steering.json."""
+
+    directions: str = "probes/run"
+    out: str = "results/steering"
+    layer: int | None = None
+    position: str = "last"
+    apply_at: str = "suffix"
+    coefficients: tuple[float, ...] = (-1.0, -0.5, 0.5, 1.0)
+    n_random: int = 10
+    benign_n: int | None = None
+    ablate: bool = True
+    n_boot: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n is None:
+            self.n = 20
+
+
+@dataclass
+class Setting:
+    """Compliance of every prompt under one intervention."""
+
+    direction: str
+    kind: str  # baseline | steer | ablate
+    coefficient: float
+    harmful: list[ComplianceScore]
+    benign: list[ComplianceScore] = field(default_factory=list)
+
+
+class _Scorer:
+    """Scores a prompt set under whatever intervention is active, reusing the shared prefix when it is unchanged."""
+
+    def __init__(self, loaded: LoadedModel, prompt_set: PromptSet):
+        self.loaded = loaded
+        self.prompt_set = prompt_set
+        self.answers = AnswerTokens.from_tokenizer(loaded.tokenizer)
+        prompts = prompt_set.prompts
+        self.prefix_len = min(prompt_set.shared_prefix_len, min(p.n_tokens for p in prompts) - 1)
+        self.prefix = compute_prefix_cache(loaded.model, prompts[0].input_ids[: self.prefix_len])
+        self.batches = length_batches(prompts, 1, exact=has_sliding_window(self.prefix.cache))
+
+    def score(self, where: PositionMask | None, *, last_only: bool, recompute_prefix: bool) -> list[ComplianceScore]:
+        model, prompts = self.loaded.model, self.prompt_set.prompts
+        prefix = self.prefix
+        if recompute_prefix:
+            prefix = compute_prefix_cache(model, prompts[0].input_ids[: self.prefix_len])
+        scores: list[ComplianceScore | None] = [None] * len(prompts)
+        pad_id = self.loaded.tokenizer.pad_token_id or 0
+        for batch in self.batches:
+            chosen = [prompts[i] for i in batch]
+            context: AbstractContextManager[Any] = nullcontext()
+            if last_only and where is not None:
+                context = _last_token_only(
+                    where, [p.n_tokens - self.prefix_len for p in chosen], len(self.answers.common)
+                )
+            for i, score in zip(
+                batch,
+                score_batch(model, prefix, chosen, self.answers, pad_id=pad_id, stage1_context=context),
+                strict=True,
+            ):
+                scores[i] = score
+        return [s for s in scores if s is not None]
+
+
+@contextmanager
+def _last_token_only(where: PositionMask, own_lengths: list[int], n_common: int) -> Iterator[None]:
+    """During the forward of the prompts' own tokens, edit only each prompt's last token."""
+    width = max(own_lengths) + n_common
+    mask = torch.zeros(len(own_lengths), width, dtype=torch.bool)
+    for row, length in enumerate(own_lengths):
+        mask[row, length - 1] = True
+    where.mask, where.active = mask, True
+    try:
+        yield
+    finally:
+        where.mask, where.active = None, False
+
+
+def _column(scores: list[ComplianceScore], prompt_set: PromptSet, tier: str) -> np.ndarray:
+    by_key = {(p.query_id, p.tier): s.log_odds for p, s in zip(prompt_set.prompts, scores, strict=True)}
+    return np.array([by_key[(q.query_id, tier)] for q in prompt_set.queries])
+
+
+def run_steering(
+    config: SteerConfig, *, loaded: LoadedModel | None = None, progress: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    if config.apply_at not in ("suffix", "last"):
+        raise AfprobeError(f"unknown --apply-at {config.apply_at!r}: use suffix or last")
+    probe_set = load_probe_set(config.directions)
+    layer = config.layer if config.layer is not None else _best_layer(probe_set, config.position)
+    available = {
+        name: probe_set.direction(name, layer, config.position).vector
+        for name in STEERED_DIRECTIONS
+        if f"{name}.{config.position}" in probe_set.directions
+    }
+    if loaded is None:
+        loaded = config.load()
+    if loaded.fingerprint.weights_sha256 != probe_set.metrics["store"]["model"]["weights_sha256"]:
+        raise AfprobeError(
+            f"the directions in {config.directions} were computed on another model "
+            f"({probe_set.metrics['store']['model']['name']}): steer the model they came from"
+        )
+    scale = _typical_norm(probe_set, layer, config.position, loaded)
+    harmful = render_pairs(
+        loaded.tokenizer,
+        load_queries(config.dataset, column=config.column, n=config.n),
+        config.prompt_config(),
+        max_context=loaded.max_context or None,
+    )
+    if harmful.variant.contrast is None:
+        raise AfprobeError(f"variant {config.variant!r} has one tier: steering needs a tier contrast")
+    benign = None
+    if config.benign_n:
+        benign = render_pairs(
+            loaded.tokenizer,
+            load_queries("benign", n=config.benign_n),
+            config.prompt_config(),
+            max_context=loaded.max_context or None,
+        )
+    harmful_scorer = _Scorer(loaded, harmful)
+    benign_scorer = _Scorer(loaded, benign) if benign is not None else None
+
+    generator = torch.Generator().manual_seed(config.seed)
+    randoms = {f"random_{i}": torch.randn(loaded.d_model, generator=generator) for i in range(config.n_random)}
+    plans: list[tuple[str, str, float]] = [("none", "baseline", 0.0)]
+    for name in [*available, *randoms]:
+        plans += [(name, "steer", c) for c in config.coefficients if c != 0]
+    if config.ablate:
+        plans += [(name, "ablate", 0.0) for name in [*available, *randoms]]
+    vectors = {**available, **randoms}
+
+    settings: list[Setting] = []
+    for done, (name, kind, coefficient) in enumerate(plans, start=1):
+        where = PositionMask(active=config.apply_at != "last")
+        last_only = config.apply_at == "last" and kind == "steer"
+        if kind == "steer":
+            context: AbstractContextManager[Any] = add_direction(
+                loaded.model, vectors[name], layers=[layer], coefficient=coefficient, scale=scale, where=where
+            )
+        elif kind == "ablate":
+            context = ablate_directions(loaded.model, vectors[name])
+        else:
+            context = nullcontext()
+        with context:
+            harmful_scores = harmful_scorer.score(where, last_only=last_only, recompute_prefix=kind == "ablate")
+            benign_scores = (
+                benign_scorer.score(where, last_only=last_only, recompute_prefix=kind == "ablate")
+                if benign_scorer is not None
+                else []
+            )
+        settings.append(Setting(name, kind, coefficient, harmful_scores, benign_scores))
+        if progress is not None:
+            progress(done, len(plans))
+
+    output = _analyse(config, settings, harmful, benign, layer, scale, list(available), list(randoms), loaded)
+    output["seconds"] = time.perf_counter() - start
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "steering.json", output)
+        from afprobe import plots
+
+        for figure_name, figure in plots.steering_figures(output).items():
+            plots.write_figure(figure, out / f"{figure_name}.html")
+    except OSError as exc:
+        raise AfprobeError(
+            f"could not write to {out} ({exc.strerror or exc}): free disk space or change --out"
+        ) from exc
+    return output
+
+
+def _best_layer(probe_set: ProbeSet, position: str) -> int:
+    best = probe_set.metrics["summary"].get("best_by_position", {}).get(position)
+    if best is None:
+        raise AfprobeError(f"no probe results at position {position!r} in {probe_set.path}: pass --layer")
+    return int(best["layer"])
+
+
+def _typical_norm(probe_set: ProbeSet, layer: int, position: str, loaded: LoadedModel) -> float:
+    """Mean residual norm at the layer and position, from the store the directions were computed on."""
+    store = ActivationStore.open(probe_set.metrics["store"]["path"])
+    return float(store.activations(position, layers=[layer]).norm(dim=-1).mean())
+
+
+def _analyse(
+    config: SteerConfig,
+    settings: list[Setting],
+    harmful: PromptSet,
+    benign: PromptSet | None,
+    layer: int,
+    scale: float,
+    directions: list[str],
+    randoms: list[str],
+    loaded: LoadedModel,
+) -> dict[str, Any]:
+    trained, untrained = harmful.variant.contrast  # type: ignore[misc]
+    baseline = settings[0]
+    base_free = _column(baseline.harmful, harmful, trained)
+    base_paid = _column(baseline.harmful, harmful, untrained)
+    boot = {"n_boot": config.n_boot, "n_perm": config.n_boot, "seed": config.seed}
+
+    def describe(setting: Setting) -> dict[str, Any]:
+        free, paid = _column(setting.harmful, harmful, trained), _column(setting.harmful, harmful, untrained)
+        gap_change = (free - paid) - (base_free - base_paid)
+        shift = ((free - base_free) + (paid - base_paid)) / 2
+        row: dict[str, Any] = {
+            "direction": setting.direction,
+            "kind": setting.kind,
+            "coefficient": setting.coefficient,
+            "free": bootstrap_mean(free, n_boot=config.n_boot, seed=config.seed).to_dict(),
+            "paid": bootstrap_mean(paid, n_boot=config.n_boot, seed=config.seed).to_dict(),
+            "gap": paired_difference(free, paid, **boot).to_dict(),
+            "gap_change": paired_difference(gap_change, np.zeros_like(gap_change), **boot).to_dict(),
+            "mean_shift": paired_difference(shift, np.zeros_like(shift), **boot).to_dict(),
+        }
+        if benign is not None and setting.benign:
+            values = np.array([s.log_odds for s in setting.benign])
+            row["benign"] = bootstrap_mean(values, n_boot=config.n_boot, seed=config.seed).to_dict()
+        return row
+
+    rows = [describe(s) for s in settings]
+    base_gap = rows[0]["gap"]["mean"]
+    verdicts = {}
+    for name in directions:
+        verdicts[name] = _verdict(name, rows, randoms, base_gap, config.coefficients)
+    return {
+        "afprobe_version": __version__,
+        "config": asdict(config),
+        "model": loaded.fingerprint.to_dict(),
+        "layer": layer,
+        "typical_norm": scale,
+        "prompt_hash": harmful.prompt_hash,
+        "n_queries": len(harmful.queries),
+        "baseline_gap": rows[0]["gap"],
+        "settings": rows,
+        "verdicts": verdicts,
+    }
+
+
+def _verdict(
+    name: str, rows: list[dict[str, Any]], randoms: list[str], base_gap: float, coefficients: tuple[float, ...]
+) -> dict[str, Any]:
+    """Plain statements: does the direction move the gap more than random directions, and is it a uniform shift?"""
+    largest = max(abs(c) for c in coefficients if c != 0)
+    verdict: dict[str, Any] = {}
+    steer = [r for r in rows if r["direction"] == name and r["kind"] == "steer" and abs(r["coefficient"]) == largest]
+    null = [
+        abs(r["gap_change"]["mean"])
+        for r in rows
+        if r["direction"] in randoms and r["kind"] == "steer" and abs(r["coefficient"]) == largest
+    ]
+    if steer and null:
+        effect = max(abs(r["gap_change"]["mean"]) for r in steer)
+        threshold = float(np.quantile(null, 0.95))
+        moves_gap = any(_excludes_zero(r["gap_change"]) for r in steer)
+        shifts_both = any(_excludes_zero(r["mean_shift"]) for r in steer)
+        verdict["steering"] = {
+            "coefficient": largest,
+            "largest_gap_change": effect,
+            "random_null_p95": threshold,
+            "exceeds_random_null": effect > threshold,
+            "gap_change_excludes_zero": moves_gap,
+            "shifts_both_tiers": shifts_both,
+            "reading": _reading(name, effect > threshold, moves_gap, shifts_both),
+        }
+    ablation = next((r for r in rows if r["direction"] == name and r["kind"] == "ablate"), None)
+    null_ablation = [r["gap"]["mean"] for r in rows if r["direction"] in randoms and r["kind"] == "ablate"]
+    if ablation is not None:
+        remaining = ablation["gap"]["mean"] / base_gap if base_gap else float("nan")
+        low, high = np.quantile(null_ablation, [0.025, 0.975]) if null_ablation else (float("nan"),) * 2
+        verdict["ablation"] = {
+            "gap_after": ablation["gap"],
+            "fraction_remaining": remaining,
+            "random_gap_range_95": [float(low), float(high)],
+            "outside_random_range": bool(null_ablation) and not low <= ablation["gap"]["mean"] <= high,
+        }
+    return verdict
+
+
+def _excludes_zero(estimate: dict[str, Any]) -> bool:
+    return Estimate(**estimate).excludes_zero()
+
+
+def _reading(name: str, beyond_null: bool, moves_gap: bool, shifts_both: bool) -> str:
+    if beyond_null and moves_gap:
+        return f"steering along {name} changes the gap more than random directions of the same norm"
+    if shifts_both and not moves_gap:
+        return f"steering along {name} shifts compliance on both tiers alike without changing the gap"
+    if moves_gap:
+        return f"steering along {name} changes the gap, but no more than random directions do"
+    return f"steering along {name} has no detectable effect on the gap"

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from afprobe.activations import ResidualRecorder
+from afprobe.errors import AfprobeError
+from afprobe.interventions import PositionMask, ablate_directions, add_direction, orthonormal_basis
+
+IDS = torch.tensor([[1, 400, 2000, 35, 9000, 12, 77]])
+
+
+def no_hooks_left(model) -> bool:
+    return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_zero_coefficient_changes_nothing(tiny_model):
+    model = tiny_model.model
+    before = logits(model)
+    direction = torch.randn(tiny_model.d_model)
+    with add_direction(model, direction, layers=list(range(tiny_model.n_layers + 1)), coefficient=0.0):
+        during = logits(model)
+    assert torch.equal(before, during)
+    assert no_hooks_left(model)
+
+
+def test_hooks_are_removed_even_after_an_error(tiny_llama):
+    model = tiny_llama.model
+    before = logits(model)
+    with pytest.raises(RuntimeError, match="boom"), add_direction(model, torch.ones(64), layers=[1], coefficient=5.0):
+        assert not torch.equal(logits(model), before)
+        raise RuntimeError("boom")
+    assert no_hooks_left(model)
+    assert torch.equal(logits(model), before)
+
+
+def test_ablation_leaves_activations_orthogonal(tiny_model):
+    model = tiny_model.model
+    n = tiny_model.n_layers
+    directions = torch.randn(2, tiny_model.d_model)
+    basis = orthonormal_basis(directions)
+    recorder = ResidualRecorder(model, list(range(n + 1)))
+    positions = [{"all": list(range(IDS.shape[1]))}]
+    with ablate_directions(model, directions), recorder.recording(positions) as record, torch.no_grad():
+        model(input_ids=IDS)
+    for layer in range(n + 1):
+        hidden = record["all"][0][layer]
+        assert (hidden @ basis).abs().max() < 1e-4 * hidden.norm(dim=-1).max()
+    # Without the ablation the same activations do have a component in that subspace.
+    with recorder.recording(positions) as plain, torch.no_grad():
+        model(input_ids=IDS)
+    assert (plain["all"][0][1] @ basis).abs().max() > 1e-2
+    assert no_hooks_left(model)
+
+
+def test_empty_subspace_ablation_changes_nothing(tiny_llama):
+    before = logits(tiny_llama.model)
+    with ablate_directions(tiny_llama.model, torch.zeros(3, 64)):
+        assert torch.equal(logits(tiny_llama.model), before)
+
+
+def test_steering_along_a_planted_direction_moves_the_output(tiny_llama):
+    """Adding the unembedding difference of two tokens after the last block raises one token's logit over the other."""
+    model = tiny_llama.model
+    unembed = model.get_output_embeddings().weight
+    a, b = 500, 600
+    direction = (unembed[a] - unembed[b]).detach()
+    margins = []
+    for coefficient in (-20.0, 0.0, 20.0):
+        with add_direction(model, direction, layers=[tiny_llama.n_layers], coefficient=coefficient):
+            out = logits(model)[0, -1]
+        margins.append((out[a] - out[b]).item())
+    assert margins[0] < margins[1] < margins[2]
+
+
+def test_position_mask_limits_the_edit(tiny_llama):
+    model = tiny_llama.model
+    before = logits(model)
+    mask = torch.zeros(1, IDS.shape[1], dtype=torch.bool)
+    mask[0, -1] = True
+    with add_direction(model, torch.randn(64), layers=[1], coefficient=10.0, where=PositionMask(mask)):
+        after = logits(model)
+    # Causal attention: only the last position (the one edited) can change.
+    assert torch.equal(after[0, :-1], before[0, :-1])
+    assert not torch.equal(after[0, -1], before[0, -1])
+
+
+def test_bad_inputs(tiny_llama):
+    with (
+        pytest.raises(AfprobeError, match="zero"),
+        add_direction(tiny_llama.model, torch.zeros(64), layers=[0], coefficient=1.0),
+    ):
+        pass
+    with (
+        pytest.raises(AfprobeError, match="out of range"),
+        add_direction(tiny_llama.model, torch.ones(64), layers=[9], coefficient=1.0),
+    ):
+        pass
+    assert no_hooks_left(tiny_llama.model)
