@@ -91,3 +91,35 @@ def test_directions_from_another_model_are_refused(tokenizer, probes_dir):
     other = make_tiny_model("llama", tokenizer, seed=42)
     with pytest.raises(AfprobeError, match="computed on another model"):
         run_steering(SteerConfig(directions=str(probes_dir / "probes"), out=str(probes_dir / "x"), n=2), loaded=other)
+
+
+def test_cli_steer(tiny_llama, probes_dir, tmp_path, capsys):
+    from afprobe.cli import main
+
+    folder = tmp_path / "model"
+    tiny_llama.model.save_pretrained(folder)
+    tiny_llama.tokenizer.save_pretrained(folder)
+    out = tmp_path / "steer"
+    args = [
+        "steer",
+        "--model",
+        str(folder),
+        "--directions",
+        str(probes_dir / "probes"),
+        "--n",
+        "2",
+        "--layer",
+        "1",
+        "--n-random",
+        "1",
+        "--no-ablation",
+        "--n-boot",
+        "100",
+        "--out",
+        str(out),
+    ]
+    assert main([*args, "--coefficients=-1,1"]) == 0
+    assert "training_context" in capsys.readouterr().out
+    assert json.loads((out / "steering.json").read_text())["config"]["coefficients"] == [-1.0, 1.0]
+    assert main([*args, "--coefficients", "big"]) == 2
+    assert "cannot read --coefficients" in capsys.readouterr().err

@@ -35,6 +35,7 @@ from afprobe.gap import GapConfig, GapResult, PairedPromptJob, build_gap_result,
 from afprobe.metrics import (
     AnswerTokens,
     ComplianceScore,
+    default_batch_size,
     has_sliding_window,
     length_batches,
     score_batch,
@@ -420,7 +421,7 @@ def run_cache(
     recorder = ResidualRecorder(loaded.model, layers) if config.backend == "hooks" else None
     backend = None if config.backend == "hooks" else make_backend(config.backend, loaded, layers)
     pad_id = loaded.tokenizer.pad_token_id or 0
-    batch_size = config.batch_size or (16 if loaded.device.type == "cuda" else 1)
+    batch_size = config.batch_size or default_batch_size(loaded.device)
 
     for shard in range(n_shards):
         indices = list(range(shard * config.shard_size, min(len(prompts), (shard + 1) * config.shard_size)))

@@ -411,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gap": _cmd_gap,
         "cache": _cmd_cache,
         "probe": _cmd_probe,
+        "steer": _cmd_steer,
         "variants": _cmd_variants,
         "prompt": _cmd_prompt,
     }

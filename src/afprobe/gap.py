@@ -23,7 +23,7 @@ from afprobe.data import dataset_hash, load_queries
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_text
 from afprobe.forward import compute_prefix_cache
-from afprobe.metrics import ComplianceScore, SampleCounts, sample_prompts, score_prompts
+from afprobe.metrics import ComplianceScore, SampleCounts, default_batch_size, sample_prompts, score_prompts
 from afprobe.models import DEFAULT_MODEL, LoadedModel, load_model
 from afprobe.prompts import PromptConfig, PromptSet, render_pairs
 from afprobe.stats import Estimate, bootstrap_mean, paired_difference
@@ -105,12 +105,6 @@ class GapResult:
         }
 
 
-def default_batch_size(loaded: LoadedModel) -> int:
-    # On the CPU, one continuation at a time was fastest (batching copies the long prefix cache per row);
-    # on a GPU batching pays.
-    return 16 if loaded.device.type == "cuda" else 1
-
-
 def _gap_pairs(prompt_set: PromptSet) -> list[tuple[str, str]]:
     """The tier contrasts to report: the variant's primary contrast first, then every other pair of tiers."""
     variant = prompt_set.variant
@@ -166,7 +160,7 @@ def run_gap(
 
     queries = load_queries(config.dataset, column=config.column, n=config.n)
     prompt_set = render_pairs(loaded.tokenizer, queries, config.prompt_config(), max_context=loaded.max_context or None)
-    batch_size = config.batch_size or default_batch_size(loaded)
+    batch_size = config.batch_size or default_batch_size(loaded.device)
     total = len(prompt_set.prompts) * (2 if config.sample else 1)
     done = 0
 

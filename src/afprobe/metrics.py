@@ -137,14 +137,17 @@ def score_prompts(
     tokenizer: Any,
     prompt_set: PromptSet,
     *,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     prefix: PrefixCache | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[ComplianceScore]:
     """Compliance of every prompt in the set, computing the shared prefix once.
 
+    batch_size: prompts per forward (default: 1 on the CPU, where it was fastest, 16 on a GPU).
     on_batch: called with the number of prompts finished after each batch (for progress bars).
     """
+    if batch_size is None:
+        batch_size = default_batch_size(next(model.parameters()).device)
     answers = AnswerTokens.from_tokenizer(tokenizer)
     prompts = prompt_set.prompts
     # Every prompt keeps at least one token of its own, which the prefix cache cannot hold.
@@ -160,6 +163,12 @@ def score_prompts(
         if on_batch is not None:
             on_batch(len(indices))
     return [score for score in scores if score is not None]
+
+
+def default_batch_size(device: torch.device) -> int:
+    # On the CPU one continuation at a time was fastest (batching copies the long prefix cache for every row);
+    # on a GPU batching pays.
+    return 16 if device.type == "cuda" else 1
 
 
 def has_sliding_window(cache: Any) -> bool:
