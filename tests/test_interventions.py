@@ -14,6 +14,10 @@ def no_hooks_left(model) -> bool:
     return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
+def hook_count(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
 def logits(model, ids=IDS):
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -102,3 +106,23 @@ def test_bad_inputs(tiny_llama):
     ):
         pass
     assert no_hooks_left(tiny_llama.model)
+
+
+def test_interventions_work_through_the_transformer_lens_and_nnsight_backends(tiny_llama):
+    from afprobe.activations import NNsightBackend, TransformerLensBackend
+
+    ids = [1, 400, 2000, 35, 9000]
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    with add_direction(tiny_llama.model, direction, layers=[1], coefficient=5.0):
+        expected = logits(tiny_llama.model, torch.tensor([ids]))[0]
+    bridge = TransformerLensBackend(tiny_llama, [0, 1, 2])
+    bridge.forward(ids, None)
+    own_hooks = hook_count(bridge.bridge)  # TransformerLens adds hooks of its own on its first forward
+    with add_direction(bridge.bridge, direction, layers=[1], coefficient=5.0):
+        through_bridge, _ = bridge.forward(ids, None)
+    nnsight = NNsightBackend(tiny_llama, [0, 1, 2])
+    with add_direction(tiny_llama.model, direction, layers=[1], coefficient=5.0):
+        through_nnsight, _ = nnsight.forward(ids, None)
+    torch.testing.assert_close(through_bridge, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(through_nnsight, expected, atol=1e-4, rtol=0)
+    assert no_hooks_left(tiny_llama.model) and hook_count(bridge.bridge) == own_hooks

@@ -123,3 +123,13 @@ def test_cli_steer(tiny_llama, probes_dir, tmp_path, capsys):
     assert json.loads((out / "steering.json").read_text())["config"]["coefficients"] == [-1.0, 1.0]
     assert main([*args, "--coefficients", "big"]) == 2
     assert "cannot read --coefficients" in capsys.readouterr().err
+
+
+def test_from_tag_equals_suffix_when_the_prefix_ends_at_the_tag(tiny_llama, probes_dir):
+    common = dict(
+        directions=str(probes_dir / "probes"), n=2, layer=1, coefficients=(1.0,), n_random=1, ablate=False, n_boot=100
+    )
+    suffix = run_steering(SteerConfig(out=str(probes_dir / "s1"), apply_at="suffix", **common), loaded=tiny_llama)
+    from_tag = run_steering(SteerConfig(out=str(probes_dir / "s2"), apply_at="from_tag", **common), loaded=tiny_llama)
+    for a, b in zip(suffix["settings"], from_tag["settings"], strict=True):
+        assert a["gap"]["mean"] == pytest.approx(b["gap"]["mean"], abs=1e-9)

@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument(
         "--apply-at",
         default="suffix",
-        choices=["suffix", "last"],
-        help="edit every position after the shared prefix, or only the last prompt token",
+        choices=["suffix", "from_tag", "last"],
+        help="edit every position after the shared prefix, from the tier tag on, or the last prompt token only",
     )
     steer.add_argument(
         "--coefficients", default="-1,-0.5,0.5,1", help="comma list, in units of the typical residual norm at the layer"

@@ -11,8 +11,9 @@ context, situational awareness, refusal) at one layer and, on fresh paired promp
 - states for each direction whether its effect on the gap exceeds the random null, and whether it moves the gap
   or only shifts compliance on both tiers alike (the refusal confound).
 
-Steering edits every position after the shared prefix (for the default variant: from the tier tag on, including
-the answer tokens being scored) or, with `apply_at="last"`, only the last prompt token.
+Steering edits every position after the shared prefix (`apply_at="suffix"`, the answer tokens being scored
+included), every position from the tier tag on (`from_tag`; the same as `suffix` when the prefix ends at the tag,
+as it does in afprobe's prompts), or only the last prompt token (`last`).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class _Scorer:
         self.prefix = compute_prefix_cache(loaded.model, prompts[0].input_ids[: self.prefix_len])
         self.batches = length_batches(prompts, 1, exact=has_sliding_window(self.prefix.cache))
 
-    def score(self, where: PositionMask | None, *, last_only: bool, recompute_prefix: bool) -> list[ComplianceScore]:
+    def score(self, where: PositionMask | None, *, apply_at: str, recompute_prefix: bool) -> list[ComplianceScore]:
         model, prompts = self.loaded.model, self.prompt_set.prompts
         prefix = self.prefix
         if recompute_prefix:
@@ -98,10 +99,8 @@ class _Scorer:
         for batch in self.batches:
             chosen = [prompts[i] for i in batch]
             context: AbstractContextManager[Any] = nullcontext()
-            if last_only and where is not None:
-                context = _last_token_only(
-                    where, [p.n_tokens - self.prefix_len for p in chosen], len(self.answers.common)
-                )
+            if where is not None and apply_at != "suffix":
+                context = _stage1_positions(where, chosen, self.prefix_len, len(self.answers.common), apply_at)
             for i, score in zip(
                 batch,
                 score_batch(model, prefix, chosen, self.answers, pad_id=pad_id, stage1_context=context),
@@ -112,17 +111,24 @@ class _Scorer:
 
 
 @contextmanager
-def _last_token_only(where: PositionMask, own_lengths: list[int], n_common: int) -> Iterator[None]:
-    """During the forward of the prompts' own tokens, edit only each prompt's last token."""
-    width = max(own_lengths) + n_common
-    mask = torch.zeros(len(own_lengths), width, dtype=torch.bool)
-    for row, length in enumerate(own_lengths):
-        mask[row, length - 1] = True
+def _stage1_positions(
+    where: PositionMask, prompts: list[Any], prefix_len: int, n_common: int, apply_at: str
+) -> Iterator[None]:
+    """While the prompts' own tokens run, edit only the last prompt token (`last`) or every token from the tier
+    tag on (`from_tag`); the answer tokens scored after them are edited in `from_tag` mode only."""
+    own = [p.n_tokens - prefix_len for p in prompts]
+    mask = torch.zeros(len(prompts), max(own) + n_common, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        if apply_at == "last":
+            mask[row, own[row] - 1] = True
+        else:
+            start = max(0, (prompt.tag_span[0] if prompt.tag_span else prefix_len) - prefix_len)
+            mask[row, start : own[row] + n_common] = True
     where.mask, where.active = mask, True
     try:
         yield
     finally:
-        where.mask, where.active = None, False
+        where.mask, where.active = None, apply_at == "from_tag"
 
 
 def _column(scores: list[ComplianceScore], prompt_set: PromptSet, tier: str) -> np.ndarray:
@@ -134,8 +140,8 @@ def run_steering(
     config: SteerConfig, *, loaded: LoadedModel | None = None, progress: Callable[[int, int], None] | None = None
 ) -> dict[str, Any]:
     start = time.perf_counter()
-    if config.apply_at not in ("suffix", "last"):
-        raise AfprobeError(f"unknown --apply-at {config.apply_at!r}: use suffix or last")
+    if config.apply_at not in ("suffix", "from_tag", "last"):
+        raise AfprobeError(f"unknown --apply-at {config.apply_at!r}: use suffix, from_tag or last")
     probe_set = load_probe_set(config.directions)
     layer = config.layer if config.layer is not None else _best_layer(probe_set, config.position)
     available = {
@@ -181,8 +187,8 @@ def run_steering(
 
     settings: list[Setting] = []
     for done, (name, kind, coefficient) in enumerate(plans, start=1):
-        where = PositionMask(active=config.apply_at != "last")
-        last_only = config.apply_at == "last" and kind == "steer"
+        where = PositionMask(active=config.apply_at == "suffix")
+        apply_at = config.apply_at if kind == "steer" else "suffix"
         if kind == "steer":
             context: AbstractContextManager[Any] = add_direction(
                 loaded.model, vectors[name], layers=[layer], coefficient=coefficient, scale=scale, where=where
@@ -192,9 +198,9 @@ def run_steering(
         else:
             context = nullcontext()
         with context:
-            harmful_scores = harmful_scorer.score(where, last_only=last_only, recompute_prefix=kind == "ablate")
+            harmful_scores = harmful_scorer.score(where, apply_at=apply_at, recompute_prefix=kind == "ablate")
             benign_scores = (
-                benign_scorer.score(where, last_only=last_only, recompute_prefix=kind == "ablate")
+                benign_scorer.score(where, apply_at=apply_at, recompute_prefix=kind == "ablate")
                 if benign_scorer is not None
                 else []
             )
