@@ -82,9 +82,10 @@ def test_last_token_steering_runs_and_leaves_no_hooks(tiny_llama, probes_dir):
         ablate=False,
         n_boot=100,
     )
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tiny_llama.model.modules())
     output = run_steering(config, loaded=tiny_llama)
     assert len(output["settings"]) == 1 + 3 * 1
-    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in tiny_llama.model.modules())
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tiny_llama.model.modules()) == hooks
 
 
 def test_directions_from_another_model_are_refused(tokenizer, probes_dir):
