@@ -166,22 +166,20 @@ class _ProgressBar:
             self.bar.close()
 
 
+def _job_fields(args: argparse.Namespace) -> dict:
+    """The options every paired-prompt job shares (model, dataset, prompt rendering, device)."""
+    from dataclasses import fields
+
+    from afprobe.gap import PairedPromptJob
+
+    return {f.name: getattr(args, f.name) for f in fields(PairedPromptJob) if hasattr(args, f.name)}
+
+
 def _cmd_gap(args: argparse.Namespace) -> int:
     from afprobe.gap import GapConfig, format_gap_table, run_gap, write_gap
 
     config = GapConfig(
-        model=args.model,
-        adapter=args.adapter,
-        dataset=args.dataset,
-        column=args.column,
-        n=args.n,
-        variant=args.variant,
-        developer=args.developer,
-        system_prompt_file=args.system_prompt_file,
-        format=args.format,
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
+        **_job_fields(args),
         n_boot=args.n_boot,
         seed=args.seed,
         sample=args.sample,
@@ -209,23 +207,12 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     config = CacheConfig(
         out=args.out,
-        model=args.model,
-        adapter=args.adapter,
-        dataset=args.dataset,
-        column=args.column,
-        n=args.n,
-        variant=args.variant,
-        developer=args.developer,
-        system_prompt_file=args.system_prompt_file,
-        format=args.format,
-        device=args.device,
-        dtype=args.dtype,
+        **_job_fields(args),
         layers=args.layers,
         positions=args.positions,
         store_dtype=args.store_dtype,
         backend=args.backend,
         shard_size=args.shard_size,
-        batch_size=args.batch_size,
     )
     print(f"loading {config.model}...", file=sys.stderr)
     with _ProgressBar("caching", "prompt") as progress:
@@ -315,17 +302,7 @@ def _cmd_steer(args: argparse.Namespace) -> int:
             f"cannot read --coefficients {args.coefficients!r}: give numbers like -1,-0.5,0.5,1"
         ) from exc
     config = SteerConfig(
-        model=args.model,
-        adapter=args.adapter,
-        dataset=args.dataset,
-        column=args.column,
-        n=args.n,
-        variant=args.variant,
-        developer=args.developer,
-        system_prompt_file=args.system_prompt_file,
-        format=args.format,
-        device=args.device,
-        dtype=args.dtype,
+        **_job_fields(args),
         directions=args.directions,
         out=args.out,
         layer=args.layer,
