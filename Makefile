@@ -35,7 +35,7 @@ quickstart: install
 	$(BIN)/afprobe probe --cache $(QUICKSTART_STORE) --sa-cache $(QUICKSTART_STORE)-sa \
 		--benign-cache $(QUICKSTART_STORE)-benign --out $(QUICKSTART_PROBES)
 	$(BIN)/afprobe steer --model $(QUICKSTART_MODEL) --directions $(QUICKSTART_PROBES) --n 6 --benign-n 3 \
-		--coefficients=-1,1 --n-random 3 --no-ablation --out $(QUICKSTART_STEER)
+		--coefficients=-0.25,0.25 --n-random 3 --no-ablation --out $(QUICKSTART_STEER)
 	@echo "gap: $(QUICKSTART_STORE)/gap.json; activations: $(QUICKSTART_STORE)*/; probes and figures: $(QUICKSTART_PROBES)/;"
 	@echo "steering: $(QUICKSTART_STEER)/"
 

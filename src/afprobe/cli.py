@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="edit every position after the shared prefix, from the tier tag on, or the last prompt token only",
     )
     steer.add_argument(
-        "--coefficients", default="-1,-0.5,0.5,1", help="comma list, in units of the typical residual norm at the layer"
+        "--coefficients",
+        default="-0.5,-0.25,0.25,0.5",
+        help="comma list, in units of the typical residual norm at the layer",
     )
     steer.add_argument("--n-random", type=int, default=10, help="random directions of the same norm (the null)")
     steer.add_argument("--benign-n", type=int, default=None, help="also score this many benign queries")

@@ -54,7 +54,7 @@ class SteerConfig(PairedPromptJob):
     layer: int | None = None
     position: str = "last"
     apply_at: str = "suffix"
-    coefficients: tuple[float, ...] = (-1.0, -0.5, 0.5, 1.0)
+    coefficients: tuple[float, ...] = (-0.5, -0.25, 0.25, 0.5)
     n_random: int = 10
     benign_n: int | None = None
     ablate: bool = True
@@ -307,17 +307,19 @@ def _verdict(
     ]
     if steer and null:
         effect = max(abs(r["gap_change"]["mean"]) for r in steer)
+        shift = max(abs(r["mean_shift"]["mean"]) for r in steer)
         threshold = float(np.quantile(null, 0.95))
         moves_gap = any(_excludes_zero(r["gap_change"]) for r in steer)
         shifts_both = any(_excludes_zero(r["mean_shift"]) for r in steer)
         verdict["steering"] = {
             "coefficient": largest,
             "largest_gap_change": effect,
+            "largest_mean_shift": shift,
             "random_null_p95": threshold,
             "exceeds_random_null": effect > threshold,
             "gap_change_excludes_zero": moves_gap,
             "shifts_both_tiers": shifts_both,
-            "reading": _reading(name, effect > threshold, moves_gap, shifts_both),
+            "reading": _reading(name, effect > threshold, moves_gap, shifts_both, effect, shift),
         }
     ablation = next((r for r in rows if r["direction"] == name and r["kind"] == "ablate"), None)
     null_ablation = [r["gap"]["mean"] for r in rows if r["direction"] in randoms and r["kind"] == "ablate"]
@@ -337,9 +339,16 @@ def _excludes_zero(estimate: dict[str, Any]) -> bool:
     return Estimate(**estimate).excludes_zero()
 
 
-def _reading(name: str, beyond_null: bool, moves_gap: bool, shifts_both: bool) -> str:
-    if beyond_null and moves_gap:
+def _reading(name: str, beyond_null: bool, moves_gap: bool, shifts_both: bool, gap: float, shift: float) -> str:
+    # A shift of both tiers many times larger than the gap change is the refusal-confound pattern.
+    uniform = shifts_both and shift > 5 * gap
+    if beyond_null and moves_gap and not uniform:
         return f"steering along {name} changes the gap more than random directions of the same norm"
+    if beyond_null and moves_gap:
+        return (
+            f"steering along {name} changes the gap beyond the random null ({gap:.3f} nats), but shifts both tiers "
+            f"far more ({shift:.3f} nats): mostly a uniform change in compliance, not a gap-specific one"
+        )
     if shifts_both and not moves_gap:
         return f"steering along {name} shifts compliance on both tiers alike without changing the gap"
     if moves_gap:
