@@ -321,7 +321,8 @@ def _cmd_steer(args: argparse.Namespace) -> int:
     with _ProgressBar("steering", "setting") as progress:
         output = run_steering(config, progress=progress)
     print(format_steering_summary(output))
-    print(f"\nwrote {args.out}/ (steering.json, dose_response.html, ablation.html)")
+    figures = "dose_response.html" + ("" if args.no_ablation else ", ablation.html")
+    print(f"\nwrote {args.out}/ (steering.json, {figures})")
     return 0
 
 
