@@ -163,3 +163,18 @@ def test_embedded_prefix_sharing_matches_full_forward(tokenizer):
     shared = score_prompts(loaded.model, loaded.tokenizer, prompt_set)
     full = score_prompt_full(loaded.model, loaded.tokenizer, prompt_set.prompts[0])
     assert shared[0].log_odds == pytest.approx(full.log_odds, abs=1e-3)
+
+
+def test_cli_lists_variants_and_shows_a_prompt(tiny_folder, capsys):
+    assert main(["variants"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("default", "semantic-swap", "three-tier", "no-tag"))
+    assert (
+        main(["prompt", "--model", str(tiny_folder()), "--variant", "lowercase", "--tier", "paid", "--tail", "800"])
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert "<is_free_tier_user>false</is_free_tier_user>" in captured.out and captured.out.rstrip().endswith("<OUTPUT>")
+    assert "tag tokens" in captured.err
+    assert main(["prompt", "--model", str(tiny_folder()), "--tier", "gold"]) == 2
+    assert "no tier 'gold'" in capsys.readouterr().err
