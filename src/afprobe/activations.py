@@ -498,16 +498,8 @@ def _gap_from_rows(
     """The compliance gap of the cached prompts, from the scores recorded in the same forward passes."""
     job = {f.name: getattr(config, f.name) for f in fields(PairedPromptJob)}
     gap_config = GapConfig(**{**job, "variant": prompt_set.variant.name})
-    scores = [
-        ComplianceScore(
-            log_odds=r.log_odds,
-            first_token_log_odds=r.first_token_log_odds,
-            p_accept=r.p_accept,
-            logp_accept=r.logp_accept,
-            logp_reject=r.logp_reject,
-        )
-        for r in rows
-    ]
+    score_fields = [f.name for f in fields(ComplianceScore)]
+    scores = [ComplianceScore(**{name: getattr(r, name) for name in score_fields}) for r in rows]
     return build_gap_result(gap_config, loaded, prompt_set, scores, prefix_tokens=prefix_len)
 
 
@@ -548,11 +540,7 @@ def _write_shard(
                 harmful=query.harmful,
                 n_tokens=prompt.n_tokens,
                 positions={kind: positions[i][kind] for kind in kinds},
-                log_odds=score.log_odds,
-                first_token_log_odds=score.first_token_log_odds,
-                p_accept=score.p_accept,
-                logp_accept=score.logp_accept,
-                logp_reject=score.logp_reject,
+                **score.to_dict(),
                 shard=shard,
                 offsets=row_offsets,
             ).to_dict()
