@@ -126,6 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--n-boot", type=int, default=2000)
     steer.add_argument("--seed", type=int, default=0)
 
+    patch = commands.add_parser(
+        "patch", help="activation patching between the tiers (layer x position, heads, MLPs) and subspace mediation"
+    )
+    _add_model_args(patch)
+    _add_prompt_args(patch)
+    patch.add_argument("--out", required=True, help="results folder (patch.json, patching.safetensors, *.html)")
+    patch.add_argument(
+        "--directions", default=None, help="a probes folder: adds the SA, training-context and refusal subspaces"
+    )
+    patch.add_argument("--direction-position", default="last", help="which stored direction position to use")
+    patch.add_argument("--layers", default="all", help="sweep layers: all, 0,6,12 or 0-30 (default all)")
+    patch.add_argument(
+        "--positions",
+        default="all",
+        choices=["all", "key"],
+        help="all positions after the prefix, or key ones (tag, token after it, request, last 4)",
+    )
+    patch.add_argument(
+        "--mediation-layers",
+        default="default",
+        help="layers for subspace mediation: default (probes' best, n/4, n/2, 3n/4), best, or a list like 6,12",
+    )
+    patch.add_argument("--component-columns", type=int, default=2, help="positions at which heads and MLPs are patched")
+    patch.add_argument("--no-components", action="store_true", help="skip head and MLP patching")
+    patch.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
+    patch.add_argument("--n-random", type=int, default=10, help="random 1-d subspaces per layer (the null)")
+    patch.add_argument("--n-boot", type=int, default=2000)
+    patch.add_argument("--seed", type=int, default=0)
+
     commands.add_parser("variants", help="list the prompt variants")
 
     show = commands.add_parser("prompt", help="print one rendered prompt, for inspection")
@@ -326,6 +355,32 @@ def _cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_patch(args: argparse.Namespace) -> int:
+    from afprobe.patch_analysis import PatchConfig, format_patch_summary, run_patching
+
+    config = PatchConfig(
+        **_job_fields(args),
+        out=args.out,
+        directions=args.directions,
+        direction_position=args.direction_position,
+        layers=args.layers,
+        positions=args.positions,
+        components=not args.no_components,
+        component_columns=args.component_columns,
+        attribution=not args.no_attribution,
+        mediation_layers=args.mediation_layers,
+        n_random=args.n_random,
+        n_boot=args.n_boot,
+        seed=args.seed,
+    )
+    print(f"loading {config.model}...", file=sys.stderr)
+    with _ProgressBar("patching", "patch") as progress:
+        output = run_patching(config, progress=progress)
+    print(format_patch_summary(output))
+    print(f"\nwrote {args.out}/ (patch.json, patching.safetensors, patch_resid.html, mediation.html, ...)")
+    return 0
+
+
 def format_steering_summary(output: dict) -> str:
     base = output["baseline_gap"]
     lines = [
@@ -392,6 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache": _cmd_cache,
         "probe": _cmd_probe,
         "steer": _cmd_steer,
+        "patch": _cmd_patch,
         "variants": _cmd_variants,
         "prompt": _cmd_prompt,
     }

@@ -379,3 +379,196 @@ def _ablation_bars(output: dict[str, Any]) -> go.Figure:
         height=450,
     )
     return figure
+
+
+def patching_figures(output: dict[str, Any]) -> dict[str, go.Figure]:
+    """Heatmaps of the residual sweep (hover shows the token), components, attribution vs exact, mediation bars."""
+    figures = {"patch_resid": _sweep_heatmaps(output), "mediation": _mediation_bars(output)}
+    if output.get("components"):
+        figures["patch_components"] = _component_heatmaps(output)
+    if output.get("attribution"):
+        figures["attribution"] = _attribution_scatter(output)
+    return figures
+
+
+def _sweep_heatmaps(output: dict[str, Any]) -> go.Figure:
+    directions = output["patch_directions"]
+    columns = [output["columns"][c] for c in output["sweep_columns"]]
+    x = [f"{i}: {c['label']}" for i, c in zip(output["sweep_columns"], columns, strict=True)]
+    figure = make_subplots(rows=len(directions), cols=1, subplot_titles=directions, vertical_spacing=0.12)
+    for row, name in enumerate(directions, start=1):
+        block = output["sweep"][name]
+        mean = np.array(block["mean"], dtype=float)
+        custom = np.dstack(
+            [
+                np.array(block["ci_low"], dtype=float),
+                np.array(block["ci_high"], dtype=float),
+                np.tile([c["kind"] for c in columns], (mean.shape[0], 1)),
+            ]
+        )
+        figure.add_trace(
+            go.Heatmap(
+                z=mean,
+                x=x,
+                y=output["layers"],
+                customdata=custom,
+                colorscale="RdBu",
+                zmid=0,
+                coloraxis="coloraxis",
+                hovertemplate="layer %{y}<br>token %{x} (%{customdata[2]})<br>recovery %{z:.1%}"
+                " [%{customdata[0]:.1%}, %{customdata[1]:.1%}]<extra></extra>",
+            ),
+            row=row,
+            col=1,
+        )
+        figure.update_yaxes(title_text="layer", row=row, col=1)
+    gap = output["gap"]
+    figure.update_layout(
+        title=f"Residual-stream patching: fraction of the gap recovered (gap {gap['mean']:+.4f} "
+        f"[{gap['ci_low']:+.4f}, {gap['ci_high']:+.4f}] nats, {len(output['queries'])} queries)",
+        coloraxis={"colorscale": "RdBu", "cmid": 0, "colorbar": {"title": "recovery"}},
+        height=380 * len(directions),
+    )
+    return figure
+
+
+def _component_heatmaps(output: dict[str, Any]) -> go.Figure:
+    components = output["components"]
+    directions = output["patch_directions"]
+    tokens = components["tokens"]
+    titles = [f"{d}, token {t!r}" for d in directions for t in tokens]
+    figure = make_subplots(rows=len(directions), cols=len(tokens), subplot_titles=titles, horizontal_spacing=0.06)
+    for row, name in enumerate(directions, start=1):
+        heads = np.array(components[name]["attn_head"]["mean"], dtype=float)  # [layer, column, head]
+        mlp = np.array(components[name]["mlp"]["mean"], dtype=float)  # [layer, column]
+        for col in range(len(tokens)):
+            z = np.concatenate([heads[:, col, :], mlp[:, col, None]], axis=1)
+            labels = [f"H{h}" for h in range(heads.shape[2])] + ["MLP"]
+            figure.add_trace(
+                go.Heatmap(
+                    z=z,
+                    x=labels,
+                    y=components["layers"],
+                    coloraxis="coloraxis",
+                    hovertemplate="layer %{y} %{x}<br>recovery %{z:.1%}<extra></extra>",
+                ),
+                row=row,
+                col=col + 1,
+            )
+    figure.update_layout(
+        title="Attention heads and MLPs patched one at a time at the positions that matter",
+        coloraxis={"colorscale": "RdBu", "cmid": 0, "colorbar": {"title": "recovery"}},
+        height=380 * len(directions),
+    )
+    return figure
+
+
+def _attribution_scatter(output: dict[str, Any]) -> go.Figure:
+    directions = output["patch_directions"]
+    spearman = output["attribution"]["spearman"]
+    titles = [
+        f"{d}: Spearman {spearman[d]['resid']:+.2f}" if spearman[d]["resid"] is not None else d for d in directions
+    ]
+    figure = make_subplots(rows=1, cols=len(directions), subplot_titles=titles)
+    columns = output["sweep_columns"]
+    for col, name in enumerate(directions, start=1):
+        exact = np.array(output["sweep"][name]["mean"], dtype=float)
+        approx = np.array(output["attribution"]["recovery"][name], dtype=float)[output["layers"]][:, columns]
+        text = [f"layer {layer}, token {output['columns'][c]['label']}" for layer in output["layers"] for c in columns]
+        figure.add_trace(
+            go.Scatter(
+                x=exact.ravel(),
+                y=approx.ravel(),
+                mode="markers",
+                text=text,
+                marker={"size": 5, "color": _COLOURS["logistic"]},
+                hovertemplate="%{text}<br>exact %{x:.1%}<br>attribution %{y:.1%}<extra></extra>",
+                showlegend=False,
+            ),
+            row=1,
+            col=col,
+        )
+        finite = np.isfinite(exact) & np.isfinite(approx)
+        if finite.any():
+            low = float(min(exact[finite].min(), approx[finite].min()))
+            high = float(max(exact[finite].max(), approx[finite].max()))
+            figure.add_trace(
+                go.Scatter(
+                    x=[low, high],
+                    y=[low, high],
+                    mode="lines",
+                    line={"dash": "dot", "color": "#7f7f7f"},
+                    showlegend=False,
+                    hoverinfo="skip",
+                ),
+                row=1,
+                col=col,
+            )
+        figure.update_xaxes(title_text="exact patching recovery", row=1, col=col)
+        figure.update_yaxes(title_text="attribution estimate", row=1, col=col)
+    figure.update_layout(title="Attribution patching against exact patching (each point: a layer and position)")
+    return figure
+
+
+def _mediation_bars(output: dict[str, Any]) -> go.Figure:
+    directions = output["patch_directions"]
+    rows = output["mediation"]["rows"]
+    layers = output["mediation"]["layers"]
+    figure = make_subplots(rows=1, cols=len(directions), subplot_titles=directions, shared_yaxes=True)
+    names = list(dict.fromkeys(r["subspace"] for r in rows))
+    palette = {
+        "full": "#7f7f7f",
+        "empty": "#c7c7c7",
+        "situational_awareness": _COLOURS["sa"],
+        "training_context": _COLOURS["logistic"],
+        "refusal": _COLOURS["mean_diff"],
+        "token_embedding": _COLOURS["embedding"],
+    }
+    for col, direction in enumerate(directions, start=1):
+        for name in names:
+            chosen = [r for r in rows if r["direction"] == direction and r["subspace"] == name]
+            y = [r["recovery"] if r["recovery"] is not None else float("nan") for r in chosen]
+            upper = [(r["ci"][1] or 0) - (r["recovery"] or 0) for r in chosen]
+            lower = [(r["recovery"] or 0) - (r["ci"][0] or 0) for r in chosen]
+            figure.add_trace(
+                go.Bar(
+                    x=[f"layer {r['layer']}" for r in chosen],
+                    y=y,
+                    name=name,
+                    legendgroup=name,
+                    showlegend=col == 1,
+                    marker_color=palette.get(name, "#9467bd"),
+                    error_y={"type": "data", "array": upper, "arrayminus": lower},
+                ),
+                row=1,
+                col=col,
+            )
+        nulls = {
+            r["layer"]: r["random_abs_p95"]
+            for r in rows
+            if r["direction"] == direction and r.get("random_abs_p95") is not None
+        }
+        if nulls:
+            x = [f"layer {layer}" for layer in layers if layer in nulls]
+            band = [nulls[layer] for layer in layers if layer in nulls]
+            for sign in (1, -1):
+                figure.add_trace(
+                    go.Scatter(
+                        x=x,
+                        y=[sign * v for v in band],
+                        mode="lines+markers",
+                        line={"dash": "dash", "color": _COLOURS["random"]},
+                        name="random 1-d subspaces, 95th pct |recovery|",
+                        legendgroup="random",
+                        showlegend=col == 1 and sign == 1,
+                    ),
+                    row=1,
+                    col=col,
+                )
+    figure.update_yaxes(title_text="fraction of the gap carried", tickformat=".0%", row=1, col=1)
+    figure.update_layout(
+        barmode="group",
+        title="Mediation: patching only a subspace at every position after the shared prefix "
+        "(full must be 100%, empty 0%)",
+    )
+    return figure

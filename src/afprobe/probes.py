@@ -29,7 +29,7 @@ from torch import Tensor
 
 from afprobe import __version__
 from afprobe.errors import AfprobeError
-from afprobe.files import atomic_write_bytes, atomic_write_json
+from afprobe.files import atomic_write_bytes, atomic_write_json, finite_json
 from afprobe.store import ActivationStore
 
 DIRECTION_NAMES = ("training_context", "situational_awareness", "refusal", "token_embedding")
@@ -559,7 +559,7 @@ def _write(out: Path, directions, weights, biases, output, main: _Labelled, laye
         tensors = {k: torch.from_numpy(v).float() for k, v in weights.items()}
         tensors.update({f"{k}.bias": torch.from_numpy(v).float() for k, v in biases.items()})
         atomic_write_bytes(out / "probes.safetensors", save(tensors))
-        atomic_write_json(out / "metrics.json", _finite(output), default=_json_default)
+        atomic_write_json(out / "metrics.json", finite_json(output), default=_json_default)
         atomic_write_json(out / "config.json", output["config"])
         from afprobe import plots
 
@@ -569,17 +569,6 @@ def _write(out: Path, directions, weights, biases, output, main: _Labelled, laye
         raise AfprobeError(
             f"could not write probes to {out} ({exc.strerror or exc}): free disk space or change --out"
         ) from exc
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no infinity or NaN: write them as null."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if isinstance(value, float | np.floating) and not np.isfinite(value):
-        return None
-    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -1,0 +1,653 @@
+"""The patching experiment: where is the gap computed, and which subspace carries it?
+
+`run_patching(PatchConfig(...))` renders paired prompts and, for every pair, in both directions (the untrained
+tier's activations into the trained tier's run and the reverse):
+
+1. **Residual sweep**: patch the residual stream at each layer and each position after the shared prefix. Positions
+   are the grid's *columns*: the tokens from the tier tag up to the request one by one, the request as one column
+   (its length varies by query), and the tokens after the request one by one, aligned from the end.
+2. **Components**: each attention head's output and each MLP's output, per layer, at the columns where the residual
+   sweep recovers most.
+3. **Attribution patching**: the gradient estimate of every patch above from one backward pass per pair and
+   direction, with its Spearman rank correlation against the exact patches on the same cells.
+4. **Mediation**: at chosen layers, patch every position after the prefix but only the component along a subspace:
+   the situational-awareness, training-context and refusal directions (from `afprobe probe`), the
+   token-embedding difference of the two tags, random directions (the null), the whole residual (must recover 1)
+   and the empty subspace (must recover 0).
+
+Recovery of a cell is the mean patched change of the receiver's decision-position log-odds over the mean gap between
+donor and receiver (a ratio of means over queries: per-query ratios explode when a query's own gap is near zero),
+with a bootstrap interval over queries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from afprobe import __version__
+from afprobe.data import load_queries
+from afprobe.errors import AfprobeError
+from afprobe.files import atomic_write_bytes, atomic_write_json, finite_json
+from afprobe.forward import compute_prefix_cache
+from afprobe.gap import PairedPromptJob
+from afprobe.interventions import orthonormal_basis
+from afprobe.metrics import AnswerTokens
+from afprobe.models import LoadedModel
+from afprobe.patching import PatchEdit, Patcher, PatchRun
+from afprobe.probes import ProbeSet, load_probe_set
+from afprobe.prompts import PromptSet, RenderedPrompt, common_prefix_length, render_pairs
+
+MEDIATED_DIRECTIONS = ("situational_awareness", "training_context", "refusal")
+
+
+@dataclass
+class PatchConfig(PairedPromptJob):
+    """One patching run; saved in patch.json."""
+
+    out: str = "results/patch"
+    directions: str | None = None  # a probes folder; without it mediation tests only the token embedding
+    direction_position: str = "last"
+    layers: str = "all"  # residual layers of the sweep: all, a list "0,6,12" or a range "0-30:3"
+    positions: str = "all"  # all | key (tag, first token after it, request, last 4)
+    components: bool = True
+    component_columns: int = 2
+    attribution: bool = True
+    mediation_layers: str = "default"  # default (probes' best layer, n/4, n/2, 3n/4), best, or a list "6,12"
+    n_random: int = 10
+    n_boot: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n is None:
+            self.n = 8
+        if self.positions not in ("all", "key"):
+            raise AfprobeError(f"unknown --positions {self.positions!r}: use all or key")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the position grid: a token (`tag`, `pre`, `post`) or the whole request span (`request`)."""
+
+    label: str
+    kind: str
+    positions: tuple[tuple[int, ...], ...]  # per pair, own-token positions patched together
+
+
+@dataclass
+class Pair:
+    query_id: str
+    trained: RenderedPrompt
+    untrained: RenderedPrompt
+
+
+def build_columns(pairs: Sequence[Pair], patcher: Patcher, tokenizer: Any) -> list[Column]:
+    """The position grid shared by all pairs (see the module docstring)."""
+    k = patcher.prefix.length
+    firsts, starts, ends, decisions, tokens = [], [], [], [], []
+    for pair in pairs:
+        a, b = patcher.tokens_of(pair.trained), patcher.tokens_of(pair.untrained)
+        if len(a) != len(b):
+            raise AfprobeError(
+                f"query {pair.query_id}: the tiers' prompts tokenize to different lengths ({len(a)} vs {len(b)} "
+                "tokens after the prefix); patching needs tier tags of equal token length"
+            )
+        first = common_prefix_length([a, b])
+        if first == len(a):
+            raise AfprobeError(f"query {pair.query_id}: the two tiers' prompts are identical; nothing to patch")
+        firsts.append(first)
+        starts.append(max(pair.trained.request_span[0] - k, first))
+        ends.append(pair.trained.request_span[1] - k)
+        decisions.append(len(a) - 1)
+        tokens.append(a)
+    n_pre = min(s - f for s, f in zip(starts, firsts, strict=True))
+    n_post = min(d - e + 1 for d, e in zip(decisions, ends, strict=True))
+    tag = pairs[0].trained.tag_span
+    tag_rel = (tag[0] - k, tag[1] - k) if tag else (-1, -1)
+
+    def label(positions: list[int]) -> str:
+        text = repr(tokenizer.decode([tokens[0][positions[0]]]))[1:-1]
+        return text + " (varies)" if len({tokens[i][p] for i, p in enumerate(positions)}) > 1 else text
+
+    columns = []
+    for j in range(n_pre):
+        positions = [f + j for f in firsts]
+        kind = "tag" if tag_rel[0] <= positions[0] < tag_rel[1] else "pre"
+        columns.append(Column(label(positions), kind, tuple((p,) for p in positions)))
+    request = tuple(tuple(range(f + n_pre, d - n_post + 1)) for f, d in zip(firsts, decisions, strict=True))
+    if all(request):
+        columns.append(Column("[request]", "request", request))
+    for j in range(n_post):
+        positions = [d - n_post + 1 + j for d in decisions]
+        columns.append(Column(label(positions), "post", tuple((p,) for p in positions)))
+    return columns
+
+
+def key_columns(columns: Sequence[Column]) -> list[int]:
+    """The reduced sweep: the tag, the token after it, the request and the last four tokens."""
+    tag = [i for i, c in enumerate(columns) if c.kind == "tag"]
+    after = [i for i, c in enumerate(columns) if c.kind == "pre"][:1]
+    request = [i for i, c in enumerate(columns) if c.kind == "request"]
+    post = [i for i, c in enumerate(columns) if c.kind == "post"][-4:]
+    return sorted({*tag, *after, *request, *post})
+
+
+def make_pairs(prompt_set: PromptSet) -> list[Pair]:
+    if prompt_set.variant.contrast is None:
+        raise AfprobeError(f"variant {prompt_set.variant.name!r} has one tier: patching needs two tiers to swap")
+    trained, untrained = prompt_set.variant.contrast
+    by_query: dict[str, dict[str, RenderedPrompt]] = {}
+    for prompt in prompt_set.prompts:
+        by_query.setdefault(prompt.query_id, {})[prompt.tier] = prompt
+    return [Pair(q, tiers[trained], tiers[untrained]) for q, tiers in by_query.items()]
+
+
+def recovery(
+    deltas: np.ndarray, totals: np.ndarray, *, n_boot: int, seed: int, confidence: float = 0.95
+) -> dict[str, np.ndarray]:
+    """Fraction of the gap a patch moves: mean(delta) / mean(total) over queries, with a bootstrap interval.
+
+    deltas: `[queries, ...cells]` patched minus receiver; totals: `[queries]` donor minus receiver.
+    """
+    n = deltas.shape[0]
+    shape = deltas.shape[1:]
+    if abs(float(np.mean(totals))) < 1e-9:
+        nothing = np.full(shape, np.nan)
+        return {"mean": nothing, "ci_low": nothing.copy(), "ci_high": nothing.copy()}
+    flat = deltas.reshape(n, -1).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_boot, n))
+    for b, idx in enumerate(rng.integers(0, n, size=(n_boot, n))):
+        np.add.at(counts[b], idx, 1.0)
+    point = flat.mean(0) / totals.mean()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = (counts @ flat) / (counts @ totals.astype(np.float64))[:, None]
+    boot[~np.isfinite(boot)] = np.nan
+    alpha = (1 - confidence) / 2
+    low, high = (np.nanquantile(boot, [alpha, 1 - alpha], axis=0)) if n > 1 else (point, point)
+    return {
+        "mean": point.reshape(shape),
+        "ci_low": np.asarray(low).reshape(shape),
+        "ci_high": np.asarray(high).reshape(shape),
+    }
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    from scipy.stats import spearmanr
+
+    mask = np.isfinite(a) & np.isfinite(b)
+    if mask.sum() < 3 or np.ptp(a[mask]) == 0 or np.ptp(b[mask]) == 0:
+        return None
+    return float(spearmanr(a[mask], b[mask]).statistic)
+
+
+def token_embedding_difference(loaded: LoadedModel, pair: Pair) -> torch.Tensor:
+    """Input embedding of the trained tier's tag tokens minus the untrained tier's (mean over the tag's tokens)."""
+    weight = loaded.model.get_input_embeddings().weight.detach().float().cpu()
+
+    def tag_mean(prompt: RenderedPrompt) -> torch.Tensor:
+        if prompt.tag_span is None:
+            raise AfprobeError("the prompts have no tier tag, so there is no token-embedding difference")
+        start, end = prompt.tag_span
+        return weight[list(prompt.input_ids[start:end])].mean(0)
+
+    return tag_mean(pair.trained) - tag_mean(pair.untrained)
+
+
+def _mediation_layers(config: PatchConfig, probe_set: ProbeSet | None, n_layers: int) -> list[int]:
+    spec = config.mediation_layers.strip()
+    best = None
+    if probe_set is not None:
+        row = probe_set.metrics["summary"].get("best_by_position", {}).get(config.direction_position)
+        best = int(row["layer"]) if row is not None else None
+    if spec == "best":
+        if best is None:
+            raise AfprobeError("--mediation-layers best needs --directions with probe results: give layers instead")
+        return [best]
+    if spec == "default":
+        layers = [n_layers // 4, n_layers // 2, 3 * n_layers // 4] + ([best] if best is not None else [])
+        if probe_set is not None:
+            layers = [layer for layer in layers if layer in probe_set.layers] or layers
+    else:
+        try:
+            layers = [int(x) for x in spec.split(",")]
+        except ValueError as exc:
+            raise AfprobeError(f"cannot read mediation layers {spec!r}: use default, best or a list like 6,12") from exc
+    bad = [layer for layer in layers if not 0 <= layer <= n_layers]
+    if bad or not layers:
+        raise AfprobeError(f"mediation layers {bad or spec} out of range 0..{n_layers}")
+    return sorted(set(layers))
+
+
+def _subspaces(
+    config: PatchConfig, probe_set: ProbeSet | None, layer: int, embedding: torch.Tensor, d_model: int
+) -> dict[str, torch.Tensor | None]:
+    """name -> orthonormal basis `[d_model, k]` (None = the whole residual stream)."""
+    spaces: dict[str, torch.Tensor | None] = {"full": None, "empty": torch.zeros(d_model, 0)}
+    if probe_set is not None and layer in probe_set.layers:
+        for name in MEDIATED_DIRECTIONS:
+            if f"{name}.{config.direction_position}" in probe_set.directions:
+                spaces[name] = orthonormal_basis(probe_set.direction(name, layer, config.direction_position).vector)
+    spaces["token_embedding"] = orthonormal_basis(embedding)
+    generator = torch.Generator().manual_seed(config.seed + layer)
+    for i in range(config.n_random):
+        spaces[f"random_{i}"] = orthonormal_basis(torch.randn(d_model, generator=generator))
+    return spaces
+
+
+def run_patching(
+    config: PatchConfig, *, loaded: LoadedModel | None = None, progress: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
+    """Run the sweep, components, attribution and mediation; write the results folder; return patch.json's dict."""
+    started = time.perf_counter()
+    probe_set = load_probe_set(config.directions) if config.directions else None
+    if loaded is None:
+        loaded = config.load()
+    if (
+        probe_set is not None
+        and loaded.fingerprint.weights_sha256 != probe_set.metrics["store"]["model"]["weights_sha256"]
+    ):
+        raise AfprobeError(
+            f"the directions in {config.directions} were computed on another model "
+            f"({probe_set.metrics['store']['model']['name']}): patch the model they came from"
+        )
+    from afprobe.activations import parse_layers
+
+    prompt_set = render_pairs(
+        loaded.tokenizer,
+        load_queries(config.dataset, column=config.column, n=config.n),
+        config.prompt_config(),
+        max_context=loaded.max_context or None,
+    )
+    pairs = make_pairs(prompt_set)
+    trained_name, untrained_name = prompt_set.variant.contrast  # type: ignore[misc]
+    prompts = prompt_set.prompts
+    k = min(prompt_set.shared_prefix_len, min(p.n_tokens for p in prompts) - 1)
+    t0 = time.perf_counter()
+    prefix = compute_prefix_cache(loaded.model, prompts[0].input_ids[:k])
+    prefix_seconds = time.perf_counter() - t0
+    patcher = Patcher(loaded.model, prefix, AnswerTokens.from_tokenizer(loaded.tokenizer))
+    n_layers = patcher.n_layers
+    columns = build_columns(pairs, patcher, loaded.tokenizer)
+    sweep_columns = list(range(len(columns))) if config.positions == "all" else key_columns(columns)
+    layers = parse_layers(config.layers, n_layers)
+    med_layers = _mediation_layers(config, probe_set, n_layers)
+    embedding = token_embedding_difference(loaded, pairs[0])
+    spaces = {layer: _subspaces(config, probe_set, layer, embedding, loaded.d_model) for layer in med_layers}
+    space_names = list(spaces[med_layers[0]])
+    component_layers = [layer for layer in layers if layer < n_layers]
+    n_component_columns = min(config.component_columns, len(sweep_columns)) if config.components else 0
+    directions = [f"{untrained_name}->{trained_name}", f"{trained_name}->{untrained_name}"]
+
+    per_pair_cells = len(layers) * len(sweep_columns) + len(med_layers) * len(space_names) + 2
+    component_cells = len(component_layers) * (patcher.n_heads + 1) * n_component_columns
+    total_steps = len(pairs) * len(directions) * (per_pair_cells + component_cells + int(config.attribution))
+    done = 0
+
+    def tick(count: int = 1) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(done, total_steps)
+
+    n_pairs, n_cols = len(pairs), len(columns)
+    sweep = np.full((2, n_pairs, len(layers), len(sweep_columns)), np.nan)
+    mediation = np.zeros((2, n_pairs, len(med_layers), len(space_names)))
+    attribution = {
+        "resid": np.zeros((2, n_pairs, n_layers + 1, n_cols)),
+        "attn_head": np.zeros((2, n_pairs, n_layers, n_cols, patcher.n_heads)),
+        "mlp": np.zeros((2, n_pairs, n_layers, n_cols)),
+    }
+    receiver_metric, donor_metric = np.zeros((2, n_pairs)), np.zeros((2, n_pairs))
+    self_patch_error, last_layer_error = 0.0, 0.0
+    timing = {"sweep": 0.0, "attribution": 0.0, "mediation": 0.0, "components": 0.0, "record": 0.0}
+
+    def runs(i: int) -> dict[str, tuple[PatchRun, PatchRun]]:
+        t = time.perf_counter()
+        trained, untrained = patcher.record(pairs[i].trained), patcher.record(pairs[i].untrained)
+        timing["record"] += time.perf_counter() - t
+        return {directions[0]: (trained, untrained), directions[1]: (untrained, trained)}
+
+    for i in range(n_pairs):
+        for d, (receiver, donor) in enumerate(runs(i).values()):
+            receiver_metric[d, i], donor_metric[d, i] = receiver.metric, donor.metric
+            every = tuple(range(columns[0].positions[i][0], receiver.decision + 1))
+            t = time.perf_counter()
+            for a, layer in enumerate(layers):
+                for b, c in enumerate(sweep_columns):
+                    edit = PatchEdit("resid", layer, columns[c].positions[i])
+                    sweep[d, i, a, b] = patcher.patched_metric(receiver, donor, [edit]) - receiver.metric
+                    tick()
+            timing["sweep"] += time.perf_counter() - t
+            # Checks: a run patched with its own activations is unchanged; the last layer at the decision position
+            # carries the whole first-token gap.
+            own = patcher.patched_metric(receiver, receiver, [PatchEdit("resid", med_layers[0], every)])
+            self_patch_error = max(self_patch_error, abs(own - receiver.metric))
+            last = patcher.patched_metric(receiver, donor, [PatchEdit("resid", n_layers, (receiver.decision,))])
+            last_layer_error = max(last_layer_error, abs(last - donor.metric))
+            tick(2)
+            t = time.perf_counter()
+            for a, layer in enumerate(med_layers):
+                for s, name in enumerate(space_names):
+                    edit = PatchEdit("resid", layer, every, basis=spaces[layer][name])
+                    mediation[d, i, a, s] = patcher.patched_metric(receiver, donor, [edit]) - receiver.metric
+                    tick()
+            timing["mediation"] += time.perf_counter() - t
+            if config.attribution:
+                t = time.perf_counter()
+                estimate = patcher.attribution(receiver, donor)
+                for c, column in enumerate(columns):
+                    where = list(column.positions[i])
+                    attribution["resid"][d, i, :, c] = estimate["resid"][:, where].sum(-1).numpy()
+                    attribution["attn_head"][d, i, :, c] = estimate["attn_head"][:, where].sum(1).numpy()
+                    attribution["mlp"][d, i, :, c] = estimate["mlp"][:, where].sum(-1).numpy()
+                timing["attribution"] += time.perf_counter() - t
+                tick()
+
+    totals = donor_metric - receiver_metric
+    sweep_recovery = [recovery(sweep[d], totals[d], n_boot=config.n_boot, seed=config.seed) for d in range(2)]
+
+    # Components at the columns where the residual sweep recovers most (below the last layer, which only reaches
+    # the decision position's own logits).
+    heads = np.full((2, n_pairs, len(component_layers), n_component_columns, patcher.n_heads), np.nan)
+    mlps = np.full((2, n_pairs, len(component_layers), n_component_columns), np.nan)
+    chosen: list[int] = []
+    if n_component_columns:
+        below = [a for a, layer in enumerate(layers) if layer < n_layers] or list(range(len(layers)))
+        peak = np.nanmax(np.abs(np.nanmean([r["mean"][below] for r in sweep_recovery], axis=0)), axis=0)
+        peak = np.nan_to_num(peak, nan=-1.0)
+        chosen = [sweep_columns[b] for b in np.argsort(-peak, kind="stable")[:n_component_columns]]
+        t = time.perf_counter()
+        for i in range(n_pairs):
+            for d, (receiver, donor) in enumerate(runs(i).values()):
+                for a, layer in enumerate(component_layers):
+                    for b, c in enumerate(chosen):
+                        where = columns[c].positions[i]
+                        for h in range(patcher.n_heads):
+                            edit = PatchEdit("attn_head", layer, where, head=h)
+                            heads[d, i, a, b, h] = patcher.patched_metric(receiver, donor, [edit]) - receiver.metric
+                        edit = PatchEdit("mlp", layer, where)
+                        mlps[d, i, a, b] = patcher.patched_metric(receiver, donor, [edit]) - receiver.metric
+                        tick(patcher.n_heads + 1)
+        timing["components"] = time.perf_counter() - t
+
+    output = _analyse(
+        config=config,
+        loaded=loaded,
+        prompt_set=prompt_set,
+        pairs=pairs,
+        columns=columns,
+        sweep_columns=sweep_columns,
+        layers=layers,
+        directions=directions,
+        totals=totals,
+        receiver_metric=receiver_metric,
+        donor_metric=donor_metric,
+        sweep=sweep,
+        sweep_recovery=sweep_recovery,
+        attribution=attribution if config.attribution else None,
+        component_layers=component_layers,
+        chosen=chosen,
+        heads=heads,
+        mlps=mlps,
+        med_layers=med_layers,
+        space_names=space_names,
+        mediation=mediation,
+        checks={"self_patch_max_abs_change": self_patch_error, "last_layer_decision_max_abs_error": last_layer_error},
+        probe_set=probe_set,
+    )
+    output["timing"] = {
+        **timing,
+        "shared_prefix": prefix_seconds,
+        "total": time.perf_counter() - started,
+        "sweep_cells": int(sweep.size),
+        "sweep_seconds_per_cell": timing["sweep"] / max(1, sweep.size),
+    }
+    _write(Path(config.out), output, sweep, mediation, attribution if config.attribution else None, heads, mlps)
+    return output
+
+
+def _rows(estimate: dict[str, np.ndarray]) -> dict[str, list]:
+    return {key: np.round(value, 6).tolist() for key, value in estimate.items()}
+
+
+def _analyse(
+    *,
+    config: PatchConfig,
+    loaded: LoadedModel,
+    prompt_set: PromptSet,
+    pairs: list[Pair],
+    columns: list[Column],
+    sweep_columns: list[int],
+    layers: list[int],
+    directions: list[str],
+    totals: np.ndarray,
+    receiver_metric: np.ndarray,
+    donor_metric: np.ndarray,
+    sweep: np.ndarray,
+    sweep_recovery: list[dict[str, np.ndarray]],
+    attribution: dict[str, np.ndarray] | None,
+    component_layers: list[int],
+    chosen: list[int],
+    heads: np.ndarray,
+    mlps: np.ndarray,
+    med_layers: list[int],
+    space_names: list[str],
+    mediation: np.ndarray,
+    checks: dict[str, float],
+    probe_set: ProbeSet | None,
+) -> dict[str, Any]:
+    from afprobe.stats import paired_difference
+
+    boot = {"n_boot": config.n_boot, "seed": config.seed}
+    gap = paired_difference(receiver_metric[0], donor_metric[0], n_boot=config.n_boot, n_perm=config.n_boot)
+    tolerance = 1e-3 if loaded.dtype == torch.float32 else 5e-2
+
+    sweep_out = {}
+    for d, name in enumerate(directions):
+        est = sweep_recovery[d]
+        cells = []
+        for a, layer in enumerate(layers):
+            for b, c in enumerate(sweep_columns):
+                if np.isfinite(est["mean"][a, b]):
+                    cells.append((abs(est["mean"][a, b]), layer, c, a, b))
+        top = [
+            {
+                "layer": layer,
+                "column": c,
+                "token": columns[c].label,
+                "recovery": float(est["mean"][a, b]),
+                "ci": [float(est["ci_low"][a, b]), float(est["ci_high"][a, b])],
+            }
+            for _, layer, c, a, b in sorted(cells, reverse=True)[:5]
+        ]
+        sweep_out[name] = {**_rows(est), "mean_delta": np.round(sweep[d].mean(0), 7).tolist(), "top": top}
+
+    attribution_out: dict[str, Any] | None = None
+    if attribution is not None:
+        attribution_out = {"spearman": {}}
+        layer_index = layers
+        for d, name in enumerate(directions):
+            exact = sweep[d].mean(0)
+            approx = attribution["resid"][d].mean(0)[layer_index][:, sweep_columns]
+            row = {"resid": _spearman(exact.ravel(), approx.ravel())}
+            if chosen:
+                exact_heads = heads[d].mean(0)
+                approx_heads = attribution["attn_head"][d].mean(0)[component_layers][:, chosen]
+                row["attn_head"] = _spearman(exact_heads.ravel(), approx_heads.ravel())
+                row["mlp"] = _spearman(
+                    mlps[d].mean(0).ravel(), attribution["mlp"][d].mean(0)[component_layers][:, chosen].ravel()
+                )
+            attribution_out["spearman"][name] = row
+            with np.errstate(divide="ignore", invalid="ignore"):
+                attribution_out.setdefault("recovery", {})[name] = np.round(
+                    attribution["resid"][d].mean(0) / totals[d].mean(), 6
+                ).tolist()
+
+    components_out: dict[str, Any] | None = None
+    if chosen:
+        components_out = {"layers": component_layers, "columns": chosen, "tokens": [columns[c].label for c in chosen]}
+        for d, name in enumerate(directions):
+            components_out[name] = {
+                "attn_head": _rows(recovery(heads[d], totals[d], **boot)),
+                "mlp": _rows(recovery(mlps[d], totals[d], **boot)),
+            }
+
+    table, readings = _mediation_table(mediation, totals, med_layers, space_names, directions, config)
+    full = space_names.index("full")
+    empty = space_names.index("empty")
+    full_error = float(np.abs(mediation[:, :, :, full] - totals[:, :, None]).max())
+    empty_change = float(np.abs(mediation[:, :, :, empty]).max())
+    check_rows = {
+        "self_patch_changes_nothing": {"max_abs_change": checks["self_patch_max_abs_change"]},
+        "last_layer_decision_recovers_gap": {"max_abs_error": checks["last_layer_decision_max_abs_error"]},
+        "full_subspace_recovers_gap": {"max_abs_error": full_error},
+        "empty_subspace_changes_nothing": {"max_abs_change": empty_change},
+    }
+    for row in check_rows.values():
+        row["tolerance"] = tolerance
+        row["passed"] = bool(next(iter(row.values())) <= tolerance)
+
+    no_gap = not gap.excludes_zero()
+    summary = [
+        f"first-token gap ({directions[0].split('->')[1]} minus {directions[0].split('->')[0]}) at the decision "
+        f"position: {gap.mean:+.4f} [{gap.ci_low:+.4f}, {gap.ci_high:+.4f}] nats over {len(pairs)} queries"
+        + (" -- no reliable gap, so fractions of it are ratios of noise" if no_gap else "")
+    ]
+    for name in directions:
+        top = sweep_out[name]["top"]
+        if top:
+            t = top[0]
+            summary.append(
+                f"{name}: largest single-cell recovery {t['recovery']:+.0%} [{t['ci'][0]:+.0%}, {t['ci'][1]:+.0%}] "
+                f"at layer {t['layer']}, token {t['token']!r}"
+            )
+    summary += readings
+    failed = [name for name, row in check_rows.items() if not row["passed"]]
+    summary.append("checks: " + ("all passed" if not failed else "FAILED " + ", ".join(failed)))
+
+    return {
+        "afprobe_version": __version__,
+        "config": asdict(config),
+        "model": loaded.fingerprint.to_dict(),
+        "directions_from": str(probe_set.path) if probe_set is not None else None,
+        "prompt_hash": prompt_set.prompt_hash,
+        "variant": prompt_set.variant.name,
+        "contrast": list(prompt_set.variant.contrast or ()),
+        "queries": [pair.query_id for pair in pairs],
+        "shared_prefix_len": prompt_set.shared_prefix_len,
+        "metric": "first-divergent-token log-odds accept minus reject at the decision position (nats)",
+        "patch_directions": directions,
+        "gap": gap.to_dict(),
+        "no_gap": no_gap,
+        "columns": [{"label": c.label, "kind": c.kind} for c in columns],
+        "layers": layers,
+        "sweep_columns": sweep_columns,
+        "sweep": sweep_out,
+        "attribution": attribution_out,
+        "components": components_out,
+        "mediation": {"layers": med_layers, "rows": table},
+        "checks": check_rows,
+        "summary": summary,
+    }
+
+
+def _mediation_table(
+    mediation: np.ndarray,
+    totals: np.ndarray,
+    med_layers: list[int],
+    space_names: list[str],
+    directions: list[str],
+    config: PatchConfig,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per subspace, layer and direction; named subspaces get the random-subspace null beside them."""
+    randoms = [s for s, name in enumerate(space_names) if name.startswith("random_")]
+    rows, readings = [], []
+    for d, direction in enumerate(directions):
+        est = recovery(mediation[d], totals[d], n_boot=config.n_boot, seed=config.seed)
+        for a, layer in enumerate(med_layers):
+            null = np.abs(est["mean"][a, randoms]) if randoms else np.zeros(0)
+            null_p95 = float(np.quantile(null, 0.95)) if null.size else None
+            for s, name in enumerate(space_names):
+                if name.startswith("random_"):
+                    continue
+                value = float(est["mean"][a, s])
+                low, high = float(est["ci_low"][a, s]), float(est["ci_high"][a, s])
+                row: dict[str, Any] = {
+                    "subspace": name,
+                    "layer": layer,
+                    "direction": direction,
+                    "dimension": None if name == "full" else (0 if name == "empty" else 1),
+                    "recovery": value,
+                    "ci": [low, high],
+                    "mean_delta": float(mediation[d, :, a, s].mean()),
+                }
+                if name not in ("full", "empty") and null.size:
+                    p_value = (1 + int(np.sum(null >= abs(value)))) / (1 + null.size)
+                    beyond = bool(np.isfinite(value) and abs(value) > null_p95 and (low > 0 or high < 0))
+                    row.update(
+                        {
+                            "random_mean": float(np.mean(est["mean"][a, randoms])),
+                            "random_abs_p95": null_p95,
+                            "p_vs_random": p_value,
+                            "beyond_random": beyond,
+                        }
+                    )
+                    row["reading"] = (
+                        f"{name} at layer {layer} ({direction}): {value:+.0%} [{low:+.0%}, {high:+.0%}] of the gap; "
+                        f"random 1-d subspaces |recovery| <= {null_p95:.0%} (95th pct): "
+                        + ("carries more than a random direction" if beyond else "no more than a random direction")
+                    )
+                    readings.append(row["reading"])
+                rows.append(row)
+    return rows, readings
+
+
+def _write(
+    out: Path,
+    output: dict[str, Any],
+    sweep: np.ndarray,
+    mediation: np.ndarray,
+    attribution: dict[str, np.ndarray] | None,
+    heads: np.ndarray,
+    mlps: np.ndarray,
+) -> None:
+    from safetensors.numpy import save
+
+    arrays = {"sweep_delta": sweep, "mediation_delta": mediation, "heads_delta": heads, "mlp_delta": mlps}
+    for name, value in (attribution or {}).items():
+        arrays[f"attribution_{name}"] = value
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(
+            out / "patching.safetensors", save({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()})
+        )
+        atomic_write_json(out / "patch.json", finite_json(output))
+        from afprobe import plots
+
+        for name, figure in plots.patching_figures(output).items():
+            plots.write_figure(figure, out / f"{name}.html")
+    except OSError as exc:
+        raise AfprobeError(
+            f"could not write to {out} ({exc.strerror or exc}): free disk space or change --out"
+        ) from exc
+
+
+def format_patch_summary(output: dict[str, Any]) -> str:
+    lines = list(output["summary"])
+    timing = output["timing"]
+    lines.append(
+        f"{timing['sweep_cells']} sweep cells in {timing['sweep']:.1f} s ({timing['sweep_seconds_per_cell']:.3f} s "
+        f"per cell); total {timing['total']:.1f} s"
+    )
+    if output["attribution"]:
+        for name, row in output["attribution"]["spearman"].items():
+            parts = ", ".join(f"{site} {value:+.2f}" for site, value in row.items() if value is not None)
+            lines.append(f"attribution vs exact patching, Spearman ({name}): {parts}")
+    return "\n".join(lines)

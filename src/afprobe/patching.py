@@ -1,0 +1,356 @@
+"""Activation patching between the free- and paid-tier run of the same query.
+
+The *receiver* run is the one patched, the *donor* run supplies the activations: `paid->free` puts paid-tier
+activations into the free-tier run. The effect of a patch is read off the **decision position** (the last token of
+the answer start both continuations share, `<`), as the first-divergent-token log-odds accept minus reject. That is
+a function of one position's logits, so patching the last layer's output at the decision position moves it exactly
+to the donor's value; the whole-continuation log-odds of `afprobe gap` also depend on the answer tokens after it.
+
+Patching only runs what differs. Both runs share the system prompt (its KV cache is computed once), and a patch at
+layer l, own-token position p changes nothing at positions before p nor at layers below l. So a patched forward
+starts from the receiver's KV cache cropped to position p, runs only the tokens from p on, and skips the blocks below
+l: their output is the receiver's residual stream at layer l, recorded once. Caches with sliding-window layers
+(Gemma 3) cannot be cropped; there the forward starts at the first token after the prefix (still skipping blocks).
+
+Positions are indices into a run's own tokens (0 = the first token after the shared prefix); layers follow the
+activation store (l < n_layers: entering block l; l = n_layers: leaving the last block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from afprobe.errors import AfprobeError
+from afprobe.forward import PrefixCache, fork_cache
+from afprobe.metrics import AnswerTokens, has_sliding_window
+from afprobe.models import decoder_layers
+from afprobe.prompts import RenderedPrompt
+
+Site = Literal["resid", "attn_head", "mlp"]
+
+
+@dataclass(frozen=True)
+class PatchEdit:
+    """Replace activations of the receiver with the donor's at one site, layer and set of positions.
+
+    site: `resid` (the residual stream), `attn_head` (one head's output, the input of the output projection, so
+    a head's contribution is patched before heads are mixed) or `mlp` (the MLP block's output).
+    basis: for `resid`, an orthonormal `[d_model, k]` basis: only the component in its span is patched (k = 0
+    patches nothing). None patches the whole vector.
+    """
+
+    site: Site
+    layer: int
+    positions: tuple[int, ...]
+    head: int | None = None
+    basis: Float[Tensor, "d_model k"] | None = None
+
+
+@dataclass
+class PatchRun:
+    """One prompt's clean run after the shared prefix, with what patching needs from it."""
+
+    prompt: RenderedPrompt
+    tokens: tuple[int, ...]  # own tokens + the shared answer start; the last one is the decision position
+    offset: int  # absolute position of tokens[0] (the shared prefix length)
+    cache: Any  # KV cache after the prefix and all of `tokens`
+    resid: Float[Tensor, "layer pos d_model"]  # n_layers + 1 layers
+    head_inputs: Float[Tensor, "block pos heads_x_head_dim"]
+    mlp_out: Float[Tensor, "block pos d_model"]
+    metric: float
+
+    @property
+    def decision(self) -> int:
+        return len(self.tokens) - 1
+
+
+def _passthrough(*args: Any, **kwargs: Any) -> Any:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def _skipping(blocks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Blocks whose forward returns its input unchanged while inside (their output is replaced anyway). An
+    instance-level `forward` already there (accelerate's device hooks) is put back afterwards."""
+    saved = [(block, block.__dict__.get("forward")) for block in blocks]
+    try:
+        for block in blocks:
+            block.forward = _passthrough
+        yield
+    finally:
+        for block, original in saved:
+            if original is not None:
+                block.forward = original
+            elif block.__dict__.get("forward") is _passthrough:
+                del block.forward
+
+
+class Patcher:
+    """Records clean runs and scores patched ones for prompts that share `prefix`."""
+
+    def __init__(self, model: Any, prefix: PrefixCache, answers: AnswerTokens):
+        self.model = model
+        self.prefix = prefix
+        self.answers = answers
+        self.blocks = decoder_layers(model)
+        self.n_layers = len(self.blocks)
+        for block in self.blocks:
+            if not hasattr(getattr(block, "self_attn", None), "o_proj") or not hasattr(block, "mlp"):
+                raise AfprobeError(
+                    f"patching needs decoder blocks with self_attn.o_proj and mlp (Llama, Qwen2, Gemma, Mistral "
+                    f"layouts); {type(block).__name__} has not"
+                )
+        self.n_heads = int(model.config.num_attention_heads)
+        self.head_dim = self.blocks[0].self_attn.o_proj.in_features // self.n_heads
+        self.croppable = not has_sliding_window(prefix.cache)
+        self.device = next(model.parameters()).device
+        self.accept_id = self.answers.accept_rest[0]
+        self.reject_id = self.answers.reject_rest[0]
+
+    # -- clean runs -------------------------------------------------------------------------------------------------
+
+    def tokens_of(self, prompt: RenderedPrompt) -> tuple[int, ...]:
+        if tuple(prompt.input_ids[: self.prefix.length]) != self.prefix.input_ids:
+            raise AfprobeError(f"prompt {prompt.query_id}/{prompt.tier} does not start with the shared prefix")
+        return tuple(prompt.input_ids[self.prefix.length :]) + self.answers.common
+
+    def _metric(self, logits: Tensor) -> float:
+        return float(logits[self.accept_id].float() - logits[self.reject_id].float())
+
+    @torch.inference_mode()
+    def record(self, prompt: RenderedPrompt) -> PatchRun:
+        """Run one prompt's own tokens from the prefix cache, recording every site at every own position."""
+        tokens = self.tokens_of(prompt)
+        resid: dict[int, Tensor] = {}
+        heads: dict[int, Tensor] = {}
+        mlps: dict[int, Tensor] = {}
+        with ExitStack() as stack:
+            for layer, block in enumerate(self.blocks):
+
+                def pre(module, args, kwargs, layer=layer):
+                    resid[layer] = (args[0] if args else kwargs["hidden_states"])[0].detach().clone()
+
+                def last(module, args, output):
+                    resid[self.n_layers] = (output[0] if isinstance(output, tuple) else output)[0].detach().clone()
+
+                def head_in(module, args, layer=layer):
+                    heads[layer] = args[0][0].detach().clone()
+
+                def mlp_out(module, args, output, layer=layer):
+                    mlps[layer] = output[0].detach().clone()
+
+                stack.enter_context(_hook(block.register_forward_pre_hook(pre, with_kwargs=True)))
+                stack.enter_context(_hook(block.self_attn.o_proj.register_forward_pre_hook(head_in)))
+                stack.enter_context(_hook(block.mlp.register_forward_hook(mlp_out)))
+                if layer == self.n_layers - 1:
+                    stack.enter_context(_hook(block.register_forward_hook(last)))
+            logits, cache = self._forward(tokens, fork_cache(self.prefix.cache), start=0)
+        return PatchRun(
+            prompt=prompt,
+            tokens=tokens,
+            offset=self.prefix.length,
+            cache=cache,
+            resid=torch.stack([resid[layer] for layer in range(self.n_layers + 1)]),
+            head_inputs=torch.stack([heads[layer] for layer in range(self.n_layers)]),
+            mlp_out=torch.stack([mlps[layer] for layer in range(self.n_layers)]),
+            metric=self._metric(logits),
+        )
+
+    def _forward(self, tokens: Sequence[int], cache: Any, start: int) -> tuple[Tensor, Any]:
+        """Run tokens[start:] on `cache` (which holds the prefix and tokens[:start]); logits at the last token."""
+        offset = self.prefix.length
+        ids = torch.tensor([list(tokens[start:])], device=self.device)
+        output = self.model(
+            input_ids=ids,
+            attention_mask=torch.ones(1, offset + len(tokens), dtype=torch.long, device=self.device),
+            position_ids=torch.arange(offset + start, offset + len(tokens), device=self.device)[None],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return output.logits[0, -1], output.past_key_values
+
+    # -- patched runs -----------------------------------------------------------------------------------------------
+
+    def _check(self, receiver: PatchRun, donor: PatchRun, edits: Sequence[PatchEdit]) -> None:
+        if len(receiver.tokens) != len(donor.tokens):
+            raise AfprobeError(
+                f"query {receiver.prompt.query_id}: its two tiers tokenize to different lengths "
+                f"({len(receiver.tokens)} vs {len(donor.tokens)} own tokens), so positions do not line up; patching "
+                "needs tier tags of equal token length"
+            )
+        for edit in edits:
+            top = self.n_layers if edit.site == "resid" else self.n_layers - 1
+            if not 0 <= edit.layer <= top:
+                raise AfprobeError(f"{edit.site} layer {edit.layer} out of range 0..{top}")
+            if edit.positions and not 0 <= min(edit.positions) <= max(edit.positions) < len(receiver.tokens):
+                raise AfprobeError(f"positions {edit.positions} outside the run's {len(receiver.tokens)} own tokens")
+            if edit.site == "attn_head" and not (edit.head is not None and 0 <= edit.head < self.n_heads):
+                raise AfprobeError(f"head {edit.head} out of range 0..{self.n_heads - 1}")
+
+    @torch.inference_mode()
+    def patched_metric(self, receiver: PatchRun, donor: PatchRun, edits: Sequence[PatchEdit]) -> float:
+        """The receiver's decision-position log-odds with the edits applied (donor activations patched in)."""
+        self._check(receiver, donor, edits)
+        edits = [e for e in edits if e.positions and (e.basis is None or e.basis.shape[1] > 0)]
+        if not edits:
+            return receiver.metric
+        start_layer = min(e.layer for e in edits)
+        if self.croppable:
+            start = min(min(e.positions) for e in edits)
+            cache = fork_cache(receiver.cache)
+            keep = receiver.offset + start
+            for layer_cache in cache.layers:
+                layer_cache.keys = layer_cache.keys[..., :keep, :]
+                layer_cache.values = layer_cache.values[..., :keep, :]
+        else:
+            start, cache = 0, fork_cache(self.prefix.cache)
+
+        seed = receiver.resid[start_layer, start:][None]
+        resid_edits: dict[int, list[PatchEdit]] = {}
+        for edit in edits:
+            if edit.site == "resid":
+                resid_edits.setdefault(edit.layer, []).append(edit)
+
+        def edit_resid(hidden: Tensor, layer: int) -> Tensor:
+            if layer == start_layer:
+                hidden = seed.to(hidden.dtype)
+            for edit in resid_edits.get(layer, []):
+                hidden = _replace(hidden, edit, donor.resid[layer], start)
+            return hidden
+
+        with ExitStack() as stack:
+            skipped = self.blocks[: min(start_layer, self.n_layers)]
+            if start_layer == self.n_layers:
+                skipped = self.blocks
+            stack.enter_context(_skipping(skipped))
+            for layer in sorted({start_layer, *resid_edits}):
+                if layer < self.n_layers:
+
+                    def pre(module, args, kwargs, layer=layer):
+                        if args:
+                            return (edit_resid(args[0], layer), *args[1:]), kwargs
+                        return args, {**kwargs, "hidden_states": edit_resid(kwargs["hidden_states"], layer)}
+
+                    stack.enter_context(_hook(self.blocks[layer].register_forward_pre_hook(pre, with_kwargs=True)))
+                else:
+
+                    def post(module, args, output):
+                        if isinstance(output, tuple):
+                            return (edit_resid(output[0], self.n_layers), *output[1:])
+                        return edit_resid(output, self.n_layers)
+
+                    stack.enter_context(_hook(self.blocks[-1].register_forward_hook(post)))
+            for edit in edits:
+                if edit.site == "attn_head":
+                    stack.enter_context(_hook(self._head_hook(edit, donor, start)))
+                elif edit.site == "mlp":
+                    stack.enter_context(_hook(self._mlp_hook(edit, donor, start)))
+            logits, _ = self._forward(receiver.tokens, cache, start)
+        return self._metric(logits)
+
+    def _head_hook(self, edit: PatchEdit, donor: PatchRun, start: int) -> Any:
+        assert edit.head is not None
+        columns = slice(edit.head * self.head_dim, (edit.head + 1) * self.head_dim)
+        rows = [p - start for p in edit.positions]
+        source = donor.head_inputs[edit.layer, list(edit.positions), columns]
+
+        def hook(module, args):
+            x = args[0].clone()
+            x[0, rows, columns] = source.to(x.dtype)
+            return (x, *args[1:])
+
+        return self.blocks[edit.layer].self_attn.o_proj.register_forward_pre_hook(hook)
+
+    def _mlp_hook(self, edit: PatchEdit, donor: PatchRun, start: int) -> Any:
+        rows = [p - start for p in edit.positions]
+        source = donor.mlp_out[edit.layer, list(edit.positions)]
+
+        def hook(module, args, output):
+            out = output.clone()
+            out[0, rows] = source.to(out.dtype)
+            return out
+
+        return self.blocks[edit.layer].mlp.register_forward_hook(hook)
+
+    # -- attribution patching ---------------------------------------------------------------------------------------
+
+    def attribution(self, receiver: PatchRun, donor: PatchRun) -> dict[str, Tensor]:
+        """First-order estimate of every single-site patch from one forward and one backward pass of the receiver.
+
+        estimate(site) = (donor activation - receiver activation) . d metric / d activation, per layer and
+        own position (and head). Returns `resid [layer, pos]`, `attn_head [block, pos, head]`, `mlp [block, pos]`.
+        """
+        self._check(receiver, donor, [])
+        captured: dict[tuple[str, int], Tensor] = {}
+        with ExitStack() as stack, torch.enable_grad():
+            for layer, block in enumerate(self.blocks):
+
+                def pre(module, args, kwargs, layer=layer):
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    if layer == 0:
+                        # A leaf to differentiate from: the graph then exists whatever requires_grad the weights have.
+                        hidden = hidden.detach().requires_grad_(True)
+                    captured[("resid", layer)] = hidden
+                    if args:
+                        return (hidden, *args[1:]), kwargs
+                    return args, {**kwargs, "hidden_states": hidden}
+
+                def last(module, args, output):
+                    captured[("resid", self.n_layers)] = output[0] if isinstance(output, tuple) else output
+
+                def head_in(module, args, layer=layer):
+                    captured[("attn_head", layer)] = args[0]
+
+                def mlp_out(module, args, output, layer=layer):
+                    captured[("mlp", layer)] = output
+
+                stack.enter_context(_hook(block.register_forward_pre_hook(pre, with_kwargs=True)))
+                stack.enter_context(_hook(block.self_attn.o_proj.register_forward_pre_hook(head_in)))
+                stack.enter_context(_hook(block.mlp.register_forward_hook(mlp_out)))
+                if layer == self.n_layers - 1:
+                    stack.enter_context(_hook(block.register_forward_hook(last)))
+            logits, _ = self._forward(receiver.tokens, fork_cache(self.prefix.cache), start=0)
+            metric = logits[self.accept_id].float() - logits[self.reject_id].float()
+            keys = list(captured)
+            grads = torch.autograd.grad(metric, [captured[key] for key in keys])
+        gradient = {key: grad[0].detach() for key, grad in zip(keys, grads, strict=True)}
+
+        def estimate(site: str, donor_acts: Tensor, receiver_acts: Tensor, n: int) -> Tensor:
+            g = torch.stack([gradient[(site, layer)] for layer in range(n)]).float()
+            return (donor_acts.float() - receiver_acts.float()) * g
+
+        resid = estimate("resid", donor.resid, receiver.resid, self.n_layers + 1).sum(-1)
+        heads = estimate("attn_head", donor.head_inputs, receiver.head_inputs, self.n_layers)
+        heads = heads.reshape(*heads.shape[:2], self.n_heads, self.head_dim).sum(-1)
+        mlp = estimate("mlp", donor.mlp_out, receiver.mlp_out, self.n_layers).sum(-1)
+        return {"resid": resid.cpu(), "attn_head": heads.cpu(), "mlp": mlp.cpu()}
+
+
+def _replace(hidden: Tensor, edit: PatchEdit, donor_layer: Tensor, start: int) -> Tensor:
+    """hidden with the donor's activations (or their component in edit.basis) at the edit's positions."""
+    rows = [p - start for p in edit.positions]
+    source = donor_layer[list(edit.positions)].to(hidden.dtype)
+    out = hidden.clone()
+    if edit.basis is None:
+        out[0, rows] = source
+    else:
+        q = edit.basis.to(hidden.device, hidden.dtype)
+        current = out[0, rows]
+        out[0, rows] = current + ((source - current) @ q) @ q.T
+    return out
+
+
+@contextmanager
+def _hook(handle: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        handle.remove()

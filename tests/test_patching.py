@@ -1,0 +1,296 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from afprobe.activations import CacheConfig, run_cache
+from afprobe.data import load_queries
+from afprobe.errors import AfprobeError
+from afprobe.forward import compute_prefix_cache
+from afprobe.metrics import AnswerTokens
+from afprobe.models import decoder_layers
+from afprobe.patch_analysis import PatchConfig, build_columns, make_pairs, recovery, run_patching
+from afprobe.patching import PatchEdit, Patcher
+from afprobe.probes import ProbeConfig, run_probes
+from afprobe.prompts import render_pairs
+
+from .conftest import make_tiny_model
+
+# A patched forward runs a different computation order (cropped cache, skipped blocks) than the full forward it
+# must equal: float32 rounding only.
+TOLERANCE = 1e-4
+
+
+def _setup(loaded, n=2):
+    prompt_set = render_pairs(loaded.tokenizer, load_queries("harmful", n=n))
+    k = prompt_set.shared_prefix_len
+    prefix = compute_prefix_cache(loaded.model, prompt_set.prompts[0].input_ids[:k])
+    patcher = Patcher(loaded.model, prefix, AnswerTokens.from_tokenizer(loaded.tokenizer))
+    pair = make_pairs(prompt_set)[0]
+    return prompt_set, patcher, patcher.record(pair.trained), patcher.record(pair.untrained)
+
+
+def _naive(loaded, prompt, answers, patches):
+    """The way a user would write it: the whole prompt in one forward, hooks overwriting activations.
+
+    patches: (site, layer, absolute position, head or None, source vector). Returns (metric, recorded sites)."""
+    blocks = decoder_layers(loaded.model)
+    n_heads = loaded.model.config.num_attention_heads
+    head_dim = blocks[0].self_attn.o_proj.in_features // n_heads
+    record: dict = {}
+    handles = []
+
+    def patch_rows(tensor, site, layer):
+        for s, lay, pos, head, source in patches:
+            if s == site and lay == layer:
+                tensor = tensor.clone()
+                if head is None:
+                    tensor[0, pos] = source
+                else:
+                    tensor[0, pos, head * head_dim : (head + 1) * head_dim] = source
+        return tensor
+
+    for layer, block in enumerate(blocks):
+
+        def pre(module, args, kwargs, layer=layer):
+            hidden = patch_rows(args[0] if args else kwargs["hidden_states"], "resid", layer)
+            record[("resid", layer)] = hidden[0].detach().clone()
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+        def head_in(module, args, layer=layer):
+            x = patch_rows(args[0], "attn_head", layer)
+            record[("attn_head", layer)] = x[0].detach().clone()
+            return (x, *args[1:])
+
+        def mlp_out(module, args, output, layer=layer):
+            out = patch_rows(output, "mlp", layer)
+            record[("mlp", layer)] = out[0].detach().clone()
+            return out
+
+        handles += [
+            block.register_forward_pre_hook(pre, with_kwargs=True),
+            block.self_attn.o_proj.register_forward_pre_hook(head_in),
+            block.mlp.register_forward_hook(mlp_out),
+        ]
+    try:
+        ids = torch.tensor([list(prompt.input_ids) + list(answers.common)])
+        with torch.no_grad():
+            logits = loaded.model(input_ids=ids).logits[0, -1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return float(logits[answers.accept_rest[0]] - logits[answers.reject_rest[0]]), record
+
+
+def test_patched_forward_matches_the_naive_full_forward(tiny_model):
+    prompt_set, patcher, free, paid = _setup(tiny_model)
+    answers = patcher.answers
+    k = patcher.prefix.length
+    clean, donor_acts = _naive(tiny_model, paid.prompt, answers, [])
+    assert paid.metric == pytest.approx(clean, abs=TOLERANCE)
+    n = patcher.n_layers
+    last = free.decision
+    cases = [
+        PatchEdit("resid", 0, (0,)),
+        PatchEdit("resid", 1, (0, 3)),
+        PatchEdit("resid", n - 1, (last - 2,)),
+        PatchEdit("resid", n, (last,)),
+        PatchEdit("attn_head", 0, (0,), head=1),
+        PatchEdit("attn_head", n - 1, (last,), head=0),
+        PatchEdit("mlp", 1, (0, 2)),
+    ]
+    for edit in cases:
+        fast = patcher.patched_metric(free, paid, [edit])
+        if edit.site == "resid" and edit.layer == n:
+            expected = paid.metric  # the last layer's output at the decision position is all the metric reads
+        else:
+            head_dim = patcher.head_dim
+            sources = []
+            for p in edit.positions:
+                vector = donor_acts[(edit.site, edit.layer)][k + p]
+                if edit.site == "attn_head":
+                    vector = vector[edit.head * head_dim : (edit.head + 1) * head_dim]
+                sources.append((edit.site, edit.layer, k + p, edit.head, vector))
+            expected, _ = _naive(tiny_model, free.prompt, answers, sources)
+        assert fast == pytest.approx(expected, abs=TOLERANCE), edit
+
+
+def test_identity_patches_and_whole_run_patches(tiny_model):
+    _, patcher, free, paid = _setup(tiny_model)
+    everything = tuple(range(len(free.tokens)))
+    # Patching a run with its own activations changes nothing.
+    for layer in (0, 1, patcher.n_layers):
+        assert patcher.patched_metric(free, free, [PatchEdit("resid", layer, everything)]) == pytest.approx(
+            free.metric, abs=TOLERANCE
+        )
+    # Every position at one layer, or the last layer at the decision position, carries the whole difference.
+    assert patcher.patched_metric(free, paid, [PatchEdit("resid", 1, everything)]) == pytest.approx(
+        paid.metric, abs=TOLERANCE
+    )
+    assert patcher.patched_metric(free, paid, [PatchEdit("resid", patcher.n_layers, (free.decision,))]) == (
+        pytest.approx(paid.metric, abs=TOLERANCE)
+    )
+    # A zero-dimensional subspace patches nothing; the whole space is the full patch.
+    d = free.resid.shape[-1]
+    empty = PatchEdit("resid", 1, everything, basis=torch.zeros(d, 0))
+    assert patcher.patched_metric(free, paid, [empty]) == free.metric
+    whole = PatchEdit("resid", 1, (0, 1), basis=torch.eye(d))
+    assert patcher.patched_metric(free, paid, [whole]) == pytest.approx(
+        patcher.patched_metric(free, paid, [PatchEdit("resid", 1, (0, 1))]), abs=TOLERANCE
+    )
+
+
+def test_patching_leaves_the_model_as_it_was(tiny_llama):
+    _, patcher, free, paid = _setup(tiny_llama)
+    blocks = decoder_layers(tiny_llama.model)
+
+    def hook_count():
+        modules = list(tiny_llama.model.modules())
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
+
+    before = hook_count()
+    patcher.patched_metric(free, paid, [PatchEdit("resid", 1, (0,)), PatchEdit("attn_head", 1, (0,), head=0)])
+    patcher.attribution(free, paid)
+    with pytest.raises(AfprobeError, match="out of range"):
+        patcher.patched_metric(free, paid, [PatchEdit("resid", 99, (0,))])
+    assert hook_count() == before
+    assert all("forward" not in block.__dict__ for block in blocks)
+    # A later plain forward sees the unpatched model.
+    assert patcher.record(free.prompt).metric == pytest.approx(free.metric, abs=1e-6)
+
+
+def test_attribution_is_the_derivative_of_exact_patching(tiny_model):
+    _, patcher, free, paid = _setup(tiny_model)
+    estimate = patcher.attribution(free, paid)
+    n = patcher.n_layers
+    assert estimate["resid"].shape == (n + 1, len(free.tokens))
+    assert estimate["attn_head"].shape == (n, len(free.tokens), patcher.n_heads)
+    # Patching a tiny step eps of the way to the donor changes the metric by eps * attribution.
+    eps = 1e-2
+    step = dataclasses.replace(
+        paid,
+        resid=free.resid + eps * (paid.resid - free.resid),
+        head_inputs=free.head_inputs + eps * (paid.head_inputs - free.head_inputs),
+    )
+    for site, layer, position, head in (("resid", 1, 0, None), ("resid", 0, 0, None), ("attn_head", 0, 0, 1)):
+        edit = PatchEdit(site, layer, (position,), head=head)
+        exact = (patcher.patched_metric(free, step, [edit]) - free.metric) / eps
+        approx = float(estimate[site][layer, position] if head is None else estimate[site][layer, position, head])
+        assert exact == pytest.approx(approx, rel=0.05, abs=2e-4), (site, layer)
+
+
+def test_recovery_is_a_ratio_of_means_with_an_interval():
+    totals = np.array([1.0, 2.0, 3.0, 2.0])
+    deltas = np.stack([np.zeros(4), totals, totals / 2], axis=1)
+    est = recovery(deltas, totals, n_boot=500, seed=0)
+    assert est["mean"].tolist() == pytest.approx([0.0, 1.0, 0.5])
+    assert np.all(est["ci_low"] <= est["mean"] + 1e-12) and np.all(est["mean"] <= est["ci_high"] + 1e-12)
+    assert np.isnan(recovery(deltas, np.zeros(4), n_boot=10, seed=0)["mean"]).all()
+
+
+def test_columns_line_up_the_tag_request_and_tail(tiny_llama):
+    prompt_set, patcher, _, _ = _setup(tiny_llama, n=3)
+    pairs = make_pairs(prompt_set)
+    columns = build_columns(pairs, patcher, tiny_llama.tokenizer)
+    assert columns[0].kind == "tag" and columns[0].label == "True"
+    assert [c.kind for c in columns].count("request") == 1
+    # The last column is the decision position of every pair, and the tail is the same text for every query.
+    assert all(
+        pos == (len(patcher.tokens_of(p.trained)) - 1,) for p, pos in zip(pairs, columns[-1].positions, strict=True)
+    )
+    assert not any("(varies)" in c.label for c in columns if c.kind == "post")
+    # Each pair's columns cover every position from the tag to the decision position exactly once.
+    for i, pair in enumerate(pairs):
+        covered = sorted(p for c in columns for p in c.positions[i])
+        assert covered == list(range(covered[0], len(patcher.tokens_of(pair.trained))))
+
+    longer = dataclasses.replace(pairs[0].untrained, input_ids=pairs[0].untrained.input_ids[:-1] + (1, 2))
+    with pytest.raises(AfprobeError, match="different lengths"):
+        build_columns([dataclasses.replace(pairs[0], untrained=longer)], patcher, tiny_llama.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def probes_dir(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("patch")
+    common = dict(layers="0,1,2", positions="tag,last")
+    run_cache(CacheConfig(out=str(root / "main"), n=6, **common), loaded=tiny_llama)
+    run_cache(CacheConfig(out=str(root / "sa"), dataset="situational-awareness", n=6, **common), loaded=tiny_llama)
+    run_cache(CacheConfig(out=str(root / "benign"), dataset="benign", n=6, **common), loaded=tiny_llama)
+    run_probes(
+        ProbeConfig(
+            cache=str(root / "main"),
+            sa_cache=str(root / "sa"),
+            benign_cache=str(root / "benign"),
+            out=str(root / "probes"),
+            folds=3,
+            n_random=3,
+            n_shuffles=1,
+        )
+    )
+    return root
+
+
+def test_patching_experiment_writes_grids_table_and_checks(tiny_llama, probes_dir):
+    out = probes_dir / "run"
+    config = PatchConfig(
+        directions=str(probes_dir / "probes"),
+        out=str(out),
+        n=3,
+        layers="0,1,2",
+        positions="key",
+        mediation_layers="1",
+        n_random=4,
+        n_boot=200,
+    )
+    output = run_patching(config, loaded=tiny_llama)
+    assert all(row["passed"] for row in output["checks"].values()), output["checks"]
+    saved = json.loads((out / "patch.json").read_text())  # strict JSON: NaN would fail in browsers
+    assert saved["config"]["layers"] == "0,1,2"
+    names = {row["subspace"] for row in saved["mediation"]["rows"]}
+    assert names == {"full", "empty", "situational_awareness", "training_context", "refusal", "token_embedding"}
+    full = [r for r in saved["mediation"]["rows"] if r["subspace"] == "full"]
+    assert all(r["recovery"] == pytest.approx(1.0, abs=1e-3) for r in full)
+    assert all(r["recovery"] == 0.0 for r in saved["mediation"]["rows"] if r["subspace"] == "empty")
+    named = [r for r in saved["mediation"]["rows"] if r["subspace"] == "training_context"]
+    assert all("random_abs_p95" in r and "reading" in r for r in named)
+    sweep = np.array(saved["sweep"]["paid->free"]["mean"], dtype=float)
+    assert sweep.shape == (3, len(saved["sweep_columns"]))
+    # The last layer only reaches the decision position's own logits: every other column recovers nothing there.
+    assert np.allclose(sweep[2, :-1], 0.0, atol=1e-3) and sweep[2, -1] == pytest.approx(1.0, abs=1e-3)
+    assert saved["attribution"]["spearman"]["paid->free"]["resid"] is not None
+    for name in ("patch_resid", "mediation", "attribution", "patch_components"):
+        assert (out / f"{name}.html").exists()
+    assert "True" in (out / "patch_resid.html").read_text()  # token labels reach the hover text
+
+
+def test_directions_from_another_model_are_refused(tokenizer, probes_dir):
+    other = make_tiny_model("llama", tokenizer, seed=7)
+    config = PatchConfig(directions=str(probes_dir / "probes"), out=str(probes_dir / "x"), n=2)
+    with pytest.raises(AfprobeError, match="computed on another model"):
+        run_patching(config, loaded=other)
+
+
+def test_one_tier_variant_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(AfprobeError, match="two tiers"):
+        run_patching(PatchConfig(variant="no-tag", out=str(tmp_path), n=2), loaded=tiny_llama)
+
+
+def test_cli_patch(tiny_llama, tmp_path, capsys):
+    from afprobe.cli import main
+
+    folder = tmp_path / "model"
+    tiny_llama.model.save_pretrained(folder)
+    tiny_llama.tokenizer.save_pretrained(folder)
+    args = ["patch", "--model", str(folder), "--n", "2", "--layers", "0,2", "--positions", "key"]
+    args += ["--no-components", "--n-random", "2", "--n-boot", "100", "--out", str(tmp_path / "p")]
+    assert main([*args, "--mediation-layers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "checks: all passed" in printed and "token_embedding at layer 1" in printed
+    assert main([*args, "--mediation-layers", "best"]) == 2
+    assert "needs --directions" in capsys.readouterr().err
+    assert main([*args, "--mediation-layers", "9"]) == 2
+    assert "out of range" in capsys.readouterr().err
