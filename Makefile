@@ -10,6 +10,7 @@ QUICKSTART_MODEL ?= smollm2-135m-instruct
 QUICKSTART_STORE ?= activations/quickstart
 QUICKSTART_PROBES ?= probes/quickstart
 QUICKSTART_STEER ?= results/quickstart-steering
+QUICKSTART_PATCH ?= results/quickstart-patching
 QUICKSTART_CACHE = --model $(QUICKSTART_MODEL) --layers all --positions tag,last
 
 BIN := $(VENV)/bin
@@ -36,8 +37,10 @@ quickstart: install
 		--benign-cache $(QUICKSTART_STORE)-benign --out $(QUICKSTART_PROBES)
 	$(BIN)/afprobe steer --model $(QUICKSTART_MODEL) --directions $(QUICKSTART_PROBES) --n 6 --benign-n 3 \
 		--coefficients=-0.25,0.25 --n-random 3 --no-ablation --out $(QUICKSTART_STEER)
+	$(BIN)/afprobe patch --model $(QUICKSTART_MODEL) --directions $(QUICKSTART_PROBES) --n 3 --layers 0-30:6 \
+		--positions key --component-columns 1 --mediation-layers best --n-random 5 --out $(QUICKSTART_PATCH)
 	@echo "gap: $(QUICKSTART_STORE)/gap.json; activations: $(QUICKSTART_STORE)*/; probes and figures: $(QUICKSTART_PROBES)/;"
-	@echo "steering: $(QUICKSTART_STEER)/"
+	@echo "steering: $(QUICKSTART_STEER)/; patching and mediation: $(QUICKSTART_PATCH)/"
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -49,7 +52,8 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/bench_gap.py
 	$(BIN)/python benchmarks/bench_cache.py
+	$(BIN)/python benchmarks/bench_patch.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache $(QUICKSTART_STORE) $(QUICKSTART_STORE)-sa $(QUICKSTART_STORE)-benign $(QUICKSTART_PROBES) \
-		$(QUICKSTART_STEER)
+		$(QUICKSTART_STEER) $(QUICKSTART_PATCH)

@@ -98,7 +98,8 @@ def build_prompt_set(config: CacheConfig, loaded: LoadedModel) -> PromptSet:
 
 
 def parse_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
-    """`all`, a comma list (`0,10,20`), ranges (`0-10`), or negative indices (`-1` = after the last block)."""
+    """`all`, a comma list (`0,10,20`), ranges (`0-10`, `0-30:6` every 6th), negative indices (`-1` = after the last
+    block)."""
     if not isinstance(spec, str):
         items = [int(x) for x in spec]
     elif spec.strip() == "all":
@@ -108,13 +109,14 @@ def parse_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
         for part in spec.split(","):
             part = part.strip()
             try:
+                part, _, step = part.partition(":")
                 if "-" in part[1:]:
                     low, high = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                    items.extend(range(int(low), int(high) + 1))
+                    items.extend(range(int(low), int(high) + 1, int(step or 1)))
                 else:
                     items.append(int(part))
             except ValueError as exc:
-                raise AfprobeError(f"cannot read layer {part!r}: use all, 0,5,10, 0-10 or -1") from exc
+                raise AfprobeError(f"cannot read layer {part!r}: use all, 0,5,10, 0-10, 0-30:6 or -1") from exc
     resolved = sorted({item + n_layers + 1 if item < 0 else item for item in items})
     bad = [item for item in resolved if not 0 <= item <= n_layers]
     if bad or not resolved:

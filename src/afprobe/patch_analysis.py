@@ -178,6 +178,26 @@ def recovery(
     }
 
 
+def residual_sweep(
+    patcher: Patcher,
+    receiver: PatchRun,
+    donor: PatchRun,
+    layers: Sequence[int],
+    positions: Sequence[tuple[int, ...]],
+    *,
+    tick: Callable[[], None] | None = None,
+) -> np.ndarray:
+    """`[layers, len(positions)]`: the receiver's metric change when the residual stream at each layer and each
+    position set is replaced by the donor's."""
+    deltas = np.zeros((len(layers), len(positions)))
+    for a, layer in enumerate(layers):
+        for b, where in enumerate(positions):
+            deltas[a, b] = patcher.patched_metric(receiver, donor, [PatchEdit("resid", layer, where)]) - receiver.metric
+            if tick is not None:
+                tick()
+    return deltas
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     from scipy.stats import spearmanr
 
@@ -319,11 +339,8 @@ def run_patching(
             receiver_metric[d, i], donor_metric[d, i] = receiver.metric, donor.metric
             every = tuple(range(columns[0].positions[i][0], receiver.decision + 1))
             t = time.perf_counter()
-            for a, layer in enumerate(layers):
-                for b, c in enumerate(sweep_columns):
-                    edit = PatchEdit("resid", layer, columns[c].positions[i])
-                    sweep[d, i, a, b] = patcher.patched_metric(receiver, donor, [edit]) - receiver.metric
-                    tick()
+            where = [columns[c].positions[i] for c in sweep_columns]
+            sweep[d, i] = residual_sweep(patcher, receiver, donor, layers, where, tick=tick)
             timing["sweep"] += time.perf_counter() - t
             # Checks: a run patched with its own activations is unchanged; the last layer at the decision position
             # carries the whole first-token gap.
