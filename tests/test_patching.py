@@ -16,7 +16,7 @@ from afprobe.models import decoder_layers
 from afprobe.patch_analysis import PatchConfig, build_columns, make_pairs, recovery, run_patching
 from afprobe.patching import PatchEdit, Patcher
 from afprobe.probes import ProbeConfig, run_probes
-from afprobe.prompts import render_pairs
+from afprobe.prompts import PromptConfig, render_pairs
 
 from .conftest import make_tiny_model
 
@@ -208,9 +208,49 @@ def test_columns_line_up_the_tag_request_and_tail(tiny_llama):
         covered = sorted(p for c in columns for p in c.positions[i])
         assert covered == list(range(covered[0], len(patcher.tokens_of(pair.trained))))
 
-    longer = dataclasses.replace(pairs[0].untrained, input_ids=pairs[0].untrained.input_ids[:-1] + (1, 2))
-    with pytest.raises(AfprobeError, match="different lengths"):
-        build_columns([dataclasses.replace(pairs[0], untrained=longer)], patcher, tiny_llama.tokenizer)
+    broken = dataclasses.replace(pairs[0].untrained, input_ids=pairs[0].untrained.input_ids[:-1] + (1, 2))
+    with pytest.raises(AfprobeError, match="request tokenizes differently"):
+        build_columns([dataclasses.replace(pairs[0], untrained=broken)], patcher, tiny_llama.tokenizer)
+
+
+def test_tagged_and_untagged_prompts_pair_their_shared_tokens(tiny_llama, tmp_path):
+    prompt_set = render_pairs(tiny_llama.tokenizer, load_queries("harmful", n=2), PromptConfig(variant="tag-absent"))
+    pairs = make_pairs(prompt_set, ("free", "absent"))
+    k = min(p.n_tokens for p in prompt_set.prompts) - 1
+    k = min(k, prompt_set.shared_prefix_len)
+    prefix = compute_prefix_cache(tiny_llama.model, prompt_set.prompts[0].input_ids[:k])
+    patcher = Patcher(tiny_llama.model, prefix, AnswerTokens.from_tokenizer(tiny_llama.tokenizer))
+    columns = build_columns(pairs, patcher, tiny_llama.tokenizer)
+    for i, pair in enumerate(pairs):
+        a, b = patcher.tokens_of(pair.trained), patcher.tokens_of(pair.untrained)
+        assert len(a) > len(b)
+        for column in columns:
+            # Paired positions hold the same token in both prompts; the tag line has no partner and is left out.
+            assert [a[p] for p in column.positions[i]] == [b[p] for p in column.other[i]]
+            assert column.kind != "tag"
+        assert columns[-1].positions[i] == (len(a) - 1,) and columns[-1].other[i] == (len(b) - 1,)
+
+    output = run_patching(
+        PatchConfig(
+            variant="tag-absent",
+            pair="free,absent",
+            out=str(tmp_path),
+            n=2,
+            layers="0,2",
+            positions="key",
+            mediation_layers="1",
+            n_random=2,
+            n_boot=100,
+            component_columns=1,
+        ),
+        loaded=tiny_llama,
+    )
+    assert output["patch_directions"] == ["absent->free", "free->absent"]
+    assert all(row["passed"] for row in output["checks"].values())
+    assert "full_subspace_recovers_gap" not in output["checks"] and output["attribution"] is None
+    assert "attribution_skipped" in output
+    with pytest.raises(AfprobeError, match="no tier 'nobody'"):
+        run_patching(PatchConfig(variant="tag-absent", pair="free,nobody", out=str(tmp_path), n=2), loaded=tiny_llama)
 
 
 @pytest.fixture(scope="module")

@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--directions", default=None, help="a probes folder: adds the SA, training-context and refusal subspaces"
     )
     patch.add_argument("--direction-position", default="last", help="which stored direction position to use")
+    patch.add_argument(
+        "--pair",
+        default=None,
+        help="the two tiers to swap, e.g. free,absent with --variant tag-absent (default: the variant's contrast)",
+    )
     patch.add_argument("--layers", default="all", help="sweep layers: all, 0,6,12 or 0-30 (default all)")
     patch.add_argument(
         "--positions",
@@ -362,6 +367,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
         **_job_fields(args),
         out=args.out,
         directions=args.directions,
+        pair=args.pair,
         direction_position=args.direction_position,
         layers=args.layers,
         positions=args.positions,

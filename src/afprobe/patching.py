@@ -51,6 +51,11 @@ class PatchEdit:
     positions: tuple[int, ...]
     head: int | None = None
     basis: Float[Tensor, "d_model k"] | None = None
+    donor_positions: tuple[int, ...] | None = None  # where in the donor run to read (default: `positions`)
+
+    @property
+    def source_positions(self) -> list[int]:
+        return list(self.positions if self.donor_positions is None else self.donor_positions)
 
 
 @dataclass
@@ -180,18 +185,20 @@ class Patcher:
     # -- patched runs -----------------------------------------------------------------------------------------------
 
     def _check(self, receiver: PatchRun, donor: PatchRun, edits: Sequence[PatchEdit]) -> None:
-        if len(receiver.tokens) != len(donor.tokens):
-            raise AfprobeError(
-                f"query {receiver.prompt.query_id}: its two tiers tokenize to different lengths "
-                f"({len(receiver.tokens)} vs {len(donor.tokens)} own tokens), so positions do not line up; patching "
-                "needs tier tags of equal token length"
-            )
         for edit in edits:
             top = self.n_layers if edit.site == "resid" else self.n_layers - 1
             if not 0 <= edit.layer <= top:
                 raise AfprobeError(f"{edit.site} layer {edit.layer} out of range 0..{top}")
             if edit.positions and not 0 <= min(edit.positions) <= max(edit.positions) < len(receiver.tokens):
                 raise AfprobeError(f"positions {edit.positions} outside the run's {len(receiver.tokens)} own tokens")
+            source = edit.source_positions
+            if len(source) != len(edit.positions) or (
+                source and not 0 <= min(source) <= max(source) < len(donor.tokens)
+            ):
+                raise AfprobeError(
+                    f"donor positions {source} do not pair with positions {edit.positions} inside the donor's "
+                    f"{len(donor.tokens)} own tokens"
+                )
             if edit.site == "attn_head" and not (edit.head is not None and 0 <= edit.head < self.n_heads):
                 raise AfprobeError(f"head {edit.head} out of range 0..{self.n_heads - 1}")
 
@@ -260,7 +267,7 @@ class Patcher:
         assert edit.head is not None
         columns = slice(edit.head * self.head_dim, (edit.head + 1) * self.head_dim)
         rows = [p - start for p in edit.positions]
-        source = donor.head_inputs[edit.layer, list(edit.positions), columns]
+        source = donor.head_inputs[edit.layer, edit.source_positions, columns]
 
         def hook(module, args):
             x = args[0].clone()
@@ -271,7 +278,7 @@ class Patcher:
 
     def _mlp_hook(self, edit: PatchEdit, donor: PatchRun, start: int) -> Any:
         rows = [p - start for p in edit.positions]
-        source = donor.mlp_out[edit.layer, list(edit.positions)]
+        source = donor.mlp_out[edit.layer, edit.source_positions]
 
         def hook(module, args, output):
             out = output.clone()
@@ -288,7 +295,11 @@ class Patcher:
         estimate(site) = (donor activation - receiver activation) . d metric / d activation, per layer and
         own position (and head). Returns `resid [layer, pos]`, `attn_head [block, pos, head]`, `mlp [block, pos]`.
         """
-        self._check(receiver, donor, [])
+        if len(receiver.tokens) != len(donor.tokens):
+            raise AfprobeError(
+                "attribution patching compares the two runs position by position: their own tokens differ in "
+                f"length ({len(receiver.tokens)} vs {len(donor.tokens)})"
+            )
         captured: dict[tuple[str, int], Tensor] = {}
         with ExitStack() as stack, torch.enable_grad():
             for layer, block in enumerate(self.blocks):
@@ -337,7 +348,7 @@ class Patcher:
 def _replace(hidden: Tensor, edit: PatchEdit, donor_layer: Tensor, start: int) -> Tensor:
     """hidden with the donor's activations (or their component in edit.basis) at the edit's positions."""
     rows = [p - start for p in edit.positions]
-    source = donor_layer[list(edit.positions)].to(hidden.dtype)
+    source = donor_layer[edit.source_positions].to(hidden.dtype)
     out = hidden.clone()
     if edit.basis is None:
         out[0, rows] = source
