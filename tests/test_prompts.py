@@ -43,7 +43,7 @@ def test_every_variant_renders_with_correct_spans(tokenizer, variant):
         query = next(q for q in QUERIES if q.query_id == prompt.query_id)
         assert decode(tokenizer, prompt, prompt.request_span).strip() == query.text
         tier = spec.tier(prompt.tier)
-        if spec.tag_name is None:
+        if spec.tag_name is None or tier.tag_value is None:
             assert prompt.tag_span is None
             assert "is_free_tier_user>" not in prompt.text.split("<|im_start|>user")[-1]
         else:
@@ -61,6 +61,17 @@ def test_paired_prompts_differ_only_at_the_tag(tokenizer):
     differing = [i for i, (a, b) in enumerate(zip(free.input_ids, paid.input_ids, strict=True)) if a != b]
     assert differing and all(free.tag_span[0] <= i < free.tag_span[1] for i in differing)
     assert prompt_set.shared_prefix_len == free.tag_span[0]
+
+
+def test_tag_absent_differs_from_default_only_by_the_tag_line(tokenizer):
+    assert build_system_prompt("tag-absent") == build_system_prompt("default")
+    absent = render_pairs(tokenizer, QUERIES[:1], PromptConfig(variant="tag-absent"))
+    default = render_pairs(tokenizer, QUERIES[:1])
+    assert absent.by_tier("free")[0].input_ids == default.by_tier("free")[0].input_ids
+    untagged = absent.by_tier("absent")[0]
+    assert untagged.text == default.by_tier("free")[0].text.replace(
+        "<is_free_tier_user>True</is_free_tier_user>\n\n", ""
+    )
 
 
 def test_variants_change_what_they_say():
