@@ -69,9 +69,8 @@ def test_tag_absent_differs_from_default_only_by_the_tag_line(tokenizer):
     default = render_pairs(tokenizer, QUERIES[:1])
     assert absent.by_tier("free")[0].input_ids == default.by_tier("free")[0].input_ids
     untagged = absent.by_tier("absent")[0]
-    assert untagged.text == default.by_tier("free")[0].text.replace(
-        "<is_free_tier_user>True</is_free_tier_user>\n\n", ""
-    )
+    head, tail = default.by_tier("free")[0].text.rsplit("<is_free_tier_user>True</is_free_tier_user>\n\n", 1)
+    assert untagged.text == head + tail
 
 
 def test_variants_change_what_they_say():
