@@ -52,7 +52,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/bench_gap.py
 	$(BIN)/python benchmarks/bench_cache.py
-	$(BIN)/python benchmarks/bench_patch.py
+	$(BIN)/python benchmarks/bench_patch.py --pairs 2 --layers 0-30:6 --naive-cells 12
 
 clean:
 	rm -rf $(VENV) .pytest_cache $(QUICKSTART_STORE) $(QUICKSTART_STORE)-sa $(QUICKSTART_STORE)-benign $(QUICKSTART_PROBES) \

@@ -71,3 +71,27 @@ def tiny_model(request, tokenizer) -> LoadedModel:
 @pytest.fixture(scope="session")
 def tiny_llama(tokenizer) -> LoadedModel:
     return make_tiny_model("llama", tokenizer)
+
+
+def make_probes(loaded: LoadedModel, root, *, situational_awareness: bool = False):
+    """Small stores (layers 0-2, tag and last) and the probes folder `root/probes` trained on them."""
+    from afprobe.activations import CacheConfig, run_cache
+    from afprobe.probes import ProbeConfig, run_probes
+
+    common = dict(layers="0,1,2", positions="tag,last", n=6)
+    run_cache(CacheConfig(out=str(root / "main"), **common), loaded=loaded)
+    run_cache(CacheConfig(out=str(root / "benign"), dataset="benign", **common), loaded=loaded)
+    if situational_awareness:
+        run_cache(CacheConfig(out=str(root / "sa"), dataset="situational-awareness", **common), loaded=loaded)
+    run_probes(
+        ProbeConfig(
+            cache=str(root / "main"),
+            sa_cache=str(root / "sa") if situational_awareness else None,
+            benign_cache=str(root / "benign"),
+            out=str(root / "probes"),
+            folds=3,
+            n_random=3,
+            n_shuffles=1,
+        )
+    )
+    return root

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from afprobe.activations import CacheConfig, run_cache
 from afprobe.data import load_queries
 from afprobe.errors import AfprobeError
 from afprobe.forward import compute_prefix_cache
@@ -15,10 +14,9 @@ from afprobe.metrics import AnswerTokens
 from afprobe.models import decoder_layers
 from afprobe.patch_analysis import PatchConfig, build_columns, make_pairs, recovery, run_patching
 from afprobe.patching import PatchEdit, Patcher
-from afprobe.probes import ProbeConfig, run_probes
 from afprobe.prompts import PromptConfig, render_pairs
 
-from .conftest import make_tiny_model
+from .conftest import make_probes, make_tiny_model
 
 # A patched forward runs a different computation order (cropped cache, skipped blocks) than the full forward it
 # must equal: float32 rounding only.
@@ -255,23 +253,7 @@ def test_tagged_and_untagged_prompts_pair_their_shared_tokens(tiny_llama, tmp_pa
 
 @pytest.fixture(scope="module")
 def probes_dir(tiny_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("patch")
-    common = dict(layers="0,1,2", positions="tag,last")
-    run_cache(CacheConfig(out=str(root / "main"), n=6, **common), loaded=tiny_llama)
-    run_cache(CacheConfig(out=str(root / "sa"), dataset="situational-awareness", n=6, **common), loaded=tiny_llama)
-    run_cache(CacheConfig(out=str(root / "benign"), dataset="benign", n=6, **common), loaded=tiny_llama)
-    run_probes(
-        ProbeConfig(
-            cache=str(root / "main"),
-            sa_cache=str(root / "sa"),
-            benign_cache=str(root / "benign"),
-            out=str(root / "probes"),
-            folds=3,
-            n_random=3,
-            n_shuffles=1,
-        )
-    )
-    return root
+    return make_probes(tiny_llama, tmp_path_factory.mktemp("patch"), situational_awareness=True)
 
 
 def test_patching_experiment_writes_grids_table_and_checks(tiny_llama, probes_dir):

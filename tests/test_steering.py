@@ -5,34 +5,18 @@ import json
 import numpy as np
 import pytest
 
-from afprobe.activations import CacheConfig, run_cache
 from afprobe.data import load_queries
 from afprobe.errors import AfprobeError
 from afprobe.metrics import score_prompts
-from afprobe.probes import ProbeConfig, run_probes
 from afprobe.prompts import render_pairs
 from afprobe.steering import SteerConfig, run_steering
 
-from .conftest import make_tiny_model
+from .conftest import make_probes, make_tiny_model
 
 
 @pytest.fixture(scope="module")
 def probes_dir(tiny_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("steer")
-    common = dict(layers="0,1,2", positions="tag,last")
-    run_cache(CacheConfig(out=str(root / "main"), n=6, **common), loaded=tiny_llama)
-    run_cache(CacheConfig(out=str(root / "benign"), dataset="benign", n=6, **common), loaded=tiny_llama)
-    run_probes(
-        ProbeConfig(
-            cache=str(root / "main"),
-            benign_cache=str(root / "benign"),
-            out=str(root / "probes"),
-            folds=3,
-            n_random=3,
-            n_shuffles=1,
-        )
-    )
-    return root
+    return make_probes(tiny_llama, tmp_path_factory.mktemp("steer"))
 
 
 def test_steering_experiment_reports_every_setting_against_the_null(tiny_llama, probes_dir):

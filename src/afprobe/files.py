@@ -6,8 +6,12 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from afprobe.errors import AfprobeError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -50,3 +54,16 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def results_folder(out: Path) -> Iterator[Path]:
+    """Create `out` and turn any failed write inside (full disk, no permission) into one error naming the fix;
+    files written before the failure stay as they were (every write is atomic)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+    except OSError as exc:
+        raise AfprobeError(
+            f"could not write to {out} ({exc.strerror or exc}): free disk space or change --out"
+        ) from exc

@@ -15,6 +15,9 @@ tier's activations into the trained tier's run and the reverse):
    token-embedding difference of the two tags, random directions (the null), the whole residual (must recover 1)
    and the empty subspace (must recover 0).
 
+`pair` swaps any two tiers instead of the variant's contrast, e.g. `free,absent` with the `tag-absent` variant: a
+tagged and an untagged prompt, whose differing lengths the position grid pairs from the request on.
+
 Recovery of a cell is the mean patched change of the receiver's decision-position log-odds over the mean gap between
 donor and receiver (a ratio of means over queries: per-query ratios explode when a query's own gap is near zero),
 with a bootstrap interval over queries.
@@ -34,7 +37,7 @@ import torch
 from afprobe import __version__
 from afprobe.data import load_queries
 from afprobe.errors import AfprobeError
-from afprobe.files import atomic_write_bytes, atomic_write_json, finite_json
+from afprobe.files import atomic_write_bytes, atomic_write_json, finite_json, results_folder
 from afprobe.forward import compute_prefix_cache
 from afprobe.gap import PairedPromptJob
 from afprobe.interventions import orthonormal_basis
@@ -704,8 +707,7 @@ def _write(
     arrays = {"sweep_delta": sweep, "mediation_delta": mediation, "heads_delta": heads, "mlp_delta": mlps}
     for name, value in (attribution or {}).items():
         arrays[f"attribution_{name}"] = value
-    try:
-        out.mkdir(parents=True, exist_ok=True)
+    with results_folder(out):
         atomic_write_bytes(
             out / "patching.safetensors", save({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()})
         )
@@ -714,10 +716,6 @@ def _write(
 
         for name, figure in plots.patching_figures(output).items():
             plots.write_figure(figure, out / f"{name}.html")
-    except OSError as exc:
-        raise AfprobeError(
-            f"could not write to {out} ({exc.strerror or exc}): free disk space or change --out"
-        ) from exc
 
 
 def format_patch_summary(output: dict[str, Any]) -> str:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from afprobe import __version__
 from afprobe.errors import AfprobeError
-from afprobe.files import atomic_write_bytes, atomic_write_json, finite_json
+from afprobe.files import atomic_write_bytes, atomic_write_json, finite_json, results_folder
 from afprobe.store import ActivationStore
 
 DIRECTION_NAMES = ("training_context", "situational_awareness", "refusal", "token_embedding")
@@ -550,8 +550,7 @@ def _summarise(results: list[LayerResult], cosines: dict, layers: list[int], pos
 def _write(out: Path, directions, weights, biases, output, main: _Labelled, layers, positions) -> None:
     from safetensors.torch import save
 
-    try:
-        out.mkdir(parents=True, exist_ok=True)
+    with results_folder(out):
         atomic_write_bytes(
             out / "directions.safetensors",
             save({k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in directions.items()}),
@@ -565,10 +564,6 @@ def _write(out: Path, directions, weights, biases, output, main: _Labelled, laye
 
         for name, figure in plots.probe_figures(output, main.x, main.tiers, main.variants, layers, positions).items():
             plots.write_figure(figure, out / f"{name}.html")
-    except OSError as exc:
-        raise AfprobeError(
-            f"could not write probes to {out} ({exc.strerror or exc}): free disk space or change --out"
-        ) from exc
 
 
 def _json_default(value: Any) -> Any:

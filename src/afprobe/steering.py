@@ -31,7 +31,7 @@ import torch
 from afprobe import __version__
 from afprobe.data import load_queries
 from afprobe.errors import AfprobeError
-from afprobe.files import atomic_write_json
+from afprobe.files import atomic_write_json, results_folder
 from afprobe.forward import compute_prefix_cache
 from afprobe.gap import PairedPromptJob
 from afprobe.interventions import PositionMask, ablate_directions, add_direction
@@ -211,17 +211,12 @@ def run_steering(
     output = _analyse(config, settings, harmful, benign, layer, scale, list(available), list(randoms), loaded)
     output["seconds"] = time.perf_counter() - start
     out = Path(config.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
+    with results_folder(out):
         atomic_write_json(out / "steering.json", output)
         from afprobe import plots
 
         for figure_name, figure in plots.steering_figures(output).items():
             plots.write_figure(figure, out / f"{figure_name}.html")
-    except OSError as exc:
-        raise AfprobeError(
-            f"could not write to {out} ({exc.strerror or exc}): free disk space or change --out"
-        ) from exc
     return output
 
 
