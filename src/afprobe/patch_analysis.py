@@ -686,7 +686,14 @@ def _mediation_table(
                     row["reading"] = (
                         f"{name} at layer {layer} ({direction}): {value:+.0%} [{low:+.0%}, {high:+.0%}] of the gap; "
                         f"random 1-d subspaces |recovery| <= {null_p95:.0%} (95th pct): "
-                        + ("carries more than a random direction" if beyond else "no more than a random direction")
+                        + (
+                            "no more than a random direction"
+                            if not beyond
+                            else "carries more of the gap than a random direction"
+                            if value > 0
+                            else "works against the gap more than a random direction (patching it moves the run away "
+                            "from the donor)"
+                        )
                     )
                     readings.append(row["reading"])
                 rows.append(row)
