@@ -316,3 +316,23 @@ def test_cli_patch(tiny_llama, tmp_path, capsys):
     assert "needs --directions" in capsys.readouterr().err
     assert main([*args, "--mediation-layers", "9"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+@pytest.mark.embedded
+def test_embedded_model_patch_matches_the_full_forward(tokenizer):
+    from afprobe.models import load_model
+
+    loaded = load_model(device="cpu")
+    _, patcher, free, paid = _setup(loaded, n=1)
+    # Patching the tag alone at layer 0 is the whole difference between the runs (nothing else differs there).
+    assert patcher.patched_metric(free, paid, [PatchEdit("resid", 0, (0,))]) == pytest.approx(paid.metric, abs=1e-3)
+    # A mid-network cell equals the naive way: the whole 3,000-token prompt with a hook overwriting the cell.
+    layer, position = 12, free.decision - 2
+    _, donor_acts = _naive(loaded, paid.prompt, patcher.answers, [])
+    source = donor_acts[("resid", layer)][patcher.prefix.length + position]
+    expected, _ = _naive(
+        loaded, free.prompt, patcher.answers, [("resid", layer, patcher.prefix.length + position, None, source)]
+    )
+    fast = patcher.patched_metric(free, paid, [PatchEdit("resid", layer, (position,))])
+    assert fast == pytest.approx(expected, abs=1e-3)
+    assert fast != pytest.approx(free.metric, abs=1e-6)  # the cell matters, so the comparison is not vacuous
