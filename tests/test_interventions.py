@@ -124,8 +124,12 @@ def test_interventions_work_through_the_transformer_lens_and_nnsight_backends(ti
     with add_direction(bridge.bridge, direction, layers=[1], coefficient=5.0):
         through_bridge, _ = bridge.forward(ids, None)
     nnsight = NNsightBackend(tiny_llama, [0, 1, 2])
-    with add_direction(tiny_llama.model, direction, layers=[1], coefficient=5.0):
+    with add_direction(nnsight.wrapped, direction, layers=[1], coefficient=5.0):
         through_nnsight, _ = nnsight.forward(ids, None)
+    # The backends wrap copies: the user's modules keep their own forward, and the weights are not duplicated
+    # by nnsight's copy.
+    assert not any("forward" in module.__dict__ for module in tiny_llama.model.modules())
+    assert nnsight.wrapped.model.embed_tokens.weight is tiny_llama.model.model.embed_tokens.weight
     torch.testing.assert_close(through_bridge, expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(through_nnsight, expected, atol=1e-4, rtol=0)
     assert hook_count(tiny_llama.model) == hooks and hook_count(bridge.bridge) == own_hooks

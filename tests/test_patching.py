@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -151,12 +152,21 @@ def test_patching_leaves_the_model_as_it_was(tiny_llama):
         return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules)
 
     before = hook_count()
+    forwards = [block.__dict__.get("forward") for block in blocks]
     patcher.patched_metric(free, paid, [PatchEdit("resid", 1, (0,)), PatchEdit("attn_head", 1, (0,), head=0)])
     patcher.attribution(free, paid)
     with pytest.raises(AfprobeError, match="out of range"):
         patcher.patched_metric(free, paid, [PatchEdit("resid", 99, (0,))])
     assert hook_count() == before
-    assert all("forward" not in block.__dict__ for block in blocks)
+    assert [block.__dict__.get("forward") for block in blocks] == forwards
+    # An instance-level forward already there (accelerate installs one per module) is put back after skipping.
+    blocks[0].forward = functools.partial(blocks[0].forward)
+    installed = blocks[0].__dict__["forward"]
+    try:
+        patcher.patched_metric(free, paid, [PatchEdit("resid", 1, (0,))])
+        assert blocks[0].__dict__["forward"] is installed
+    finally:
+        del blocks[0].forward
     # A later plain forward sees the unpatched model.
     assert patcher.record(free.prompt).metric == pytest.approx(free.metric, abs=1e-6)
 

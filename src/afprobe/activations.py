@@ -41,7 +41,7 @@ from afprobe.metrics import (
     score_batch,
     score_from_full_logits,
 )
-from afprobe.models import LoadedModel, decoder_layers
+from afprobe.models import LoadedModel, decoder_layers, shared_weight_copy
 from afprobe.prompts import PromptSet, RenderedPrompt, render_pairs
 from afprobe.store import (
     IDENTITY_FIELDS,
@@ -281,7 +281,11 @@ class NNsightBackend(FullForwardBackend):
 
         self.loaded = loaded
         self.layers = list(layers)
-        self.model = TransformersModel(loaded.model, tokenizer=loaded.tokenizer)
+        # nnsight installs its own `forward` on every module it wraps and leaves it there: it gets a copy of the
+        # module tree that shares the weights, so the user's model stays as it was. Interventions meant to act
+        # through this backend go on `self.wrapped`.
+        self.wrapped = shared_weight_copy(loaded.model)
+        self.model = TransformersModel(self.wrapped, tokenizer=loaded.tokenizer)
         self.n_layers = loaded.n_layers
 
     @torch.inference_mode()

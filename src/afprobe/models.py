@@ -7,6 +7,7 @@ so a result can always be traced to the exact weights that produced it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -318,6 +319,13 @@ def wrap_model(
         max_context=int(getattr(config, "max_position_embeddings", 0) or 0),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fingerprint)
+
+
+def shared_weight_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with `model` (no second copy of the
+    weights), for wrappers that patch the modules they are given (nnsight replaces their `forward`)."""
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
