@@ -160,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--n-boot", type=int, default=2000)
     patch.add_argument("--seed", type=int, default=0)
 
+    sae = commands.add_parser("sae", help="sparse autoencoders (sae-lens) on cached activations")
+    sae_commands = sae.add_subparsers(dest="sae_command", required=True)
+    train = sae_commands.add_parser("train", help="train a TopK SAE on one layer of one or more activation stores")
+    train.add_argument(
+        "--cache", action="append", required=True, help="an activation store; repeat for more (SA, benign, ...)"
+    )
+    train.add_argument("--layer", type=int, required=True, help="the residual-stream layer to train on")
+    train.add_argument("--out", required=True, help="folder for the SAE (sae-lens format) and afprobe_sae.json")
+    train.add_argument("--d-sae", type=int, default=None, help="number of features (default 8 x d_model)")
+    train.add_argument("--k", type=int, default=32, help="active features per token")
+    train.add_argument("--epochs", type=float, default=20.0, help="passes over the training tokens")
+    train.add_argument("--lr", type=float, default=4e-4)
+    train.add_argument("--batch-size", type=int, default=512)
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--seed", type=int, default=0)
+
     commands.add_parser("variants", help="list the prompt variants")
 
     show = commands.add_parser("prompt", help="print one rendered prompt, for inspection")
@@ -387,6 +403,31 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sae(args: argparse.Namespace) -> int:
+    from afprobe.sae import SAETrainConfig, train_sae
+
+    config = SAETrainConfig(
+        caches=tuple(args.cache),
+        layer=args.layer,
+        out=args.out,
+        d_sae=args.d_sae,
+        k=args.k,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+    )
+    result = train_sae(config)
+    quality = result["quality_held_out"]
+    print(
+        f"SAE on layer {result['layer']}: {result['n_train_tokens']} training tokens, held-out explained variance "
+        f"{quality['explained_variance']:.3f}, L0 {quality['l0']:.1f}, dead features {quality['dead_fraction']:.1%} "
+        f"({result['seconds']['total']:.0f} s)\nwrote {args.out}/ (cfg.json, sae_weights.safetensors, afprobe_sae.json)"
+    )
+    return 0
+
+
 def format_steering_summary(output: dict) -> str:
     base = output["baseline_gap"]
     lines = [
@@ -454,6 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "probe": _cmd_probe,
         "steer": _cmd_steer,
         "patch": _cmd_patch,
+        "sae": _cmd_sae,
         "variants": _cmd_variants,
         "prompt": _cmd_prompt,
     }

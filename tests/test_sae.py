@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from afprobe.errors import AfprobeError
+from afprobe.sae import SAETrainConfig, TrainingTokens, load_sae, load_training_tokens, sae_quality, train_sae
+
+
+def planted_activations(n: int = 12_000, d: int = 32, n_features: int = 48, active: int = 3, seed: int = 0):
+    """Activations that are sums of a few of `n_features` known directions with positive magnitudes."""
+    generator = torch.Generator().manual_seed(seed)
+    dictionary = torch.nn.functional.normalize(torch.randn(n_features, d, generator=generator), dim=-1)
+    chosen = torch.stack([torch.randperm(n_features, generator=generator)[:active] for _ in range(n)])
+    magnitudes = 1.0 + torch.rand(n, active, generator=generator)
+    codes = torch.zeros(n, n_features).scatter_(1, chosen, magnitudes)
+    return codes @ dictionary, dictionary
+
+
+def test_training_on_planted_sparse_features_recovers_them(tmp_path):
+    tokens, dictionary = planted_activations()
+    config = SAETrainConfig(caches=(), layer=0, out=str(tmp_path / "sae"), d_sae=96, k=3, epochs=40, lr=3e-3)
+    result = train_sae(config, data=TrainingTokens(tokens, [{"store": "synthetic"}], {"name": "synthetic"}))
+    sae = load_sae(str(tmp_path / "sae"))
+    decoder = torch.nn.functional.normalize(sae.W_dec.detach(), dim=-1)  # [d_sae, d]
+    best = (dictionary @ decoder.T).max(dim=1).values  # each planted feature's closest SAE feature
+    assert float((best > 0.9).float().mean()) >= 0.9, best
+    assert result["quality_held_out"]["explained_variance"] > 0.8
+    assert result["quality_held_out"]["l0"] <= 3.0 + 1e-6
+    saved = json.loads((tmp_path / "sae" / "afprobe_sae.json").read_text())
+    assert saved["config"]["k"] == 3 and saved["n_train_tokens"] == int(len(tokens) * 0.9)
+
+
+def test_an_untrained_direction_set_is_not_recovered_by_chance():
+    # The recovery criterion above is not loose: random unit vectors do not match a planted dictionary.
+    _, dictionary = planted_activations()
+    random = torch.nn.functional.normalize(torch.randn(96, dictionary.shape[1]), dim=-1)
+    assert float(((dictionary @ random.T).max(dim=1).values > 0.9).float().mean()) < 0.1
+
+
+def test_saved_sae_round_trips(tmp_path):
+    tokens, _ = planted_activations(n=2_000)
+    config = SAETrainConfig(caches=(), layer=0, out=str(tmp_path / "sae"), d_sae=64, k=4, epochs=1)
+    train_sae(config, data=TrainingTokens(tokens))
+    first, second = load_sae(str(tmp_path / "sae")), load_sae(str(tmp_path / "sae"))
+    x = tokens[:50]
+    torch.testing.assert_close(first.encode(x), second.encode(x))
+    assert sae_quality(first, x) == sae_quality(second, x)
+    with pytest.raises(AfprobeError, match="no cfg.json"):
+        load_sae(str(tmp_path))
+    with pytest.raises(AfprobeError, match="--sae-id"):
+        load_sae("some-release-name")
+
+
+def test_training_tokens_come_from_stores_of_one_model(tiny_llama, tokenizer, tmp_path):
+    from afprobe.activations import CacheConfig, run_cache
+
+    from .conftest import make_tiny_model
+
+    run_cache(CacheConfig(out=str(tmp_path / "a"), n=2, layers="1", positions="suffix"), loaded=tiny_llama)
+    run_cache(CacheConfig(out=str(tmp_path / "b"), n=2, layers="1", positions="tag,last"), loaded=tiny_llama)
+    data = load_training_tokens([str(tmp_path / "a"), str(tmp_path / "b")], 1)
+    assert [s["position"] for s in data.sources] == ["suffix", "tag", "last"]
+    assert data.tokens.shape[0] == sum(s["tokens"] for s in data.sources)
+    with pytest.raises(AfprobeError, match="no layer 0"):
+        load_training_tokens([str(tmp_path / "a")], 0)
+    other = make_tiny_model("llama", tokenizer, seed=3)
+    run_cache(CacheConfig(out=str(tmp_path / "c"), n=2, layers="1", positions="last"), loaded=other)
+    with pytest.raises(AfprobeError, match="trained on one model"):
+        load_training_tokens([str(tmp_path / "a"), str(tmp_path / "c")], 1)
+
+
+def test_cli_sae_train(tiny_llama, tmp_path, capsys):
+    from afprobe.activations import CacheConfig, run_cache
+    from afprobe.cli import main
+
+    run_cache(CacheConfig(out=str(tmp_path / "a"), n=2, layers="1", positions="suffix"), loaded=tiny_llama)
+    args = ["sae", "train", "--cache", str(tmp_path / "a"), "--d-sae", "128", "--k", "8", "--epochs", "2"]
+    assert main([*args, "--layer", "1", "--out", str(tmp_path / "sae")]) == 0
+    assert "held-out explained variance" in capsys.readouterr().out
+    assert load_sae(str(tmp_path / "sae")).cfg.d_sae == 128
+    assert main([*args, "--layer", "5", "--out", str(tmp_path / "x")]) == 2
+    assert "no layer 5" in capsys.readouterr().err
