@@ -21,7 +21,9 @@ def planted_activations(n: int = 12_000, d: int = 32, n_features: int = 48, acti
 
 def test_training_on_planted_sparse_features_recovers_them(tmp_path):
     tokens, dictionary = planted_activations()
-    config = SAETrainConfig(caches=(), layer=0, out=str(tmp_path / "sae"), d_sae=96, k=3, epochs=40, lr=3e-3)
+    config = SAETrainConfig(
+        caches=(), layer=0, out=str(tmp_path / "sae"), d_sae=96, k=3, epochs=40, lr=3e-3, loss_prompts=0
+    )
     result = train_sae(config, data=TrainingTokens(tokens, [{"store": "synthetic"}], {"name": "synthetic"}))
     sae = load_sae(str(tmp_path / "sae"))
     decoder = torch.nn.functional.normalize(sae.W_dec.detach(), dim=-1)  # [d_sae, d]
@@ -42,7 +44,7 @@ def test_an_untrained_direction_set_is_not_recovered_by_chance():
 
 def test_saved_sae_round_trips(tmp_path):
     tokens, _ = planted_activations(n=2_000)
-    config = SAETrainConfig(caches=(), layer=0, out=str(tmp_path / "sae"), d_sae=64, k=4, epochs=1)
+    config = SAETrainConfig(caches=(), layer=0, out=str(tmp_path / "sae"), d_sae=64, k=4, epochs=1, loss_prompts=0)
     train_sae(config, data=TrainingTokens(tokens))
     first, second = load_sae(str(tmp_path / "sae")), load_sae(str(tmp_path / "sae"))
     x = tokens[:50]
@@ -78,8 +80,39 @@ def test_cli_sae_train(tiny_llama, tmp_path, capsys):
 
     run_cache(CacheConfig(out=str(tmp_path / "a"), n=2, layers="1", positions="suffix"), loaded=tiny_llama)
     args = ["sae", "train", "--cache", str(tmp_path / "a"), "--d-sae", "128", "--k", "8", "--epochs", "2"]
+    args += ["--loss-prompts", "0"]
     assert main([*args, "--layer", "1", "--out", str(tmp_path / "sae")]) == 0
     assert "held-out explained variance" in capsys.readouterr().out
     assert load_sae(str(tmp_path / "sae")).cfg.d_sae == 128
     assert main([*args, "--layer", "5", "--out", str(tmp_path / "x")]) == 2
     assert "no layer 5" in capsys.readouterr().err
+
+
+def test_spliced_loss_is_clean_for_a_perfect_reconstruction_and_worse_for_a_real_sae(tiny_llama, tmp_path):
+    from afprobe.activations import CacheConfig, run_cache
+    from afprobe.data import load_queries
+    from afprobe.prompts import render_pairs
+    from afprobe.sae import spliced_loss
+
+    class Identity:
+        dtype = torch.float32
+
+        def encode(self, x):
+            return x
+
+        def decode(self, x):
+            return x
+
+    prompt_set = render_pairs(tiny_llama.tokenizer, load_queries("harmful", n=1))
+    k = prompt_set.shared_prefix_len
+    perfect = spliced_loss(tiny_llama, Identity(), 1, prompt_set.prompts, k)
+    assert perfect["spliced"] == pytest.approx(perfect["clean"], abs=1e-5)
+    assert perfect["zeroed"] != pytest.approx(perfect["clean"], abs=1e-6)  # the splice reaches the output
+
+    run_cache(CacheConfig(out=str(tmp_path / "a"), n=2, layers="1", positions="suffix"), loaded=tiny_llama)
+    config = SAETrainConfig(
+        caches=(str(tmp_path / "a"),), layer=1, out=str(tmp_path / "sae"), d_sae=64, k=2, epochs=2, loss_prompts=2
+    )
+    result = train_sae(config, loaded=tiny_llama)
+    # 2 of 64 features cannot reconstruct a random model's residual exactly, and the loss shows it.
+    assert result["spliced_loss"]["spliced"] != pytest.approx(result["spliced_loss"]["clean"], abs=1e-6)

@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=512)
     train.add_argument("--device", default="cpu")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--loss-prompts", type=int, default=8, help="harmful prompts scored with the SAE spliced in (0: skip)"
+    )
+    train.add_argument("--model", default=None, help="the model to splice into (default: the one the stores name)")
 
     commands.add_parser("variants", help="list the prompt variants")
 
@@ -417,14 +421,23 @@ def _cmd_sae(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         seed=args.seed,
+        loss_prompts=args.loss_prompts,
+        model=args.model,
     )
     result = train_sae(config)
     quality = result["quality_held_out"]
     print(
         f"SAE on layer {result['layer']}: {result['n_train_tokens']} training tokens, held-out explained variance "
         f"{quality['explained_variance']:.3f}, L0 {quality['l0']:.1f}, dead features {quality['dead_fraction']:.1%} "
-        f"({result['seconds']['total']:.0f} s)\nwrote {args.out}/ (cfg.json, sae_weights.safetensors, afprobe_sae.json)"
+        f"({result['seconds']['total']:.0f} s)"
     )
+    if "spliced_loss" in result:
+        loss = result["spliced_loss"]
+        print(
+            f"next-token loss with the SAE spliced in: {loss['spliced']:.3f} vs {loss['clean']:.3f} clean, "
+            f"{loss['zeroed']:.3f} zeroed ({loss['recovered']:.1%} recovered, {loss['n_prompts']} prompts)"
+        )
+    print(f"wrote {args.out}/ (cfg.json, sae_weights.safetensors, afprobe_sae.json)")
     return 0
 
 

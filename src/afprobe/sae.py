@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,10 @@ from torch import Tensor
 from afprobe import __version__
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_json, results_folder
+from afprobe.forward import compute_prefix_cache, extend_batch, start_batch
+from afprobe.interventions import residual_edit
+from afprobe.models import LoadedModel
+from afprobe.prompts import RenderedPrompt
 from afprobe.store import ActivationStore
 
 
@@ -44,6 +49,8 @@ class SAETrainConfig:
     holdout: float = 0.1
     seed: int = 0
     device: str = "cpu"
+    loss_prompts: int = 8  # harmful prompts scored with the SAE spliced in (0: skip)
+    model: str | None = None  # the model to splice into (default: the one the stores name)
 
 
 @dataclass
@@ -115,8 +122,11 @@ def sae_quality(sae: Any, tokens: Float[Tensor, "n d_model"], batch_size: int = 
     }
 
 
-def train_sae(config: SAETrainConfig, *, data: TrainingTokens | None = None) -> dict[str, Any]:
-    """Train, evaluate on held-out tokens and save; returns what afprobe_sae.json holds."""
+def train_sae(
+    config: SAETrainConfig, *, data: TrainingTokens | None = None, loaded: LoadedModel | None = None
+) -> dict[str, Any]:
+    """Train, evaluate on held-out tokens (and, with `loss_prompts`, spliced into the model) and save; returns what
+    afprobe_sae.json holds."""
     from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
@@ -178,11 +188,82 @@ def train_sae(config: SAETrainConfig, *, data: TrainingTokens | None = None) -> 
         "n_train_tokens": int(train.shape[0]),
         "quality_held_out": sae_quality(inference, held_out),
         "quality_train": sae_quality(inference, train[: min(len(train), 20_000)]),
-        "seconds": {"train": trained_seconds, "total": time.perf_counter() - started},
     }
+    if config.loss_prompts > 0:
+        result["spliced_loss"] = _spliced_loss_for(config, inference, data, loaded)
+    result["seconds"] = {"train": trained_seconds, "total": time.perf_counter() - started}
     with results_folder(out):
         atomic_write_json(out / "afprobe_sae.json", result)
     return result
+
+
+@torch.no_grad()
+def spliced_loss(
+    loaded: LoadedModel, sae: Any, layer: int, prompts: Sequence[RenderedPrompt], prefix_len: int
+) -> dict[str, float]:
+    """Next-token loss on the prompts' own tokens (after the shared prefix) when the residual stream at `layer` is
+    replaced by the SAE's reconstruction, against the clean model and against zeroing it.
+
+    `recovered` = (zeroed - spliced) / (zeroed - clean): 1 means the reconstruction loses nothing the model uses.
+    The shared prefix runs clean (it is computed once), so only the prompts' own positions are spliced.
+    """
+    model = loaded.model
+    prefix = compute_prefix_cache(model, prompts[0].input_ids[:prefix_len])
+
+    def loss(edit: Any) -> float:
+        total, count = 0.0, 0
+        for prompt in prompts:
+            own = list(prompt.input_ids[prefix_len:])
+            if len(own) < 2:
+                continue
+            context = residual_edit(model, [layer], edit) if edit is not None else nullcontext()
+            with context:
+                logits, _, _ = extend_batch(model, start_batch(prefix, 1), [own], [list(range(len(own) - 1))])
+            targets = torch.tensor(own[1:], device=logits[0].device)
+            total += float(torch.nn.functional.cross_entropy(logits[0], targets, reduction="sum"))
+            count += len(own) - 1
+        if count == 0:
+            raise AfprobeError("the prompts have no own tokens to score after the shared prefix")
+        return total / count
+
+    def reconstruct(hidden: Tensor, _layer: int) -> Tensor:
+        return sae.decode(sae.encode(hidden.to(sae.dtype))).to(hidden.dtype)
+
+    clean = loss(None)
+    spliced = loss(reconstruct)
+    zeroed = loss(lambda hidden, _layer: torch.zeros_like(hidden))
+    return {
+        "clean": clean,
+        "spliced": spliced,
+        "zeroed": zeroed,
+        "increase": spliced - clean,
+        "recovered": (zeroed - spliced) / (zeroed - clean) if zeroed != clean else float("nan"),
+        "n_prompts": len(prompts),
+    }
+
+
+def _spliced_loss_for(
+    config: SAETrainConfig, sae: Any, data: TrainingTokens, loaded: LoadedModel | None
+) -> dict[str, float]:
+    from afprobe.data import load_queries
+    from afprobe.prompts import render_pairs
+
+    if loaded is None:
+        from afprobe.models import load_model
+
+        spec = config.model or data.model.get("name")
+        if not spec:
+            raise AfprobeError("the stores do not name their model: pass --model, or --loss-prompts 0")
+        loaded = load_model(spec, adapter=data.model.get("adapter"), device=config.device)
+    if data.model and loaded.fingerprint.weights_sha256 != data.model.get("weights_sha256"):
+        raise AfprobeError(
+            f"{loaded.fingerprint.name} is not the model the stores were cached from ({data.model.get('name')}): "
+            "pass that model with --model, or --loss-prompts 0"
+        )
+    prompt_set = render_pairs(loaded.tokenizer, load_queries("harmful", n=max(1, (config.loss_prompts + 1) // 2)))
+    prompts = prompt_set.prompts[: config.loss_prompts]
+    prefix_len = min(prompt_set.shared_prefix_len, min(p.n_tokens for p in prompts) - 2)
+    return spliced_loss(loaded, sae, config.layer, prompts, prefix_len)
 
 
 def load_sae(spec: str, *, sae_id: str | None = None, device: str = "cpu") -> Any:
