@@ -116,3 +116,50 @@ def test_spliced_loss_is_clean_for_a_perfect_reconstruction_and_worse_for_a_real
     result = train_sae(config, loaded=tiny_llama)
     # 2 of 64 features cannot reconstruct a random model's residual exactly, and the loss shows it.
     assert result["spliced_loss"]["spliced"] != pytest.approx(result["spliced_loss"]["clean"], abs=1e-6)
+
+
+class _IdentitySAE:
+    """encode = the activation itself: each dimension is a 'feature' with a known tier effect."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+
+    def encode(self, x):
+        return x
+
+    def decode(self, x):
+        return x
+
+
+def test_tier_differing_features_are_found_after_correction_and_only_they(tmp_path):
+    from afprobe.sae import benjamini_hochberg, tier_feature_differences
+    from afprobe.store import create_store
+
+    generator = torch.Generator().manual_seed(0)
+    n, d = 24, 40
+    base = torch.randn(n, d, generator=generator)
+    free = base + 0.3 * torch.randn(n, d, generator=generator)
+    paid = base + 0.3 * torch.randn(n, d, generator=generator)
+    free[:, 5] += 1.0  # the one feature that differs by tier
+    acts = torch.cat([free, paid])[:, None, :]
+    ids = [f"q{i}" for i in range(n)] * 2
+    store = create_store(tmp_path / "s", {"last": acts}, layers=[3], query_ids=ids, tiers=["free"] * n + ["paid"] * n)
+    result = tier_feature_differences(_IdentitySAE(), store, 3, n_boot=500)
+    # The planted feature comes first; at a 5% false-discovery rate a chance feature may join it, rarely more.
+    assert result["features"][0]["feature"] == 5 and result["n_significant"] <= 2
+    row = result["features"][0]
+    assert row["ci"][0] < row["mean_difference"] < row["ci"][1] and row["ci"][0] > 0.5
+
+    # With no tier effect at all, a discovery happens in about alpha = 5% of datasets (Benjamini-Hochberg controls
+    # the family-wise error under the complete null): count over 20 null datasets.
+    with_discoveries = 0
+    for trial in range(20):
+        g = torch.Generator().manual_seed(100 + trial)
+        same = torch.randn(n, d, generator=g)
+        null_acts = torch.cat([same, same + 0.3 * torch.randn(n, d, generator=g)])[:, None]
+        null_store = create_store(
+            tmp_path / f"null{trial}", {"last": null_acts}, layers=[3], query_ids=ids, tiers=["free"] * n + ["paid"] * n
+        )
+        with_discoveries += tier_feature_differences(_IdentitySAE(), null_store, 3, n_boot=50)["n_significant"] > 0
+    assert with_discoveries <= 3  # P(more than 3 of 20 | rate 5%) < 2%
+    q = benjamini_hochberg(torch.tensor([0.01, 0.04, 0.03, 0.5], dtype=torch.float64))
+    assert q.tolist() == pytest.approx([0.04, 0.16 / 3, 0.16 / 3, 0.5], abs=1e-9)
