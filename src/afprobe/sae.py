@@ -8,7 +8,9 @@ sae-lens' trainer and writes it in sae-lens' format (`cfg.json`, `sae_weights.sa
 on, and its quality on the held-out tokens (explained variance, L0, dead features).
 
 `load_sae(path)` loads a saved SAE; `load_sae(release, sae_id=...)` a published one through sae-lens' registry
-(needs the hub, or its files in the local Hugging Face cache).
+(needs the hub, or its files in the local Hugging Face cache). `spliced_loss` measures what the model loses when
+the SAE's reconstruction replaces the layer; `tier_feature_differences` finds the features that differ between
+the two tiers of the same query, with intervals and a false-discovery-rate correction.
 """
 
 from __future__ import annotations
