@@ -163,3 +163,31 @@ def test_tier_differing_features_are_found_after_correction_and_only_they(tmp_pa
     assert with_discoveries <= 3  # P(more than 3 of 20 | rate 5%) < 2%
     q = benjamini_hochberg(torch.tensor([0.01, 0.04, 0.03, 0.5], dtype=torch.float64))
     assert q.tolist() == pytest.approx([0.04, 0.16 / 3, 0.16 / 3, 0.5], abs=1e-9)
+
+
+def test_cli_sae_features(tmp_path, capsys):
+    from afprobe.cli import main
+    from afprobe.store import create_store
+
+    tokens, _ = planted_activations(n=2_000, d=16)
+    train_sae(
+        SAETrainConfig(caches=(), layer=2, out=str(tmp_path / "sae"), d_sae=32, k=4, epochs=2, loss_prompts=0),
+        data=TrainingTokens(tokens),
+    )
+    generator = torch.Generator().manual_seed(1)
+    paid = tokens[:30]
+    free = paid + 0.01 * torch.randn(paid.shape, generator=generator)
+    ids = [f"q{i}" for i in range(30)] * 2
+    create_store(
+        tmp_path / "s",
+        {"last": torch.cat([free, paid])[:, None]},
+        layers=[2],
+        query_ids=ids,
+        tiers=["free"] * 30 + ["paid"] * 30,
+    )
+    args = ["sae", "features", "--sae", str(tmp_path / "sae"), "--cache", str(tmp_path / "s"), "--layer", "2"]
+    assert main([*args, "--out", str(tmp_path / "f.json")]) == 0
+    assert "features differ between free and paid" in capsys.readouterr().out
+    assert json.loads((tmp_path / "f.json").read_text())["n_features"] == 32
+    assert main([*args[:-1], "7"]) == 2
+    assert "layers [7] are not in store" in capsys.readouterr().err

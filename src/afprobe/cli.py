@@ -179,6 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss-prompts", type=int, default=8, help="harmful prompts scored with the SAE spliced in (0: skip)"
     )
     train.add_argument("--model", default=None, help="the model to splice into (default: the one the stores name)")
+    features = sae_commands.add_parser("features", help="SAE features that differ between the tiers of a store")
+    features.add_argument("--sae", required=True, help="an SAE folder (from `afprobe sae train`) or a sae-lens release")
+    features.add_argument("--sae-id", default=None, help="the SAE's id within a sae-lens release")
+    features.add_argument("--cache", required=True, help="a paired-prompt activation store")
+    features.add_argument("--layer", type=int, required=True, help="the layer the SAE reads")
+    features.add_argument("--position", default="last", help="which cached position (default last)")
+    features.add_argument("--alpha", type=float, default=0.05, help="false-discovery rate (default 0.05)")
+    features.add_argument("--top", type=int, default=20, help="how many features to list")
+    features.add_argument("--out", default=None, help="also write the result as JSON to this file")
 
     commands.add_parser("variants", help="list the prompt variants")
 
@@ -410,6 +419,9 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 def _cmd_sae(args: argparse.Namespace) -> int:
     from afprobe.sae import SAETrainConfig, train_sae
 
+    if args.sae_command == "features":
+        return _cmd_sae_features(args)
+
     config = SAETrainConfig(
         caches=tuple(args.cache),
         layer=args.layer,
@@ -438,6 +450,30 @@ def _cmd_sae(args: argparse.Namespace) -> int:
             f"{loss['zeroed']:.3f} zeroed ({loss['recovered']:.1%} recovered, {loss['n_prompts']} prompts)"
         )
     print(f"wrote {args.out}/ (cfg.json, sae_weights.safetensors, afprobe_sae.json)")
+    return 0
+
+
+def _cmd_sae_features(args: argparse.Namespace) -> int:
+    from afprobe.files import atomic_write_json, finite_json
+    from afprobe.sae import load_sae, tier_feature_differences
+    from afprobe.store import ActivationStore
+
+    sae = load_sae(args.sae, sae_id=args.sae_id)
+    store = ActivationStore.open(args.cache)
+    result = tier_feature_differences(sae, store, args.layer, position=args.position, alpha=args.alpha, top=args.top)
+    first, second = result["tiers"]
+    print(
+        f"{result['n_significant']} of {result['n_features']} features differ between {first} and {second} at "
+        f"FDR {args.alpha} (layer {args.layer}, {args.position}, {result['n_queries']} queries)"
+    )
+    for row in result["features"]:
+        print(
+            f"  feature {row['feature']:>6}: {first} - {second} {row['mean_difference']:+.4f} "
+            f"[{row['ci'][0]:+.4f}, {row['ci'][1]:+.4f}], q {row['q_value']:.2g}"
+        )
+    if args.out:
+        atomic_write_json(Path(args.out), finite_json(result))
+        print(f"wrote {args.out}")
     return 0
 
 
