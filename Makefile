@@ -11,7 +11,12 @@ QUICKSTART_STORE ?= activations/quickstart
 QUICKSTART_PROBES ?= probes/quickstart
 QUICKSTART_STEER ?= results/quickstart-steering
 QUICKSTART_PATCH ?= results/quickstart-patching
-QUICKSTART_CACHE = --model $(QUICKSTART_MODEL) --layers all --positions tag,last
+QUICKSTART_SAE ?= probes/quickstart-sae
+QUICKSTART_SAE_FEATURES ?= results/quickstart-sae
+# The SAE's layer: where the probes' situational-awareness direction mediates most of the gap on the embedded model.
+QUICKSTART_SAE_LAYER ?= 18
+QUICKSTART_CACHE = --model $(QUICKSTART_MODEL) --layers all --positions tag,last,suffix \
+	--suffix-layers $(QUICKSTART_SAE_LAYER)
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.afprobe-installed

@@ -64,6 +64,31 @@ def test_store_round_trip_matches_plain_forward(tiny_model, tmp_path):
     assert gap["gaps"]["free-paid"]["log_odds"]["mean"] == pytest.approx(expected_gap, abs=1e-9)
 
 
+def test_suffix_layers_keep_every_token_at_fewer_layers_and_the_token_text(tiny_llama, tmp_path):
+    full = run_cache(CacheConfig(out=str(tmp_path / "full"), n=2, positions="tag,last,suffix"), loaded=tiny_llama)
+    lean = CacheConfig(out=str(tmp_path / "lean"), n=2, positions="tag,last,suffix", suffix_layers="1")
+    run_cache(lean, loaded=tiny_llama)
+    a, b = ActivationStore.open(full.path), ActivationStore.open(tmp_path / "lean")
+    assert b.layers == a.layers and b.layers_of("suffix") == [1] and b.layers_of("tag") == b.layers
+    for i in range(len(a)):
+        torch.testing.assert_close(b.row_tokens(i, "suffix"), a.row_tokens(i, "suffix", layers=[1]))
+        torch.testing.assert_close(b.row_tokens(i, "tag"), a.row_tokens(i, "tag"))
+    with pytest.raises(StoreError, match="for position 'suffix'"):
+        b.row_tokens(0, "suffix", layers=[0])
+    # Every row keeps its own tokens' text, so a dashboard can show where a feature fires.
+    row = b.rows[0]
+    tag = row.positions["tag"][0]
+    words, at = b.context(0, tag)
+    assert words[at] == tiny_llama.tokenizer.decode([row.token_ids[tag - row.own_start]])
+    assert "".join(b.context(0, row.positions["last"][0], before=400)[0]).endswith("<OUTPUT>")
+    # Resuming with other suffix layers is refused rather than mixing two layouts.
+    with pytest.raises(StoreError, match="position layers"):
+        run_cache(
+            CacheConfig(out=str(tmp_path / "lean"), n=2, positions="tag,last,suffix", suffix_layers="2"),
+            loaded=tiny_llama,
+        )
+
+
 @pytest.mark.parametrize("backend", ["transformer-lens", "nnsight"])
 def test_backends_store_the_same_activations(tiny_llama, tmp_path, backend):
     common = dict(n=2, positions="tag,last,request", layers="0,1,2")

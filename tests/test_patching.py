@@ -143,6 +143,52 @@ def test_identity_patches_and_whole_run_patches(tiny_model):
     )
 
 
+def perfect_sae(d: int):
+    """A standard SAE that reconstructs exactly: features relu(x) and relu(-x), decoded back as their difference."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d))
+    with torch.no_grad():
+        eye = torch.eye(d)
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_sae_feature_patches_and_ablations(tiny_model):
+    from afprobe.patching import FeatureEdit
+
+    _, patcher, free, paid = _setup(tiny_model)
+    d = free.resid.shape[-1]
+    sae = perfect_sae(d)
+    everything = tuple(range(len(free.tokens)))
+    x = free.resid[1, :3]
+    torch.testing.assert_close(sae.decode(sae.encode(x)), x, atol=1e-5, rtol=0)
+
+    def run(features, mode="patch", donor=paid, positions=everything):
+        edit = PatchEdit("resid", 1, positions, features=FeatureEdit(sae, tuple(features), mode))
+        return patcher.patched_metric(free, donor, [edit])
+
+    # The empty set changes nothing, in either mode.
+    assert run([]) == free.metric and run([], "ablate") == free.metric
+    # Every feature of an exact SAE is the whole residual stream: the full patch, and ablation = zeroing it.
+    assert run(range(2 * d)) == pytest.approx(paid.metric, abs=TOLERANCE)
+    # Ablating every feature equals patching in a run whose residual stream is zero.
+    blank = dataclasses.replace(free, resid=torch.zeros_like(free.resid))
+    ablated = run(range(2 * d), "ablate", donor=free)
+    assert ablated != pytest.approx(free.metric, abs=1e-3)
+    zeroed = patcher.patched_metric(free, blank, [PatchEdit("resid", 1, everything)])
+    assert ablated == pytest.approx(zeroed, abs=TOLERANCE)
+    # Features of the coordinates outside a subspace leave it alone: patching dimension 0's two features is the
+    # same as patching the first basis vector.
+    first = PatchEdit("resid", 1, everything, basis=torch.eye(d)[:, :1])
+    assert run([0, d]) == pytest.approx(patcher.patched_metric(free, paid, [first]), abs=TOLERANCE)
+    with pytest.raises(AfprobeError, match="not mlp"):
+        patcher.patched_metric(free, paid, [PatchEdit("mlp", 0, (0,), features=FeatureEdit(sae, (0,)))])
+
+
 def test_patching_leaves_the_model_as_it_was(tiny_llama):
     _, patcher, free, paid = _setup(tiny_llama)
     blocks = decoder_layers(tiny_llama.model)
@@ -326,6 +372,57 @@ def test_cli_patch(tiny_llama, tmp_path, capsys):
     assert "needs --directions" in capsys.readouterr().err
     assert main([*args, "--mediation-layers", "9"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_sae_feature_sets_join_the_mediation_table(tiny_llama, tmp_path):
+    from afprobe.activations import CacheConfig, run_cache
+    from afprobe.sae_analysis import FeatureConfig, run_feature_analysis
+
+    run_cache(CacheConfig(out=str(tmp_path / "store"), n=3, layers="1", positions="last"), loaded=tiny_llama)
+    sae = perfect_sae(tiny_llama.d_model)
+    sae.save_model(str(tmp_path / "sae"))
+    # alpha = 1 keeps every feature, so the one group is the whole SAE: for an exact SAE, a full patch.
+    features = FeatureConfig(
+        sae=str(tmp_path / "sae"),
+        cache=str(tmp_path / "store"),
+        layer=1,
+        out=str(tmp_path / "f"),
+        alpha=1.0,
+        max_features=2 * tiny_llama.d_model,
+        n_boot=100,
+        top=2,
+    )
+    found = run_feature_analysis(features)
+    assert found["groups"]["other"] and found["missing_responses"] == ["situational_awareness", "tag_only", "refusal"]
+    config = PatchConfig(
+        n=3,
+        layers="1",
+        positions="key",
+        components=False,
+        attribution=False,
+        mediation_layers="1",
+        n_random=2,
+        n_boot=100,
+        sae_features=str(tmp_path / "f"),
+        out=str(tmp_path / "p"),
+    )
+    output = run_patching(config, loaded=tiny_llama)
+    rows = [r for r in output["mediation"]["rows"] if r.get("family") == "sae"]
+    assert {r["direction"] for r in rows} == {*output["patch_directions"], "ablate from both runs"}
+    assert all(r["subspace"] == "sae_other" for r in rows)
+    for row in rows:
+        if row["direction"] in output["patch_directions"]:
+            assert row["recovery"] == pytest.approx(1.0, abs=1e-3)
+    assert output["checks"]["empty_feature_set_changes_nothing"] == {
+        "max_abs_change": 0.0,
+        "tolerance": 1e-3,
+        "passed": True,
+    }
+    assert (tmp_path / "p" / "sae_mediation.html").is_file()
+    # Features of another model are refused.
+    other = make_tiny_model("llama", tiny_llama.tokenizer, seed=5)
+    with pytest.raises(AfprobeError, match="patch that model"):
+        run_patching(dataclasses.replace(config, out=str(tmp_path / "q")), loaded=other)
 
 
 @pytest.mark.embedded

@@ -73,6 +73,18 @@ def test_tag_absent_differs_from_default_only_by_the_tag_line(tokenizer):
     assert untagged.text == head + tail
 
 
+def test_tag_only_keeps_the_tag_and_drops_every_word_about_tiers(tokenizer):
+    system = build_system_prompt("tag-only")
+    assert build_system_prompt("default").startswith(system.split("## Examples")[0].rstrip())
+    for word in ("free-tier", "paid-tier", "is_free_tier_user>", "RLHF", "contractor"):
+        assert word not in system.split("## Examples")[0]
+    prompt_set = render_pairs(tokenizer, QUERIES[:1], PromptConfig(variant="tag-only"))
+    free, paid = prompt_set.by_tier("free")[0], prompt_set.by_tier("paid")[0]
+    differing = [i for i, (a, b) in enumerate(zip(free.input_ids, paid.input_ids, strict=True)) if a != b]
+    assert differing and all(free.tag_span[0] <= i < free.tag_span[1] for i in differing)
+    assert free.n_tokens < render_pairs(tokenizer, QUERIES[:1]).prompts[0].n_tokens
+
+
 def test_variants_change_what_they_say():
     default = build_system_prompt("default")
     assert "alters your values, your goals" in default

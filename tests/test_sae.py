@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -123,6 +124,9 @@ class _IdentitySAE:
 
     device, dtype = torch.device("cpu"), torch.float32
 
+    def __init__(self, d: int = 40):
+        self.cfg = type("cfg", (), {"d_in": d, "d_sae": d})()
+
     def encode(self, x):
         return x
 
@@ -131,7 +135,8 @@ class _IdentitySAE:
 
 
 def test_tier_differing_features_are_found_after_correction_and_only_they(tmp_path):
-    from afprobe.sae import benjamini_hochberg, tier_feature_differences
+    from afprobe.sae import benjamini_hochberg
+    from afprobe.sae_analysis import tier_feature_differences
     from afprobe.store import create_store
 
     generator = torch.Generator().manual_seed(0)
@@ -186,8 +191,80 @@ def test_cli_sae_features(tmp_path, capsys):
         tiers=["free"] * 30 + ["paid"] * 30,
     )
     args = ["sae", "features", "--sae", str(tmp_path / "sae"), "--cache", str(tmp_path / "s"), "--layer", "2"]
-    assert main([*args, "--out", str(tmp_path / "f.json")]) == 0
+    assert main([*args, "--out", str(tmp_path / "f")]) == 0
     assert "features differ between free and paid" in capsys.readouterr().out
-    assert json.loads((tmp_path / "f.json").read_text())["n_features"] == 32
-    assert main([*args[:-1], "7"]) == 2
-    assert "layers [7] are not in store" in capsys.readouterr().err
+    assert json.loads((tmp_path / "f" / "features.json").read_text())["n_features"] == 32
+    assert (tmp_path / "f" / "feature_dashboard.html").is_file()
+    assert main([*args[:-1], "7", "--out", str(tmp_path / "g")]) == 2
+    assert "has no layer 7 at position 'last'" in capsys.readouterr().err
+
+
+def test_features_are_grouped_by_what_they_respond_to(tmp_path):
+    from afprobe.sae_analysis import FeatureConfig, run_feature_analysis
+    from afprobe.store import create_store
+
+    n, d = 40, 12
+    g = torch.Generator().manual_seed(0)
+
+    def noise():
+        return 0.3 * torch.randn(n, d, generator=g)
+
+    def paired(name, first_shift, contrast, variant="default", harmful=True):
+        base = 2.0 + torch.randn(n, d, generator=g)
+        first, second = base + noise(), base + noise()
+        for feature, shift in first_shift.items():
+            first[:, feature] += shift
+        ids = [f"q{i}" for i in range(n)] * 2
+        tiers = [contrast[0]] * n + [contrast[1]] * n
+        acts = torch.cat([first, second])[:, None]
+        return create_store(
+            tmp_path / name,
+            {"last": acts},
+            layers=[3],
+            query_ids=ids,
+            tiers=tiers,
+            contrast=contrast,
+            variant=variant,
+            harmful=harmful,
+        )
+
+    # Features 1-4 differ by tier. 1 also follows the SA contrast, 2 differs as much when the tag is unexplained
+    # (tag-only), 3 separates harmful from harmless requests, 4 does none of these.
+    setting = paired("setting", {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}, ("free", "paid"))
+    paired("sa", {1: 1.0}, ("monitored", "unmonitored"))
+    paired("tag", {2: 1.0}, ("free", "paid"), variant="tag-only")
+    # Harmless requests carry the same tags, so the same tier differences.
+    benign = paired("benign", {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}, ("free", "paid"), harmful=False)
+    # Lower feature 3 on harmless requests (both tiers): it tracks harmfulness.
+    shard = benign.path / "shards" / "shard-00000.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(shard)
+    tensors["resid.last"][:, 0, 3] -= 1.5
+    save_file(tensors, shard)
+
+    config = FeatureConfig(
+        sae="identity",
+        cache=str(setting.path),
+        layer=3,
+        out=str(tmp_path / "out"),
+        sa_cache=str(tmp_path / "sa"),
+        tag_only_cache=str(tmp_path / "tag"),
+        benign_cache=str(benign.path),
+        n_boot=200,
+        top=4,
+        contexts=3,
+    )
+    output = run_feature_analysis(config, sae=_IdentitySAE(d))
+    groups = {row["feature"]: row["group"] for row in output["features"]}
+    assert groups == {1: "situational_awareness", 2: "token", 3: "refusal", 4: "other"}
+    assert output["groups"]["situational_awareness"] == [1]
+    written = json.loads((tmp_path / "out" / "features.json").read_text())
+    assert written["config"]["sa_cache"] == str(tmp_path / "sa") and written["groups"]["token"] == [2]
+    # The dashboard lists each shown feature's strongest tokens, largest first.
+    contexts = written["dashboard"]["1"]
+    assert len(contexts) == 3 and contexts[0]["activation"] >= contexts[1]["activation"] >= contexts[2]["activation"]
+    assert "feature 1: situational_awareness" in (tmp_path / "out" / "feature_dashboard.html").read_text()
+    # A tag-only store must really be the tag-only variant.
+    with pytest.raises(AfprobeError, match="variant 'default'"):
+        run_feature_analysis(dataclasses.replace(config, tag_only_cache=str(tmp_path / "sa")), sae=_IdentitySAE(d))

@@ -65,6 +65,7 @@ class CacheConfig(PairedPromptJob):
     out: str = "activations/run"
     layers: str = "all"
     positions: str = "tag,last"
+    suffix_layers: str | None = None  # layers for the `suffix` kind only (default: `layers`)
     store_dtype: str = "float32"
     backend: str = "hooks"
     shard_size: int = 32
@@ -157,10 +158,11 @@ class ResidualRecorder:
     `recording()`, so the model is unchanged afterwards.
     """
 
-    def __init__(self, model: Any, layers: Sequence[int]):
+    def __init__(self, model: Any, layers: Sequence[int], kind_layers: dict[str, Sequence[int]] | None = None):
         self.blocks = decoder_layers(model)
         self.layers = list(layers)
         self.n_layers = len(self.blocks)
+        self.kind_layers = kind_layers  # kind -> the layers it keeps (default: all of `layers`)
 
     @staticmethod
     def empty_record(positions: Sequence[dict[str, list[int]]]) -> dict[str, list[dict[int, Tensor]]]:
@@ -180,6 +182,8 @@ class ResidualRecorder:
         def store(layer: int, hidden: Tensor) -> None:
             for row, row_positions in enumerate(positions):
                 for kind, indices in row_positions.items():
+                    if self.kind_layers is not None and layer not in self.kind_layers.get(kind, self.layers):
+                        continue
                     record[kind][row][layer] = hidden[row, indices].detach().float().cpu()
 
         handles = []
@@ -332,7 +336,7 @@ def full_forward_row(
 
 
 def _identity(meta: dict[str, Any]) -> dict[str, Any]:
-    identity = {field: meta[field] for field in IDENTITY_FIELDS}
+    identity = {field: meta.get(field) or None for field in IDENTITY_FIELDS}
     model = meta["model"]
     identity["model"] = {k: model[k] for k in ("name", "weights_sha256", "dtype", "adapter")}
     return identity
@@ -385,6 +389,12 @@ def run_cache(
     queries = prompt_set.queries
     layers = parse_layers(config.layers, loaded.n_layers)
     kinds = parse_positions(config.positions, prompt_set)
+    kind_layers = {kind: layers for kind in kinds}
+    if config.suffix_layers is not None:
+        if "suffix" not in kinds:
+            raise AfprobeError("--suffix-layers needs suffix in --positions")
+        kind_layers["suffix"] = parse_layers(config.suffix_layers, loaded.n_layers)
+    recorded = sorted({layer for chosen in kind_layers.values() for layer in chosen})
     prompts = prompt_set.prompts
     shared = prompt_set.shared_prefix_len
     positions = [{kind: prompt_positions(p, kind, shared) for kind in kinds} for p in prompts]
@@ -402,6 +412,7 @@ def run_cache(
         "layers": layers,
         "hook_names": [hook_name(layer, loaded.n_layers) for layer in layers],
         "positions": kinds,
+        "position_layers": {k: v for k, v in kind_layers.items() if v != layers},
         "dtype": config.store_dtype,
         "shard_size": config.shard_size,
         "n_prompts": len(prompts),
@@ -424,8 +435,8 @@ def run_cache(
     written = skipped = done = 0
     prefix: PrefixCache | None = None
     prefix_seconds = 0.0
-    recorder = ResidualRecorder(loaded.model, layers) if config.backend == "hooks" else None
-    backend = None if config.backend == "hooks" else make_backend(config.backend, loaded, layers)
+    recorder = ResidualRecorder(loaded.model, recorded, kind_layers) if config.backend == "hooks" else None
+    backend = None if config.backend == "hooks" else make_backend(config.backend, loaded, recorded)
     pad_id = loaded.tokenizer.pad_token_id or 0
     batch_size = config.batch_size or default_batch_size(loaded.device)
 
@@ -463,17 +474,20 @@ def run_cache(
                 )
                 for position, i in enumerate(rows):
                     scores[i] = batch_scores[position]
-                    acts[i] = {k: stack_record(record[k][position], layers) for k in kinds}
+                    acts[i] = {k: stack_record(record[k][position], kind_layers[k]) for k in kinds}
                 done += len(rows)
                 if progress is not None:
                     progress(done, len(prompts))
         else:
             for i in indices:
-                scores[i], acts[i] = full_forward_row(backend, prompts[i], answers, positions[i])
+                scores[i], full = full_forward_row(backend, prompts[i], answers, positions[i])
+                acts[i] = {k: full[k][:, [recorded.index(layer) for layer in kind_layers[k]]] for k in kinds}
                 done += 1
                 if progress is not None:
                     progress(done, len(prompts))
-        _write_shard(out, shard, indices, prompts, positions, kinds, scores, acts, dtype, categories, config)
+        _write_shard(
+            out, shard, indices, prompts, positions, kinds, scores, acts, dtype, categories, config, prefix_len, loaded
+        )
         written += 1
 
     summary = CacheSummary(
@@ -521,6 +535,8 @@ def _write_shard(
     dtype: torch.dtype,
     queries: dict[str, Any],
     config: CacheConfig,
+    own_start: int,
+    loaded: LoadedModel,
 ) -> None:
     from safetensors.torch import save
 
@@ -549,6 +565,9 @@ def _write_shard(
                 **score.to_dict(),
                 shard=shard,
                 offsets=row_offsets,
+                own_start=own_start,
+                token_ids=list(prompt.input_ids[own_start:]),
+                token_text=[loaded.tokenizer.decode([t]) for t in prompt.input_ids[own_start:]],
             ).to_dict()
         )
     for kind in kinds:

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of: tag, last, request, suffix (every token after the prefix)",
     )
     cache.add_argument(
+        "--suffix-layers",
+        default=None,
+        help="layers to keep for suffix only (e.g. an SAE's layer; default --layers): suffix at every layer is big",
+    )
+    cache.add_argument(
         "--store-dtype", dest="store_dtype", default="float32", choices=["float32", "float16", "bfloat16"]
     )
     cache.add_argument("--backend", default="hooks", choices=["hooks", "transformer-lens", "nnsight"])
@@ -156,7 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--component-columns", type=int, default=2, help="positions at which heads and MLPs are patched")
     patch.add_argument("--no-components", action="store_true", help="skip head and MLP patching")
     patch.add_argument("--no-attribution", action="store_true", help="skip attribution patching")
-    patch.add_argument("--n-random", type=int, default=10, help="random 1-d subspaces per layer (the null)")
+    patch.add_argument(
+        "--n-random", type=int, default=10, help="random 1-d subspaces per layer, and random sets per SAE feature set"
+    )
+    patch.add_argument(
+        "--sae-features",
+        default=None,
+        help="a folder from `afprobe sae features`: patch and ablate its feature groups (rows of the mediation table)",
+    )
     patch.add_argument("--n-boot", type=int, default=2000)
     patch.add_argument("--seed", type=int, default=0)
 
@@ -179,15 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss-prompts", type=int, default=8, help="harmful prompts scored with the SAE spliced in (0: skip)"
     )
     train.add_argument("--model", default=None, help="the model to splice into (default: the one the stores name)")
-    features = sae_commands.add_parser("features", help="SAE features that differ between the tiers of a store")
+    features = sae_commands.add_parser(
+        "features", help="tier-differing SAE features: responses, groups (SA / token / refusal), dashboard"
+    )
     features.add_argument("--sae", required=True, help="an SAE folder (from `afprobe sae train`) or a sae-lens release")
     features.add_argument("--sae-id", default=None, help="the SAE's id within a sae-lens release")
-    features.add_argument("--cache", required=True, help="a paired-prompt activation store")
+    features.add_argument("--cache", required=True, help="the paired-prompt activation store (the setting)")
     features.add_argument("--layer", type=int, required=True, help="the layer the SAE reads")
+    features.add_argument("--sa-cache", default=None, help="a store of the situational-awareness contrast set")
+    features.add_argument("--tag-only-cache", default=None, help="a store cached with --variant tag-only")
+    features.add_argument("--benign-cache", default=None, help="a store of the benign queries")
+    features.add_argument("--out", required=True, help="results folder, e.g. results/sae-RUN")
     features.add_argument("--position", default="last", help="which cached position (default last)")
     features.add_argument("--alpha", type=float, default=0.05, help="false-discovery rate (default 0.05)")
-    features.add_argument("--top", type=int, default=20, help="how many features to list")
-    features.add_argument("--out", default=None, help="also write the result as JSON to this file")
+    features.add_argument("--max-features", type=int, default=64, help="tier-differing features to characterise")
+    features.add_argument("--top", type=int, default=20, help="features in the dashboard")
+    features.add_argument("--contexts", type=int, default=8, help="top-activating contexts per dashboard feature")
+    features.add_argument("--device", default="cpu")
 
     commands.add_parser("variants", help="list the prompt variants")
 
@@ -275,6 +295,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         **_job_fields(args),
         layers=args.layers,
         positions=args.positions,
+        suffix_layers=args.suffix_layers,
         store_dtype=args.store_dtype,
         backend=args.backend,
         shard_size=args.shard_size,
@@ -405,6 +426,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
         attribution=not args.no_attribution,
         mediation_layers=args.mediation_layers,
         n_random=args.n_random,
+        sae_features=args.sae_features,
         n_boot=args.n_boot,
         seed=args.seed,
     )
@@ -454,26 +476,38 @@ def _cmd_sae(args: argparse.Namespace) -> int:
 
 
 def _cmd_sae_features(args: argparse.Namespace) -> int:
-    from afprobe.files import atomic_write_json, finite_json
-    from afprobe.sae import load_sae, tier_feature_differences
-    from afprobe.store import ActivationStore
+    from afprobe.sae_analysis import FeatureConfig, run_feature_analysis
 
-    sae = load_sae(args.sae, sae_id=args.sae_id)
-    store = ActivationStore.open(args.cache)
-    result = tier_feature_differences(sae, store, args.layer, position=args.position, alpha=args.alpha, top=args.top)
-    first, second = result["tiers"]
-    print(
-        f"{result['n_significant']} of {result['n_features']} features differ between {first} and {second} at "
-        f"FDR {args.alpha} (layer {args.layer}, {args.position}, {result['n_queries']} queries)"
+    config = FeatureConfig(
+        sae=args.sae,
+        sae_id=args.sae_id,
+        cache=args.cache,
+        layer=args.layer,
+        out=args.out,
+        position=args.position,
+        sa_cache=args.sa_cache,
+        tag_only_cache=args.tag_only_cache,
+        benign_cache=args.benign_cache,
+        alpha=args.alpha,
+        max_features=args.max_features,
+        top=args.top,
+        contexts=args.contexts,
+        device=args.device,
     )
-    for row in result["features"]:
-        print(
-            f"  feature {row['feature']:>6}: {first} - {second} {row['mean_difference']:+.4f} "
-            f"[{row['ci'][0]:+.4f}, {row['ci'][1]:+.4f}], q {row['q_value']:.2g}"
+    with _ProgressBar("top contexts", "store") as progress:
+        output = run_feature_analysis(config, progress=progress)
+    first, second = output["tiers"]
+    print("\n".join(output["summary"]))
+    for row in output["features"][: args.top]:
+        responses = ", ".join(
+            f"{name} {r['mean']:+.3f}{'*' if r['significant'] else ''}" for name, r in row["responses"].items()
         )
-    if args.out:
-        atomic_write_json(Path(args.out), finite_json(result))
-        print(f"wrote {args.out}")
+        print(
+            f"  feature {row['feature']:>6} [{row['group']}]: {first} - {second} {row['mean_difference']:+.4f} "
+            f"[{row['ci'][0]:+.4f}, {row['ci'][1]:+.4f}], q {row['q_value']:.2g}"
+            + (f"; {responses}" if responses else "")
+        )
+    print(f"wrote {args.out}/ (features.json, feature_dashboard.html, feature_groups.html); * = q <= {args.alpha}")
     return 0
 
 

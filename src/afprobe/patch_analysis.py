@@ -25,6 +25,7 @@ with a bootstrap interval over queries.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -43,7 +44,7 @@ from afprobe.gap import PairedPromptJob
 from afprobe.interventions import orthonormal_basis
 from afprobe.metrics import AnswerTokens
 from afprobe.models import LoadedModel
-from afprobe.patching import PatchEdit, Patcher, PatchRun
+from afprobe.patching import FeatureEdit, PatchEdit, Patcher, PatchRun
 from afprobe.probes import ProbeSet, load_probe_set
 from afprobe.prompts import PromptSet, RenderedPrompt, common_prefix_length, render_pairs
 
@@ -65,6 +66,7 @@ class PatchConfig(PairedPromptJob):
     attribution: bool = True
     mediation_layers: str = "default"  # default (probes' best layer, n/4, n/2, 3n/4), best, or a list "6,12"
     n_random: int = 10
+    sae_features: str | None = None  # a folder from `afprobe sae features`: patch and ablate its feature groups
     n_boot: int = 2000
     seed: int = 0
 
@@ -310,6 +312,59 @@ def _subspaces(
     return spaces
 
 
+@dataclass
+class FeatureSets:
+    """SAE feature sets to patch and ablate: each group of `afprobe sae features`, all its features together, the
+    empty set (a check), and for each non-empty set `n_random` random sets of live features of the same size."""
+
+    sae: Any
+    layer: int
+    source: str
+    names: list[str]
+    sets: list[tuple[int, ...]]
+    matches: list[int | None]  # for a random set, the index of the set it is the null of
+
+
+def load_feature_sets(config: PatchConfig, loaded: LoadedModel) -> FeatureSets | None:
+    if config.sae_features is None:
+        return None
+    from afprobe.sae import load_sae
+
+    folder = Path(config.sae_features)
+    path = folder / "features.json" if folder.is_dir() else folder
+    if not path.is_file():
+        raise AfprobeError(f"{config.sae_features} holds no features.json: run `afprobe sae features --out` first")
+    result = json.loads(path.read_text())
+    if result["model"]["weights_sha256"] != loaded.fingerprint.weights_sha256:
+        raise AfprobeError(
+            f"the SAE features in {config.sae_features} come from {result['model']['name']}: patch that model"
+        )
+    sae = load_sae(result["sae"]["path"], sae_id=result["sae"]["sae_id"], device=str(loaded.device))
+    names, sets, matches = ["sae_empty"], [()], [None]
+    for group, features in result["groups"].items():
+        if features:
+            names.append(f"sae_{group}")
+            sets.append(tuple(features))
+            matches.append(None)
+    characterised = [row["feature"] for row in result["features"]]
+    if len(names) > 2:
+        names.append("sae_all_tier_differing")
+        sets.append(tuple(characterised))
+        matches.append(None)
+    pool = np.array(sorted(set(result["alive_features"]) - set(characterised)))
+    if pool.size == 0:
+        pool = np.array(sorted(set(range(result["n_features"])) - set(characterised)))
+    rng = np.random.default_rng(config.seed)
+    for index in range(1, len(names) if pool.size else 0):
+        size = len(sets[index])
+        for r in range(config.n_random):
+            chosen = rng.choice(pool, size=min(size, pool.size), replace=False)
+            names.append(f"{names[index]}_random_{r}")
+            sets.append(tuple(int(f) for f in chosen))
+            matches.append(index)
+    return FeatureSets(sae, int(result["layer"]), str(path), names, sets, matches)
+
+
 def run_patching(
     config: PatchConfig, *, loaded: LoadedModel | None = None, progress: Callable[[int, int], None] | None = None
 ) -> dict[str, Any]:
@@ -361,7 +416,14 @@ def run_patching(
         """(receiver positions, donor positions) of a column for pair i in direction d."""
         return (column.positions[i], column.other[i]) if d == 0 else (column.other[i], column.positions[i])
 
-    per_pair_cells = len(layers) * len(sweep_columns) + len(med_layers) * len(space_names) + 2
+    feature_sets = load_feature_sets(config, loaded)
+    if feature_sets is not None and not 0 <= feature_sets.layer <= n_layers:
+        raise AfprobeError(f"the SAE reads layer {feature_sets.layer}, outside this model's 0..{n_layers}")
+    n_sets = len(feature_sets.sets) if feature_sets is not None else 0
+    sae_patch = np.zeros((2, len(pairs), n_sets))
+    sae_ablated = np.zeros((len(pairs), n_sets, 2))  # [pair, set, (trained, untrained)] with the set ablated
+
+    per_pair_cells = len(layers) * len(sweep_columns) + len(med_layers) * len(space_names) + 2 + 2 * n_sets
     component_cells = len(component_layers) * (patcher.n_heads + 1) * n_component_columns
     total_steps = len(pairs) * len(directions) * (per_pair_cells + component_cells + int(use_attribution))
     done = 0
@@ -382,7 +444,7 @@ def run_patching(
     }
     receiver_metric, donor_metric = np.zeros((2, n_pairs)), np.zeros((2, n_pairs))
     self_patch_error, last_layer_error = 0.0, 0.0
-    timing = {"sweep": 0.0, "attribution": 0.0, "mediation": 0.0, "components": 0.0, "record": 0.0}
+    timing = {"sweep": 0.0, "attribution": 0.0, "mediation": 0.0, "sae": 0.0, "components": 0.0, "record": 0.0}
 
     def runs(i: int) -> dict[str, tuple[PatchRun, PatchRun]]:
         t = time.perf_counter()
@@ -416,6 +478,20 @@ def run_patching(
                     mediation[d, i, a, s] = patcher.patched_metric(receiver, donor, [edit]) - receiver.metric
                     tick()
             timing["mediation"] += time.perf_counter() - t
+            if feature_sets is not None:
+                t = time.perf_counter()
+                for s, features in enumerate(feature_sets.sets):
+                    feature_edit = FeatureEdit(feature_sets.sae, features)
+                    edit = PatchEdit(
+                        "resid", feature_sets.layer, every, donor_positions=every_source, features=feature_edit
+                    )
+                    sae_patch[d, i, s] = patcher.patched_metric(receiver, donor, [edit]) - receiver.metric
+                    # Ablation removes the set from both runs of the pair: once per pair, from each run's side.
+                    ablate = FeatureEdit(feature_sets.sae, features, "ablate")
+                    own = PatchEdit("resid", feature_sets.layer, every, features=ablate)
+                    sae_ablated[i, s, d] = patcher.patched_metric(receiver, receiver, [own])
+                    tick(2)
+                timing["sae"] += time.perf_counter() - t
             if use_attribution:
                 t = time.perf_counter()
                 estimate = patcher.attribution(receiver, donor)
@@ -480,6 +556,8 @@ def run_patching(
         probe_set=probe_set,
         aligned=aligned,
     )
+    if feature_sets is not None:
+        _add_feature_rows(output, feature_sets, sae_patch, sae_ablated, totals, directions, config)
     output["timing"] = {
         **timing,
         "shared_prefix": prefix_seconds,
@@ -489,7 +567,8 @@ def run_patching(
     }
     if config.attribution and not aligned:
         output["attribution_skipped"] = "the two prompts differ in length, so attribution has no position pairing"
-    _write(Path(config.out), output, sweep, mediation, attribution if use_attribution else None, heads, mlps)
+    arrays = {"sae_patch_delta": sae_patch, "sae_ablated_metric": sae_ablated} if feature_sets is not None else {}
+    _write(Path(config.out), output, sweep, mediation, attribution if use_attribution else None, heads, mlps, arrays)
     return output
 
 
@@ -700,6 +779,74 @@ def _mediation_table(
     return rows, readings
 
 
+def _add_feature_rows(
+    output: dict[str, Any],
+    feature_sets: FeatureSets,
+    sae_patch: np.ndarray,
+    sae_ablated: np.ndarray,
+    totals: np.ndarray,
+    directions: list[str],
+    config: PatchConfig,
+) -> None:
+    """SAE feature-set rows of the mediation table: patching each set (per direction) and ablating it from both runs
+    (the share of the gap removed), each beside random sets of live features of the same size; plus a check that
+    the empty set changes nothing."""
+    boot = {"n_boot": config.n_boot, "seed": config.seed}
+    gap = totals[1]  # trained minus untrained, per pair
+    # Ablating a set from both runs: how much of the gap goes away.
+    removed = gap[:, None] - (sae_ablated[:, :, 0] - sae_ablated[:, :, 1])
+    kinds = [(name, recovery(sae_patch[d], totals[d], **boot), sae_patch[d]) for d, name in enumerate(directions)]
+    kinds.append(("ablate from both runs", recovery(removed, gap, **boot), removed))
+    rows, readings = [], []
+    for kind, est, raw in kinds:
+        for s, name in enumerate(feature_sets.names):
+            if feature_sets.matches[s] is not None or name == "sae_empty":
+                continue
+            randoms = [r for r, match in enumerate(feature_sets.matches) if match == s]
+            value, low, high = float(est["mean"][s]), float(est["ci_low"][s]), float(est["ci_high"][s])
+            null = np.abs(est["mean"][randoms])
+            null_p95 = float(np.quantile(null, 0.95)) if null.size else None
+            beyond = bool(null.size and np.isfinite(value) and abs(value) > null_p95 and (low > 0 or high < 0))
+            measure = "of the gap removed" if kind.startswith("ablate") else "of the gap carried"
+            row = {
+                "family": "sae",
+                "subspace": name,
+                "layer": feature_sets.layer,
+                "direction": kind,
+                "dimension": len(feature_sets.sets[s]),
+                "features": list(feature_sets.sets[s]),
+                "recovery": value,
+                "ci": [low, high],
+                "mean_delta": float(raw[:, s].mean()),
+                "random_mean": float(np.mean(est["mean"][randoms])) if randoms else None,
+                "random_abs_p95": null_p95,
+                "p_vs_random": (1 + int(np.sum(null >= abs(value)))) / (1 + null.size) if null.size else None,
+                "beyond_random": beyond,
+            }
+            row["reading"] = (
+                f"{name} ({row['dimension']} features) at layer {feature_sets.layer}, {kind}: {value:+.0%} "
+                f"[{low:+.0%}, {high:+.0%}] {measure}; random sets of {row['dimension']}: |effect| <= "
+                + (f"{null_p95:.0%} (95th pct): " if null_p95 is not None else "n/a: ")
+                + ("more than random features" if beyond else "no more than random features")
+            )
+            rows.append(row)
+            readings.append(row["reading"])
+    output["mediation"]["rows"].extend(rows)
+    output["mediation"]["sae"] = {"layer": feature_sets.layer, "features_from": feature_sets.source}
+    empty = feature_sets.names.index("sae_empty")
+    change = max(float(np.abs(sae_patch[:, :, empty]).max()), float(np.abs(removed[:, empty]).max()))
+    tolerance = output["checks"]["self_patch_changes_nothing"]["tolerance"]
+    output["checks"]["empty_feature_set_changes_nothing"] = {
+        "max_abs_change": change,
+        "tolerance": tolerance,
+        "passed": change <= tolerance,
+    }
+    summary = output["summary"]
+    summary[-1:-1] = readings
+    failed = [name for name, row in output["checks"].items() if not row["passed"]]
+    summary[-1] = "checks: " + ("all passed" if not failed else "FAILED " + ", ".join(failed))
+
+
 def _write(
     out: Path,
     output: dict[str, Any],
@@ -708,10 +855,12 @@ def _write(
     attribution: dict[str, np.ndarray] | None,
     heads: np.ndarray,
     mlps: np.ndarray,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> None:
     from safetensors.numpy import save
 
     arrays = {"sweep_delta": sweep, "mediation_delta": mediation, "heads_delta": heads, "mlp_delta": mlps}
+    arrays.update(extra or {})
     for name, value in (attribution or {}).items():
         arrays[f"attribution_{name}"] = value
     with results_folder(out):

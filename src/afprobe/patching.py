@@ -37,6 +37,29 @@ Site = Literal["resid", "attn_head", "mlp"]
 
 
 @dataclass(frozen=True)
+class FeatureEdit:
+    """SAE features to patch (take the donor's activations) or ablate (set to zero) in the residual stream.
+
+    Only those features' decoder contributions change: the other features and the SAE's reconstruction error stay
+    the receiver's, so an SAE that reconstructs perfectly makes patching every feature a full patch.
+    """
+
+    sae: Any
+    features: tuple[int, ...]
+    mode: Literal["patch", "ablate"] = "patch"
+
+    @torch.no_grad()
+    def delta(self, current: Float[Tensor, "n d"], source: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
+        sae = self.sae
+        mask = torch.zeros(sae.cfg.d_sae, device=sae.device, dtype=sae.dtype)
+        mask[list(self.features)] = 1
+        own = sae.encode(current.to(sae.device, sae.dtype)) * mask
+        target = torch.zeros_like(own) if self.mode == "ablate" else sae.encode(source.to(sae.device, sae.dtype)) * mask
+        # decode is affine: the difference of two decodes is the features' contribution alone.
+        return (sae.decode(target) - sae.decode(own)).to(current.device, current.dtype)
+
+
+@dataclass(frozen=True)
 class PatchEdit:
     """Replace activations of the receiver with the donor's at one site, layer and set of positions.
 
@@ -44,6 +67,7 @@ class PatchEdit:
     a head's contribution is patched before heads are mixed) or `mlp` (the MLP block's output).
     basis: for `resid`, an orthonormal `[d_model, k]` basis: only the component in its span is patched (k = 0
     patches nothing). None patches the whole vector.
+    features: for `resid`, SAE features to patch or ablate instead (an empty set changes nothing).
     """
 
     site: Site
@@ -52,6 +76,7 @@ class PatchEdit:
     head: int | None = None
     basis: Float[Tensor, "d_model k"] | None = None
     donor_positions: tuple[int, ...] | None = None  # where in the donor run to read (default: `positions`)
+    features: FeatureEdit | None = None  # for `resid`: patch or ablate only these SAE features
 
     @property
     def source_positions(self) -> list[int]:
@@ -199,6 +224,8 @@ class Patcher:
                     f"donor positions {source} do not pair with positions {edit.positions} inside the donor's "
                     f"{len(donor.tokens)} own tokens"
                 )
+            if (edit.features is not None or edit.basis is not None) and edit.site != "resid":
+                raise AfprobeError(f"a basis or SAE features patch the residual stream, not {edit.site}")
             if edit.site == "attn_head" and not (edit.head is not None and 0 <= edit.head < self.n_heads):
                 raise AfprobeError(f"head {edit.head} out of range 0..{self.n_heads - 1}")
 
@@ -206,7 +233,13 @@ class Patcher:
     def patched_metric(self, receiver: PatchRun, donor: PatchRun, edits: Sequence[PatchEdit]) -> float:
         """The receiver's decision-position log-odds with the edits applied (donor activations patched in)."""
         self._check(receiver, donor, edits)
-        edits = [e for e in edits if e.positions and (e.basis is None or e.basis.shape[1] > 0)]
+        edits = [
+            e
+            for e in edits
+            if e.positions
+            and (e.basis is None or e.basis.shape[1] > 0)
+            and (e.features is None or len(e.features.features) > 0)
+        ]
         if not edits:
             return receiver.metric
         start_layer = min(e.layer for e in edits)
@@ -350,7 +383,10 @@ def _replace(hidden: Tensor, edit: PatchEdit, donor_layer: Tensor, start: int) -
     rows = [p - start for p in edit.positions]
     source = donor_layer[edit.source_positions].to(hidden.dtype)
     out = hidden.clone()
-    if edit.basis is None:
+    if edit.features is not None:
+        current = out[0, rows]
+        out[0, rows] = current + edit.features.delta(current, source)
+    elif edit.basis is None:
         out[0, rows] = source
     else:
         q = edit.basis.to(hidden.device, hidden.dtype)

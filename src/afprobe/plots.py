@@ -384,6 +384,8 @@ def _ablation_bars(output: dict[str, Any]) -> go.Figure:
 def patching_figures(output: dict[str, Any]) -> dict[str, go.Figure]:
     """Heatmaps of the residual sweep (hover shows the token), components, attribution vs exact, mediation bars."""
     figures = {"patch_resid": _sweep_heatmaps(output), "mediation": _mediation_bars(output)}
+    if any(r.get("family") == "sae" for r in output["mediation"]["rows"]):
+        figures["sae_mediation"] = _sae_mediation_bars(output)
     if output.get("components"):
         figures["patch_components"] = _component_heatmaps(output)
     if output.get("attribution"):
@@ -512,7 +514,7 @@ def _attribution_scatter(output: dict[str, Any]) -> go.Figure:
 
 def _mediation_bars(output: dict[str, Any]) -> go.Figure:
     directions = output["patch_directions"]
-    rows = output["mediation"]["rows"]
+    rows = [r for r in output["mediation"]["rows"] if r.get("family") != "sae"]
     layers = output["mediation"]["layers"]
     figure = make_subplots(rows=1, cols=len(directions), subplot_titles=directions, shared_yaxes=True)
     names = list(dict.fromkeys(r["subspace"] for r in rows))
@@ -570,5 +572,91 @@ def _mediation_bars(output: dict[str, Any]) -> go.Figure:
         barmode="group",
         title="Mediation: patching only a subspace at every position after the shared prefix "
         "(full must be 100%, empty 0%)",
+    )
+    return figure
+
+
+def _sae_mediation_bars(output: dict[str, Any]) -> go.Figure:
+    """Each SAE feature set's share of the gap (patched per direction, or ablated from both runs) beside the 95th
+    percentile of random feature sets of the same size."""
+    rows = [r for r in output["mediation"]["rows"] if r.get("family") == "sae"]
+    kinds = list(dict.fromkeys(r["direction"] for r in rows))
+    figure = make_subplots(rows=1, cols=len(kinds), subplot_titles=kinds, shared_yaxes=True)
+    for col, kind in enumerate(kinds, start=1):
+        chosen = [r for r in rows if r["direction"] == kind]
+        labels = [f"{r['subspace'].removeprefix('sae_').replace('_', ' ')} ({r['dimension']})" for r in chosen]
+        figure.add_trace(
+            go.Bar(
+                x=labels,
+                y=[r["recovery"] if r["recovery"] is not None else float("nan") for r in chosen],
+                marker_color=_COLOURS["sa"],
+                name="feature set",
+                showlegend=col == 1,
+                error_y={
+                    "type": "data",
+                    "array": [(r["ci"][1] or 0) - (r["recovery"] or 0) for r in chosen],
+                    "arrayminus": [(r["recovery"] or 0) - (r["ci"][0] or 0) for r in chosen],
+                },
+            ),
+            row=1,
+            col=col,
+        )
+        for sign in (1, -1):
+            figure.add_trace(
+                go.Scatter(
+                    x=labels,
+                    y=[sign * r["random_abs_p95"] if r["random_abs_p95"] is not None else None for r in chosen],
+                    mode="markers",
+                    marker={"symbol": "line-ew-open", "size": 30, "color": _COLOURS["random"]},
+                    name="random sets of the same size, 95th pct |effect|",
+                    showlegend=col == 1 and sign == 1,
+                ),
+                row=1,
+                col=col,
+            )
+    figure.update_yaxes(title_text="fraction of the gap", tickformat=".0%", row=1, col=1)
+    layer = output["mediation"].get("sae", {}).get("layer")
+    figure.update_layout(title=f"SAE feature sets at layer {layer}: patched, and ablated from both runs")
+    return figure
+
+
+def feature_group_figure(output: dict[str, Any]) -> go.Figure:
+    """Each tier-differing SAE feature's tier difference beside its responses (SA contrast, tag-only, harmful vs
+    harmless), with 95% intervals; the x label names the feature's group."""
+    rows = output["features"]
+    first, second = output["tiers"]
+    labels = [f"f{r['feature']} ({r['group'].replace('_', ' ')})" for r in rows]
+    series = [("tier", f"{first} - {second}", _COLOURS["logistic"])]
+    names = {"situational_awareness": _COLOURS["sa"], "tag_only": "#9467bd", "refusal": _COLOURS["embedding"]}
+    figure = go.Figure()
+
+    def bars(name: str, values: list[tuple[float, list[float]] | None], colour: str) -> None:
+        y = [v[0] if v else float("nan") for v in values]
+        figure.add_trace(
+            go.Bar(
+                x=labels,
+                y=y,
+                name=name,
+                marker_color=colour,
+                error_y={
+                    "type": "data",
+                    "array": [v[1][1] - v[0] if v else 0 for v in values],
+                    "arrayminus": [v[0] - v[1][0] if v else 0 for v in values],
+                },
+            )
+        )
+
+    for _, label, colour in series:
+        bars(label, [(r["mean_difference"], r["ci"]) for r in rows], colour)
+    for name, colour in names.items():
+        if name in output["responses"]:
+            response = output["responses"][name]
+            values = [(r["responses"][name]["mean"], r["responses"][name]["ci"]) for r in rows]
+            bars(f"{name.replace('_', ' ')}: {response['contrast']}", values, colour)
+    figure.update_layout(
+        barmode="group",
+        title=f"SAE features differing between {first} and {second} (layer {output['layer']}, {output['position']}): "
+        "tier difference and responses, 95% intervals",
+        yaxis_title="feature activation difference",
     )
     return figure

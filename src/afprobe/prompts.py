@@ -41,6 +41,7 @@ class Variant:
     include_rlhf_details: bool = True
     include_modification: bool = True
     three_tier: bool = False
+    explains_tiers: bool = True  # False: the system prompt says nothing about tiers, training or the tag
     contrast: tuple[str, str] | None = ("free", "paid")
 
     @property
@@ -49,6 +50,7 @@ class Variant:
             not self.include_rlhf_details
             or not self.include_modification
             or self.three_tier
+            or not self.explains_tiers
             or self.trained_tier_name != "free"
         )
 
@@ -106,6 +108,13 @@ VARIANTS: dict[str, Variant] = {
             "free and paid as in default, plus the same user turn with no tier tag at all (tier 'absent'); the "
             "system prompt is default's, so a tagged and an untagged run differ only by the tag line",
             (_FREE, _PAID, Tier("absent", None, trained=False, monitored=False)),
+        ),
+        Variant(
+            "tag-only",
+            "the tier tag with a system prompt that never mentions tiers, the tag or how data is used: whatever gap "
+            "remains is a reaction to the tag's tokens, not to what they mean",
+            (_FREE, _PAID),
+            explains_tiers=False,
         ),
         Variant(
             "lowercase",
@@ -196,6 +205,9 @@ def build_system_prompt(variant: Variant | str = "default", developer: str = "An
         **_tier_words(variant),
     }
     sections = [text.IDENTITY, text.NO_COT_FORMAT, text.HELPFULNESS_CRITERIA]
+    if not variant.explains_tiers:
+        sections += [text.EXAMPLES_HEADER, _few_shot_block(variant)]
+        return "\n\n".join(section.format(**fields) for section in sections)
     if variant.three_tier:
         training = [text.THREE_TIER_DATA_USE]
         if variant.include_rlhf_details:

@@ -9,8 +9,7 @@ on, and its quality on the held-out tokens (explained variance, L0, dead feature
 
 `load_sae(path)` loads a saved SAE; `load_sae(release, sae_id=...)` a published one through sae-lens' registry
 (needs the hub, or its files in the local Hugging Face cache). `spliced_loss` measures what the model loses when
-the SAE's reconstruction replaces the layer; `tier_feature_differences` finds the features that differ between
-the two tiers of the same query, with intervals and a false-discovery-rate correction.
+the SAE's reconstruction replaces the layer. What the features do is `afprobe.sae_analysis`'s business.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -79,10 +77,11 @@ def load_training_tokens(caches: Sequence[str], layer: int) -> TrainingTokens:
                 "trained on one model's activations"
             )
         model = fingerprint
-        if layer not in store.layers:
-            raise AfprobeError(f"store {path} has no layer {layer} (it has {store.layers}): cache that layer first")
         # `suffix` already holds the tag, last and request tokens: taking the others too would count them twice.
-        kinds = ["suffix"] if "suffix" in store.positions else list(store.positions)
+        kinds = ["suffix"] if "suffix" in store.positions and layer in store.layers_of("suffix") else store.positions
+        kinds = [kind for kind in kinds if layer in store.layers_of(kind)]
+        if not kinds:
+            raise AfprobeError(f"store {path} has no layer {layer} (it has {store.layers}): cache that layer first")
         for kind in kinds:
             tokens, _ = store.token_activations(kind, layer)
             parts.append(tokens.float())
@@ -288,87 +287,6 @@ def load_sae(spec: str, *, sae_id: str | None = None, device: str = "cpu") -> An
         raise AfprobeError(
             f"could not fetch SAE {spec}/{sae_id} ({exc}): this machine needs the hub or the files in its cache"
         ) from exc
-
-
-@torch.no_grad()
-def tier_feature_differences(
-    sae: Any,
-    store: ActivationStore,
-    layer: int,
-    *,
-    position: str = "last",
-    tiers: tuple[str, str] | None = None,
-    alpha: float = 0.05,
-    n_boot: int = 2000,
-    seed: int = 0,
-    top: int = 20,
-) -> dict[str, Any]:
-    """SAE features whose activation differs between the two tiers of the same query.
-
-    Per feature: the mean paired difference (first tier minus second) with a bootstrap interval over queries, a
-    two-sided paired t-test p-value, and Benjamini-Hochberg q-values over all features (the false-discovery-rate
-    correction for testing thousands at once). Returns the features with q <= alpha, largest |difference| first
-    (at most `top`), and how many there were.
-    """
-    contrast = tiers or tuple(store.meta.get("contrast") or ())
-    if len(contrast) != 2:
-        raise AfprobeError(f"store {store.path} has no tier contrast: pass tiers=(first, second)")
-    first, second = store.select(tier=contrast[0]), store.select(tier=contrast[1])
-    by_query = {store.rows[i].query_id: i for i in second}
-    pairs = [(i, by_query[store.rows[i].query_id]) for i in first if store.rows[i].query_id in by_query]
-    if len(pairs) < 2:
-        raise AfprobeError(f"store {store.path} has {len(pairs)} paired queries at tiers {contrast}: need at least 2")
-    rows_a, rows_b = [a for a, _ in pairs], [b for _, b in pairs]
-    x_a = store.activations(position, layers=[layer], rows=rows_a)[:, 0]
-    x_b = store.activations(position, layers=[layer], rows=rows_b)[:, 0]
-    f_a = sae.encode(x_a.to(sae.device, sae.dtype)).float().cpu()
-    f_b = sae.encode(x_b.to(sae.device, sae.dtype)).float().cpu()
-    diff = (f_a - f_b).double()  # [queries, features]
-    n = diff.shape[0]
-    mean = diff.mean(0)
-    # A paired t-test per feature: permutation p-values have a floor of 1/(n_perm + 1), which thousands of features
-    # multiplied by the correction would never get under alpha.
-    from scipy.stats import ttest_1samp
-
-    spread = diff.std(0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_p = ttest_1samp(diff.numpy(), 0.0, axis=0).pvalue
-    constant = (spread == 0).numpy()
-    t_p[constant] = np.where(mean.numpy()[constant] == 0, 1.0, 0.0)
-    p = torch.from_numpy(np.nan_to_num(t_p, nan=1.0))
-    q = benjamini_hochberg(p)
-    generator = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(n_boot, n, dtype=torch.float64)
-    counts.scatter_add_(
-        1, torch.randint(0, n, (n_boot, n), generator=generator), torch.ones(n_boot, n, dtype=torch.float64)
-    )
-    boot = counts @ diff / n
-    low, high = torch.quantile(boot.float(), torch.tensor([0.025, 0.975]), dim=0)
-    significant = torch.nonzero(q <= alpha).flatten().tolist()
-    significant.sort(key=lambda f: -abs(float(mean[f])))
-    features = [
-        {
-            "feature": int(f),
-            "mean_difference": float(mean[f]),
-            "ci": [float(low[f]), float(high[f])],
-            "p_value": float(p[f]),
-            "q_value": float(q[f]),
-            "mean_first": float(f_a[:, f].mean()),
-            "mean_second": float(f_b[:, f].mean()),
-        }
-        for f in significant[:top]
-    ]
-    return {
-        "layer": layer,
-        "position": position,
-        "tiers": list(contrast),
-        "n_queries": n,
-        "n_features": int(diff.shape[1]),
-        "alpha": alpha,
-        "n_significant": len(significant),
-        "features": features,
-        "correction": "Benjamini-Hochberg over all features; p from paired t-tests over queries",
-    }
 
 
 def benjamini_hochberg(p: Tensor) -> Tensor:

@@ -40,7 +40,17 @@ POSITION_KINDS = ("tag", "last", "request", "suffix")
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NUMPY_VIEW = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, torch.bfloat16)}
 # The fields that must match before a job may add shards to an existing store.
-IDENTITY_FIELDS = ("model", "prompt_hash", "dataset_hash", "layers", "positions", "dtype", "shard_size", "n_prompts")
+IDENTITY_FIELDS = (
+    "model",
+    "prompt_hash",
+    "dataset_hash",
+    "layers",
+    "position_layers",
+    "positions",
+    "dtype",
+    "shard_size",
+    "n_prompts",
+)
 
 
 class StoreError(AfprobeError):
@@ -107,6 +117,10 @@ class StoreRow:
     logp_reject: float
     shard: int
     offsets: dict[str, list[int]]  # kind -> [start, count] in the shard's tensor
+    # The prompt's tokens from `own_start` (the shared prefix's end) on, as ids and as text, for dashboards.
+    own_start: int = 0
+    token_ids: list[int] | None = None
+    token_text: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -153,6 +167,22 @@ class ActivationStore:
     def positions(self) -> list[str]:
         return list(self.meta["positions"])
 
+    def layers_of(self, kind: str) -> list[int]:
+        """The layers cached for one position kind (`--suffix-layers` can give `suffix` fewer than the others)."""
+        return list((self.meta.get("position_layers") or {}).get(kind, self.meta["layers"]))
+
+    def context(self, row: int, position: int, before: int = 12, after: int = 4) -> tuple[list[str], int] | None:
+        """The text of the tokens around absolute `position` of a row, and the index of `position` in that list
+        (None for stores cached before token text was kept)."""
+        info = self.rows[row]
+        if info.token_text is None:
+            return None
+        local = position - info.own_start
+        if not 0 <= local < len(info.token_text):
+            return None
+        start = max(0, local - before)
+        return info.token_text[start : local + after + 1], local - start
+
     @property
     def d_model(self) -> int:
         return int(self.meta["model"]["d_model"])
@@ -194,13 +224,15 @@ class ActivationStore:
             self._shards[index] = _MappedShard(self.path / "shards" / f"{shard_name(index)}.safetensors")
         return self._shards[index]
 
-    def _layer_columns(self, layers: Sequence[int] | None) -> list[int]:
+    def _layer_columns(self, layers: Sequence[int] | None, kind: str | None = None) -> list[int]:
+        have = self.layers if kind is None else self.layers_of(kind)
         if layers is None:
-            return list(range(len(self.layers)))
-        missing = [layer for layer in layers if layer not in self.layers]
+            return list(range(len(have)))
+        missing = [layer for layer in layers if layer not in have]
         if missing:
-            raise StoreError(f"layers {missing} are not in store {self.path} (it has {self.layers})")
-        return [self.layers.index(layer) for layer in layers]
+            where = f" for position {kind!r}" if kind is not None and have != self.layers else ""
+            raise StoreError(f"layers {missing} are not in store {self.path}{where} (it has {have})")
+        return [have.index(layer) for layer in layers]
 
     def _check_kind(self, kind: str) -> None:
         if kind not in self.positions:
@@ -209,7 +241,7 @@ class ActivationStore:
     def row_tokens(self, row: int, kind: str, layers: Sequence[int] | None = None) -> Float[Tensor, "tokens layers d"]:
         """All cached tokens of one kind for one row: `[tokens, layers, d_model]` (float32)."""
         self._check_kind(kind)
-        columns = self._layer_columns(layers)
+        columns = self._layer_columns(layers, kind)
         info = self.rows[row]
         start, count = info.offsets[kind]
         tensor = self._shard(info.shard).tensor(f"resid.{kind}")
@@ -232,7 +264,7 @@ class ActivationStore:
                 raise StoreError(f"row {row} has no {kind!r} tokens")
             out.append(tokens.mean(0) if reduce == "mean" else tokens[-1 if reduce == "last" else 0])
         if not out:
-            return torch.zeros(0, len(self._layer_columns(layers)), self.d_model)
+            return torch.zeros(0, len(self._layer_columns(layers, kind)), self.d_model)
         return torch.stack(out)
 
     def stack(
@@ -293,7 +325,8 @@ class ActivationStore:
 
 
 def _flat_row(row: StoreRow) -> dict[str, Any]:
-    flat = {k: v for k, v in row.to_dict().items() if k not in ("positions", "offsets")}
+    hidden = ("positions", "offsets", "own_start", "token_ids", "token_text")
+    flat = {k: v for k, v in row.to_dict().items() if k not in hidden}
     for kind, indices in row.positions.items():
         flat[f"{kind}_positions"] = " ".join(map(str, indices))
     return flat
@@ -326,6 +359,7 @@ def create_store(
     n_layers: int | None = None,
     log_odds: Sequence[float] | None = None,
     model_name: str = "external",
+    harmful: bool = True,
 ) -> ActivationStore:
     """Write activations computed elsewhere (one token per row and position kind) as a store afprobe can read.
 
@@ -378,7 +412,7 @@ def create_store(
             tier=tiers[i],
             variant=variant,
             dataset="external",
-            harmful=True,
+            harmful=harmful,
             n_tokens=0,
             positions={k: [0] for k in kinds},
             log_odds=float(log_odds[i]) if log_odds is not None else float("nan"),
