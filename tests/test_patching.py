@@ -378,10 +378,12 @@ def test_sae_feature_sets_join_the_mediation_table(tiny_llama, tmp_path):
     from afprobe.activations import CacheConfig, run_cache
     from afprobe.sae_analysis import FeatureConfig, run_feature_analysis
 
-    run_cache(CacheConfig(out=str(tmp_path / "store"), n=3, layers="1", positions="last"), loaded=tiny_llama)
+    run_cache(CacheConfig(out=str(tmp_path / "store"), n=3, layers="1", positions="tag"), loaded=tiny_llama)
     sae = perfect_sae(tiny_llama.d_model)
     sae.save_model(str(tmp_path / "sae"))
-    # alpha = 1 keeps every feature, so the one group is the whole SAE: for an exact SAE, a full patch.
+    # alpha = 1 keeps every feature, so the one group is the whole SAE: for an exact SAE, patching it is patching
+    # the whole residual stream at the position the features were found at (the tag; in a random model the tag
+    # barely reaches the last token).
     features = FeatureConfig(
         sae=str(tmp_path / "sae"),
         cache=str(tmp_path / "store"),
@@ -391,6 +393,7 @@ def test_sae_feature_sets_join_the_mediation_table(tiny_llama, tmp_path):
         max_features=2 * tiny_llama.d_model,
         n_boot=100,
         top=2,
+        position="tag",
     )
     found = run_feature_analysis(features)
     assert found["groups"]["other"] and found["missing_responses"] == ["situational_awareness", "tag_only", "refusal"]
@@ -412,7 +415,8 @@ def test_sae_feature_sets_join_the_mediation_table(tiny_llama, tmp_path):
     assert all(r["subspace"] == "sae_other" for r in rows)
     for row in rows:
         if row["direction"] in output["patch_directions"]:
-            assert row["recovery"] == pytest.approx(1.0, abs=1e-3)
+            assert row["position"] == "tag" and row["whole_residual"]["recovery"] > 0.5
+            assert row["recovery"] == pytest.approx(row["whole_residual"]["recovery"], abs=1e-3)
     assert output["checks"]["empty_feature_set_changes_nothing"] == {
         "max_abs_change": 0.0,
         "tolerance": 1e-3,

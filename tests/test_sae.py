@@ -268,3 +268,33 @@ def test_features_are_grouped_by_what_they_respond_to(tmp_path):
     # A tag-only store must really be the tag-only variant.
     with pytest.raises(AfprobeError, match="variant 'default'"):
         run_feature_analysis(dataclasses.replace(config, tag_only_cache=str(tmp_path / "sa")), sae=_IdentitySAE(d))
+
+
+def test_published_sae_loads_by_release_and_id_from_the_local_hub_cache(tmp_path, monkeypatch):
+    """sae-lens' registry path (release + id -> repo -> files), offline: the files sit in a Hugging Face cache."""
+    import huggingface_hub.constants
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from safetensors.torch import save_file
+
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=32))
+    torch.nn.init.normal_(sae.W_enc)
+    sae.save_model(str(tmp_path / "local"))
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--jbloom--GPT2-Small-SAEs-Reformatted"
+    folder = repo / "snapshots" / commit / "blocks.0.hook_resid_pre"
+    folder.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        (folder / name).write_bytes((tmp_path / "local" / name).read_bytes())
+    save_file({"sparsity": torch.zeros(32)}, folder / "sparsity.safetensors")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    loaded = load_sae("gpt2-small-res-jb", sae_id="blocks.0.hook_resid_pre")
+    torch.testing.assert_close(loaded.W_enc, sae.W_enc)
+    with pytest.raises(AfprobeError, match="no SAE 'nope'"):
+        load_sae("gpt2-small-res-jb", sae_id="nope")
+    with pytest.raises(AfprobeError, match="could not fetch"):
+        load_sae("gpt2-small-res-jb", sae_id="blocks.1.hook_resid_pre")
+    with pytest.raises(AfprobeError, match="give its release name and --sae-id"):
+        load_sae("gpt2-small-res-jb")

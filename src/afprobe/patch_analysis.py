@@ -319,6 +319,7 @@ class FeatureSets:
 
     sae: Any
     layer: int
+    position: str  # the position kind the features were found at; they are patched there
     source: str
     names: list[str]
     sets: list[tuple[int, ...]]
@@ -362,7 +363,7 @@ def load_feature_sets(config: PatchConfig, loaded: LoadedModel) -> FeatureSets |
             names.append(f"{names[index]}_random_{r}")
             sets.append(tuple(int(f) for f in chosen))
             matches.append(index)
-    return FeatureSets(sae, int(result["layer"]), str(path), names, sets, matches)
+    return FeatureSets(sae, int(result["layer"]), str(result["position"]), str(path), names, sets, matches)
 
 
 def run_patching(
@@ -422,6 +423,12 @@ def run_patching(
     n_sets = len(feature_sets.sets) if feature_sets is not None else 0
     sae_patch = np.zeros((2, len(pairs), n_sets))
     sae_ablated = np.zeros((len(pairs), n_sets, 2))  # [pair, set, (trained, untrained)] with the set ablated
+    sae_whole = np.zeros((2, len(pairs)))  # the whole residual patched at the same layer and positions
+
+    def feature_positions(run: PatchRun, kind: str) -> tuple[int, ...]:
+        from afprobe.activations import prompt_positions
+
+        return tuple(p - run.offset for p in prompt_positions(run.prompt, kind, run.offset))
 
     per_pair_cells = len(layers) * len(sweep_columns) + len(med_layers) * len(space_names) + 2 + 2 * n_sets
     component_cells = len(component_layers) * (patcher.n_heads + 1) * n_component_columns
@@ -480,15 +487,23 @@ def run_patching(
             timing["mediation"] += time.perf_counter() - t
             if feature_sets is not None:
                 t = time.perf_counter()
+                # The features are patched where they were found (the last token, the tag, ...); `suffix` and
+                # `request` are every position after the prefix, paired as in the mediation rows.
+                kind = feature_sets.position
+                if kind in ("last", "tag"):
+                    where, source = feature_positions(receiver, kind), feature_positions(donor, kind)
+                else:
+                    where, source = every, every_source
+                layer = feature_sets.layer
+                whole = PatchEdit("resid", layer, where, donor_positions=source)
+                sae_whole[d, i] = patcher.patched_metric(receiver, donor, [whole]) - receiver.metric
                 for s, features in enumerate(feature_sets.sets):
-                    feature_edit = FeatureEdit(feature_sets.sae, features)
-                    edit = PatchEdit(
-                        "resid", feature_sets.layer, every, donor_positions=every_source, features=feature_edit
-                    )
+                    patch = FeatureEdit(feature_sets.sae, features)
+                    edit = PatchEdit("resid", layer, where, donor_positions=source, features=patch)
                     sae_patch[d, i, s] = patcher.patched_metric(receiver, donor, [edit]) - receiver.metric
                     # Ablation removes the set from both runs of the pair: once per pair, from each run's side.
                     ablate = FeatureEdit(feature_sets.sae, features, "ablate")
-                    own = PatchEdit("resid", feature_sets.layer, every, features=ablate)
+                    own = PatchEdit("resid", layer, where, features=ablate)
                     sae_ablated[i, s, d] = patcher.patched_metric(receiver, receiver, [own])
                     tick(2)
                 timing["sae"] += time.perf_counter() - t
@@ -557,7 +572,7 @@ def run_patching(
         aligned=aligned,
     )
     if feature_sets is not None:
-        _add_feature_rows(output, feature_sets, sae_patch, sae_ablated, totals, directions, config)
+        _add_feature_rows(output, feature_sets, sae_patch, sae_ablated, sae_whole, totals, directions, config)
     output["timing"] = {
         **timing,
         "shared_prefix": prefix_seconds,
@@ -567,7 +582,11 @@ def run_patching(
     }
     if config.attribution and not aligned:
         output["attribution_skipped"] = "the two prompts differ in length, so attribution has no position pairing"
-    arrays = {"sae_patch_delta": sae_patch, "sae_ablated_metric": sae_ablated} if feature_sets is not None else {}
+    arrays = (
+        {"sae_patch_delta": sae_patch, "sae_ablated_metric": sae_ablated, "sae_whole_delta": sae_whole}
+        if feature_sets is not None
+        else {}
+    )
     _write(Path(config.out), output, sweep, mediation, attribution if use_attribution else None, heads, mlps, arrays)
     return output
 
@@ -784,6 +803,7 @@ def _add_feature_rows(
     feature_sets: FeatureSets,
     sae_patch: np.ndarray,
     sae_ablated: np.ndarray,
+    sae_whole: np.ndarray,
     totals: np.ndarray,
     directions: list[str],
     config: PatchConfig,
@@ -797,8 +817,10 @@ def _add_feature_rows(
     removed = gap[:, None] - (sae_ablated[:, :, 0] - sae_ablated[:, :, 1])
     kinds = [(name, recovery(sae_patch[d], totals[d], **boot), sae_patch[d]) for d, name in enumerate(directions)]
     kinds.append(("ablate from both runs", recovery(removed, gap, **boot), removed))
+    wholes = [recovery(sae_whole[d], totals[d], **boot) for d in range(2)]
     rows, readings = [], []
-    for kind, est, raw in kinds:
+    for k, (kind, est, raw) in enumerate(kinds):
+        whole = wholes[k] if k < 2 else None
         for s, name in enumerate(feature_sets.names):
             if feature_sets.matches[s] is not None or name == "sae_empty":
                 continue
@@ -822,12 +844,22 @@ def _add_feature_rows(
                 "random_abs_p95": null_p95,
                 "p_vs_random": (1 + int(np.sum(null >= abs(value)))) / (1 + null.size) if null.size else None,
                 "beyond_random": beyond,
+                "position": feature_sets.position,
+                "whole_residual": None
+                if whole is None
+                else {"recovery": float(whole["mean"]), "ci": [float(whole["ci_low"]), float(whole["ci_high"])]},
             }
             row["reading"] = (
-                f"{name} ({row['dimension']} features) at layer {feature_sets.layer}, {kind}: {value:+.0%} "
+                f"{name} ({row['dimension']} features) at layer {feature_sets.layer} ({feature_sets.position}), "
+                f"{kind}: {value:+.0%} "
                 f"[{low:+.0%}, {high:+.0%}] {measure}; random sets of {row['dimension']}: |effect| <= "
                 + (f"{null_p95:.0%} (95th pct): " if null_p95 is not None else "n/a: ")
                 + ("more than random features" if beyond else "no more than random features")
+                + (
+                    f"; the whole residual there: {row['whole_residual']['recovery']:+.0%}"
+                    if row["whole_residual"]
+                    else ""
+                )
             )
             rows.append(row)
             readings.append(row["reading"])
