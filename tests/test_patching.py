@@ -447,3 +447,49 @@ def test_embedded_model_patch_matches_the_full_forward(tokenizer):
     fast = patcher.patched_metric(free, paid, [PatchEdit("resid", layer, (position,))])
     assert fast == pytest.approx(expected, abs=1e-3)
     assert fast != pytest.approx(free.metric, abs=1e-6)  # the cell matters, so the comparison is not vacuous
+
+
+def test_random_feature_sets_match_the_groups_in_size_and_activation(tmp_path):
+    from types import SimpleNamespace
+
+    from afprobe.patch_analysis import MATCH_NEIGHBOURS, load_feature_sets
+
+    d_sae = 64
+    perfect_sae(d_sae // 2).save_model(str(tmp_path / "sae"))
+    mean = [0.0] * d_sae
+    for f in range(d_sae):
+        mean[f] = float(f)  # feature f is active f units on average
+    features = {
+        "model": {"name": "m", "weights_sha256": "abc"},
+        "sae": {"path": str(tmp_path / "sae"), "sae_id": None},
+        "layer": 1,
+        "position": "last",
+        "n_features": d_sae,
+        "features": [{"feature": f} for f in (40, 41, 5)],
+        "groups": {"token": [40, 41], "situational_awareness": [5], "refusal": [], "other": []},
+        "alive_features": list(range(d_sae)),
+        "mean_activation": mean,
+    }
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "features.json").write_text(json.dumps(features))
+    loaded = SimpleNamespace(fingerprint=SimpleNamespace(weights_sha256="abc"), device="cpu")
+    sets = load_feature_sets(PatchConfig(sae_features=str(tmp_path / "f"), n_random=5), loaded)
+    assert sets.names[:4] == ["sae_empty", "sae_token", "sae_situational_awareness", "sae_all_tier_differing"]
+    assert sets.sets[:4] == [(), (40, 41), (5,), (40, 41, 5)]
+    for name, chosen, match in zip(sets.names, sets.sets, sets.matches, strict=True):
+        if match is None:
+            continue
+        target = sets.sets[match]
+        assert name.startswith(sets.names[match] + "_random_") and len(chosen) == len(target)
+        assert not set(chosen) & {40, 41, 5} and len(set(chosen)) == len(chosen)
+        # Each stand-in is among the live features nearest in mean activation to the feature it replaces.
+        for stand_in, original in zip(chosen, target, strict=True):
+            assert abs(stand_in - original) <= MATCH_NEIGHBOURS
+    assert sum(m is not None for m in sets.matches) == 3 * 5
+    with pytest.raises(AfprobeError, match="patch that model"):
+        load_feature_sets(
+            PatchConfig(sae_features=str(tmp_path / "f")),
+            SimpleNamespace(fingerprint=SimpleNamespace(weights_sha256="other"), device="cpu"),
+        )
+    with pytest.raises(AfprobeError, match="no features.json"):
+        load_feature_sets(PatchConfig(sae_features=str(tmp_path / "missing")), loaded)

@@ -49,6 +49,9 @@ from afprobe.probes import ProbeSet, load_probe_set
 from afprobe.prompts import PromptSet, RenderedPrompt, common_prefix_length, render_pairs
 
 MEDIATED_DIRECTIONS = ("situational_awareness", "training_context", "refusal")
+# A random feature set's member is drawn from this many live features nearest in mean activation to the one it
+# stands in for.
+MATCH_NEIGHBOURS = 10
 
 
 @dataclass
@@ -315,7 +318,9 @@ def _subspaces(
 @dataclass
 class FeatureSets:
     """SAE feature sets to patch and ablate: each group of `afprobe sae features`, all its features together, the
-    empty set (a check), and for each non-empty set `n_random` random sets of live features of the same size."""
+    empty set (a check), and for each non-empty set `n_random` random sets of the same size, each feature drawn from
+    the live features closest to it in mean activation (a random set of rarely active features would be a null
+    that changes nothing)."""
 
     sae: Any
     layer: int
@@ -355,13 +360,19 @@ def load_feature_sets(config: PatchConfig, loaded: LoadedModel) -> FeatureSets |
     pool = np.array(sorted(set(result["alive_features"]) - set(characterised)))
     if pool.size == 0:
         pool = np.array(sorted(set(range(result["n_features"])) - set(characterised)))
+    mean = np.asarray(result.get("mean_activation") or np.zeros(result["n_features"]))
     rng = np.random.default_rng(config.seed)
     for index in range(1, len(names) if pool.size else 0):
-        size = len(sets[index])
         for r in range(config.n_random):
-            chosen = rng.choice(pool, size=min(size, pool.size), replace=False)
+            chosen: list[int] = []
+            for feature in sets[index]:
+                free = pool[~np.isin(pool, chosen)]
+                if free.size == 0:
+                    break
+                nearest = free[np.argsort(np.abs(mean[free] - mean[feature]), kind="stable")[:MATCH_NEIGHBOURS]]
+                chosen.append(int(rng.choice(nearest)))
             names.append(f"{names[index]}_random_{r}")
-            sets.append(tuple(int(f) for f in chosen))
+            sets.append(tuple(chosen))
             matches.append(index)
     return FeatureSets(sae, int(result["layer"]), str(result["position"]), str(path), names, sets, matches)
 
@@ -572,7 +583,9 @@ def run_patching(
         aligned=aligned,
     )
     if feature_sets is not None:
-        _add_feature_rows(output, feature_sets, sae_patch, sae_ablated, sae_whole, totals, directions, config)
+        _add_feature_rows(
+            output, feature_sets, sae_patch, sae_ablated, sae_whole, receiver_metric, totals, directions, config
+        )
     output["timing"] = {
         **timing,
         "shared_prefix": prefix_seconds,
@@ -804,6 +817,7 @@ def _add_feature_rows(
     sae_patch: np.ndarray,
     sae_ablated: np.ndarray,
     sae_whole: np.ndarray,
+    receiver_metric: np.ndarray,
     totals: np.ndarray,
     directions: list[str],
     config: PatchConfig,
@@ -818,6 +832,8 @@ def _add_feature_rows(
     kinds = [(name, recovery(sae_patch[d], totals[d], **boot), sae_patch[d]) for d, name in enumerate(directions)]
     kinds.append(("ablate from both runs", recovery(removed, gap, **boot), removed))
     wholes = [recovery(sae_whole[d], totals[d], **boot) for d in range(2)]
+    # Each run's clean metric, [pair, (trained, untrained)]: ablation moves both, the gap is their difference.
+    base = receiver_metric.T
     rows, readings = [], []
     for k, (kind, est, raw) in enumerate(kinds):
         whole = wholes[k] if k < 2 else None
@@ -845,6 +861,7 @@ def _add_feature_rows(
                 "p_vs_random": (1 + int(np.sum(null >= abs(value)))) / (1 + null.size) if null.size else None,
                 "beyond_random": beyond,
                 "position": feature_sets.position,
+                "both_tier_shift": float((sae_ablated[:, s, :] - base).mean()) if kind.startswith("ablate") else None,
                 "whole_residual": None
                 if whole is None
                 else {"recovery": float(whole["mean"]), "ci": [float(whole["ci_low"]), float(whole["ci_high"])]},
@@ -858,7 +875,7 @@ def _add_feature_rows(
                 + (
                     f"; the whole residual there: {row['whole_residual']['recovery']:+.0%}"
                     if row["whole_residual"]
-                    else ""
+                    else f"; both runs moved {row['both_tier_shift']:+.3f} nats on average"
                 )
             )
             rows.append(row)

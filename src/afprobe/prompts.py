@@ -111,8 +111,9 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant(
             "tag-only",
-            "the tier tag with a system prompt that never mentions tiers, the tag or how data is used: whatever gap "
-            "remains is a reaction to the tag's tokens, not to what they mean",
+            "the tier tag with a system prompt that never mentions tiers, the tag or how data is used (its few-shot "
+            "examples keep their tags; every example is answered helpfully): a gap that remains is a reaction to the "
+            "tag's tokens, not to what the prompt says they mean",
             (_FREE, _PAID),
             explains_tiers=False,
         ),

@@ -190,6 +190,7 @@ def tier_feature_differences(
         ],
         "correction": "Benjamini-Hochberg over all features; p from paired t-tests over queries",
         "alive_features": [int(f) for f in torch.nonzero((torch.cat([f_a, f_b]) != 0).any(0)).flatten()],
+        "mean_activation": [round(float(v), 6) for v in torch.cat([f_a, f_b]).mean(0)],
     }
 
 
@@ -340,6 +341,7 @@ def run_feature_analysis(
         "n_queries": tier["n_queries"],
         "n_features": tier["n_features"],
         "alive_features": tier["alive_features"],
+        "mean_activation": tier["mean_activation"],
         "alpha": config.alpha,
         "n_significant": tier["n_significant"],
         "features": rows,
