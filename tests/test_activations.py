@@ -80,6 +80,7 @@ def test_suffix_layers_keep_every_token_at_fewer_layers_and_the_token_text(tiny_
     tag = row.positions["tag"][0]
     words, at = b.context(0, tag)
     assert words[at] == tiny_llama.tokenizer.decode([row.token_ids[tag - row.own_start]])
+    assert "".join(words[:at]).endswith("<is_free_tier_user>")  # the shared prefix's tail, kept once in meta.json
     assert "".join(b.context(0, row.positions["last"][0], before=400)[0]).endswith("<OUTPUT>")
     # Resuming with other suffix layers is refused rather than mixing two layouts.
     with pytest.raises(StoreError, match="position layers"):

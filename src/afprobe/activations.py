@@ -421,6 +421,9 @@ def run_cache(
         "tiers": prompt_set.variant.tier_names,
         "contrast": list(prompt_set.variant.contrast) if prompt_set.variant.contrast else None,
         "shared_prefix_tokens": shared,
+        "prefix_tail": [
+            loaded.tokenizer.decode([t]) for t in prompts[0].input_ids[max(0, prefix_len - 32) : prefix_len]
+        ],
         "config": asdict(config),
     }
     try:

@@ -862,6 +862,9 @@ def _add_feature_rows(
                 "beyond_random": beyond,
                 "position": feature_sets.position,
                 "both_tier_shift": float((sae_ablated[:, s, :] - base).mean()) if kind.startswith("ablate") else None,
+                "random_both_tier_shift": float((sae_ablated[:, randoms, :] - base[:, None]).mean())
+                if kind.startswith("ablate") and randoms
+                else None,
                 "whole_residual": None
                 if whole is None
                 else {"recovery": float(whole["mean"]), "ci": [float(whole["ci_low"]), float(whole["ci_high"])]},
@@ -875,7 +878,8 @@ def _add_feature_rows(
                 + (
                     f"; the whole residual there: {row['whole_residual']['recovery']:+.0%}"
                     if row["whole_residual"]
-                    else f"; both runs moved {row['both_tier_shift']:+.3f} nats on average"
+                    else f"; both runs moved {row['both_tier_shift']:+.3f} nats on average (random sets: "
+                    f"{row['random_both_tier_shift'] or 0:+.3f})"
                 )
             )
             rows.append(row)

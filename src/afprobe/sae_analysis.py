@@ -373,62 +373,61 @@ def top_contexts(
     *,
     progress: Any | None = None,
 ) -> dict[int, list[dict[str, Any]]]:
-    """For each feature, the `n_contexts` tokens where it fires hardest over every cached token of the stores
-    (the `suffix` kind when a store has it at `layer`, else each kind it has), with the text around them."""
+    """For each feature, the `n_contexts` distinct contexts where it fires hardest over every cached token of the
+    stores (the `suffix` kind when a store has it at `layer`, else each kind it has), with the text around them.
+
+    Tokens before a query's own text (the tag, the shared prompt) repeat in every prompt: identical contexts are
+    listed once, with how many times they occur (`repeats`)."""
     if not features:
         return {}
     index = torch.tensor(features)
-    best_values = torch.full((n_contexts, len(features)), -float("inf"))
-    best_where: list[list[tuple[str, int, int] | None]] = [[None] * len(features) for _ in range(n_contexts)]
     sources = []
     for name, store in stores.items():
         kinds = ["suffix"] if "suffix" in store.positions and layer in store.layers_of("suffix") else store.positions
-        for kind in kinds:
-            if layer not in store.layers_of(kind):
-                continue
-            sources.append((name, store, kind))
+        sources.extend((name, store, kind) for kind in kinds if layer in store.layers_of(kind))
+    values, where = [], []
     for done, (name, store, kind) in enumerate(sources):
         tokens, owners = store.token_activations(kind, layer)
         absolute = [p for row in range(len(store)) for p in store.rows[row].positions[kind]]
-        acts = encode(sae, tokens)[:, index]  # [tokens, features]
-        merged = torch.cat([best_values, acts])
-        order = torch.argsort(merged, dim=0, descending=True)[:n_contexts]
-        previous = best_where
-        best_where = [[None] * len(features) for _ in range(n_contexts)]
-        for rank in range(n_contexts):
-            for j in range(len(features)):
-                source = int(order[rank, j])
-                if source < n_contexts:
-                    best_where[rank][j] = previous[source][j]
-                else:
-                    token = source - n_contexts
-                    best_where[rank][j] = (name, int(owners[token]), absolute[token])
-        best_values = torch.gather(merged, 0, order)
+        values.append(encode(sae, tokens)[:, index])
+        where.extend((name, int(owner), position) for owner, position in zip(owners.tolist(), absolute, strict=True))
         if progress is not None:
             progress(done + 1, len(sources))
+    acts = torch.cat(values)  # [every token, features]
     result: dict[int, list[dict[str, Any]]] = {}
     for j, feature in enumerate(features):
-        entries = []
-        for rank in range(n_contexts):
-            where, value = best_where[rank][j], float(best_values[rank, j])
-            if where is None or value <= 0:
-                continue
-            name, row, position = where
+        entries: list[dict[str, Any]] = []
+        seen: dict[tuple, dict[str, Any]] = {}
+        for token in torch.argsort(acts[:, j], descending=True).tolist():
+            value = float(acts[token, j])
+            if value <= 0:
+                break
+            name, row, position = where[token]
             store = stores[name]
-            info = store.rows[row]
             context = store.context(row, position)
-            entries.append(
-                {
-                    "activation": value,
-                    "store": name,
-                    "row": row,
-                    "query_id": info.query_id,
-                    "tier": info.tier,
-                    "position": position,
-                    "tokens": context[0] if context else None,
-                    "at": context[1] if context else None,
-                }
-            )
+            key = (tuple(context[0]), context[1]) if context else (name, row, position)
+            if key in seen:
+                seen[key]["repeats"] += 1
+                continue
+            if len(entries) == n_contexts:
+                # Only repeats of the listed contexts are still counted; stop once no more can follow.
+                if value < entries[-1]["activation"] - 1e-6:
+                    break
+                continue
+            info = store.rows[row]
+            entry = {
+                "activation": value,
+                "store": name,
+                "row": row,
+                "query_id": info.query_id,
+                "tier": info.tier,
+                "position": position,
+                "tokens": context[0] if context else None,
+                "at": context[1] if context else None,
+                "repeats": 1,
+            }
+            seen[key] = entry
+            entries.append(entry)
         result[feature] = entries
     return result
 
@@ -491,8 +490,9 @@ def dashboard_html(output: dict[str, Any]) -> str:
         if not contexts:
             parts.append("<p class='meta'>never active on the cached tokens</p>")
         for entry in contexts:
+            repeats = f" &middot; {entry['repeats']} identical contexts" if entry.get("repeats", 1) > 1 else ""
             meta = (
-                f"{entry['activation']:.3f} &middot; {html.escape(entry['store'])} &middot; "
+                f"{entry['activation']:.3f}{repeats} &middot; {html.escape(entry['store'])} &middot; "
                 f"{html.escape(entry['query_id'])} &middot; {html.escape(entry['tier'])} &middot; "
                 f"token {entry['position']}"
             )

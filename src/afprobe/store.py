@@ -177,11 +177,14 @@ class ActivationStore:
         info = self.rows[row]
         if info.token_text is None:
             return None
-        local = position - info.own_start
-        if not 0 <= local < len(info.token_text):
+        # The shared prefix's last tokens are kept once, in meta.json: they are the same for every row.
+        tail = list(self.meta.get("prefix_tail") or [])
+        text = tail + info.token_text
+        local = position - info.own_start + len(tail)
+        if not len(tail) <= local < len(text):
             return None
         start = max(0, local - before)
-        return info.token_text[start : local + after + 1], local - start
+        return text[start : local + after + 1], local - start
 
     @property
     def d_model(self) -> int:
