@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import html
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,9 @@ def difference_stats(
         )
         return counts @ values.double() / n
 
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # Features that barely differ make scipy warn about precision; constant differences are handled below.
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         if paired:
             mean = diff.double().mean(0)
             boot = boot_means(diff)
