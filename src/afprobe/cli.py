@@ -209,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--contexts", type=int, default=8, help="top-activating contexts per dashboard feature")
     features.add_argument("--device", default="cpu")
 
+    run = commands.add_parser("run", help="the whole pipeline from one experiment file (experiments/NAME.toml)")
+    run.add_argument("experiment", help="an experiment TOML file, e.g. experiments/quickstart.toml")
+
+    report = commands.add_parser("report", help="one self-contained HTML report of everything in a results folder")
+    report.add_argument("run_dir", help="a folder holding afprobe results (searched recursively)")
+    report.add_argument("--out", default=None, help="the HTML file (default RUN_DIR/report.html)")
+
     commands.add_parser("variants", help="list the prompt variants")
 
     show = commands.add_parser("prompt", help="print one rendered prompt, for inspection")
@@ -249,6 +256,7 @@ class _ProgressBar:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _job_fields(args: argparse.Namespace) -> dict:
@@ -475,6 +483,46 @@ def _cmd_sae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from afprobe.experiment import load_experiment, run_experiment
+
+    config = load_experiment(args.experiment)
+    bars: dict[str, _ProgressBar] = {}
+
+    def progress(step: str, done: int, total: int) -> None:
+        if step not in bars:
+            for bar in bars.values():
+                bar.__exit__()
+            bars[step] = _ProgressBar(step, "item")
+        bars[step](done, total)
+        if done == total:
+            bars[step].__exit__()
+
+    def log(line: str) -> None:
+        for bar in bars.values():
+            bar.__exit__()
+        print(line, flush=True)
+
+    record = run_experiment(config, progress=progress, log=log)
+    skipped = [name for name, step in record["steps"].items() if step["skipped"]]
+    if skipped:
+        print(f"already done (same config), not rerun: {', '.join(skipped)}")
+    print(f"{config.name}: {record['seconds'] / 60:.1f} min; results in {config.out}/")
+    print(f"report: {record['report']}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from afprobe.report import write_report
+
+    path, summary = write_report(args.run_dir, args.out)
+    print(
+        f"wrote {path} ({summary['bytes'] / 1e6:.1f} MB, {summary['n_figures']} figures; sections: "
+        f"{', '.join(summary['kinds'])})"
+    )
+    return 0
+
+
 def _cmd_sae_features(args: argparse.Namespace) -> int:
     from afprobe.sae_analysis import FeatureConfig, run_feature_analysis
 
@@ -579,6 +627,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "steer": _cmd_steer,
         "patch": _cmd_patch,
         "sae": _cmd_sae,
+        "report": _cmd_report,
+        "run": _cmd_run,
         "variants": _cmd_variants,
         "prompt": _cmd_prompt,
     }

@@ -50,12 +50,7 @@ def probe_figures(
     layers: Sequence[int],
     positions: Sequence[str],
 ) -> dict[str, go.Figure]:
-    results = output["results"]
-    figures = {"auroc": _auroc_figure(results, positions), "effect_size": _effect_figure(results, positions)}
-    if output.get("cosines"):
-        figures["cosines"] = _cosine_figure(output["cosines"], layers)
-    if any(r.get("transfer_to_sa_auroc") is not None for r in results):
-        figures["transfer"] = _transfer_figure(results, positions)
+    figures = probe_metric_figures(output, layers, positions)
     best = output["summary"]["best"]
     figures["pca"] = pca_figure(
         x[:, list(layers).index(best["layer"]), list(positions).index(best["position"])],
@@ -63,6 +58,22 @@ def probe_figures(
         variants,
         title=f"PCA of the residual stream at layer {best['layer']}, position {best['position']}",
     )
+    return figures
+
+
+def probe_metric_figures(
+    output: dict[str, Any], layers: Sequence[int] | None = None, positions: Sequence[str] | None = None
+) -> dict[str, go.Figure]:
+    """The probe figures that need only metrics.json: AUROC and effect size by layer (with nulls), cosines,
+    transfer."""
+    results = output["results"]
+    layers = list(layers if layers is not None else output["layers"])
+    positions = list(positions if positions is not None else output["positions"])
+    figures = {"auroc": _auroc_figure(results, positions), "effect_size": _effect_figure(results, positions)}
+    if output.get("cosines"):
+        figures["cosines"] = _cosine_figure(output["cosines"], layers)
+    if any(r.get("transfer_to_sa_auroc") is not None for r in results):
+        figures["transfer"] = _transfer_figure(results, positions)
     return figures
 
 

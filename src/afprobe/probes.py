@@ -323,14 +323,20 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _resolve(store: ActivationStore, config: ProbeConfig) -> tuple[list[str], list[int]]:
-    positions = config.positions or store.positions
+    # A probe reads one vector per prompt and position kind; `suffix` (every token, kept for SAEs) would be probed
+    # at its last token, which is `last` again, so it is left out unless asked for.
+    positions = config.positions or [p for p in store.positions if p != "suffix"] or store.positions
     for position in positions:
         if position not in store.positions:
             raise AfprobeError(f"position {position!r} is not in store {store.path} (it has {store.positions})")
     layers = config.layers if config.layers is not None else store.layers
-    missing = [layer for layer in layers if layer not in store.layers]
-    if missing:
-        raise AfprobeError(f"layers {missing} are not in store {store.path} (it has {store.layers})")
+    for position in positions:
+        missing = [layer for layer in layers if layer not in store.layers_of(position)]
+        if missing:
+            raise AfprobeError(
+                f"layers {missing} are not in store {store.path} at position {position!r} "
+                f"(it has {store.layers_of(position)}): choose --layers or --positions"
+            )
     return list(positions), list(layers)
 
 
