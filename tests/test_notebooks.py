@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -35,4 +34,3 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     # Every code cell ran and the last one showed something.
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(cell.get("execution_count") for cell in code) and code[-1].get("outputs")
-    assert os.listdir(tmp_path)
