@@ -278,17 +278,18 @@ def run_feature_analysis(
     )
     features = [row["feature"] for row in tier["features"]]
 
+    def paired_response(other: ActivationStore, seed: int, label: str) -> dict[str, Any]:
+        a, b, contrast = paired_rows(other)
+        diff = feature_activations(sae, other, config.layer, config.position, a) - feature_activations(
+            sae, other, config.layer, config.position, b
+        )
+        stats = difference_stats(diff, n_boot=config.n_boot, seed=seed)
+        name = f"{contrast[0]} - {contrast[1]}{label}"
+        return _response(stats, features, config.alpha, name, str(other.path), len(a))
+
     responses: dict[str, dict[str, Any]] = {}
     if "situational_awareness" in others:
-        sa = others["situational_awareness"]
-        a, b, sa_tiers = paired_rows(sa)
-        diff = feature_activations(sae, sa, config.layer, config.position, a) - feature_activations(
-            sae, sa, config.layer, config.position, b
-        )
-        stats = difference_stats(diff, n_boot=config.n_boot, seed=config.seed + 1)
-        responses["situational_awareness"] = _response(
-            stats, features, config.alpha, f"{sa_tiers[0]} - {sa_tiers[1]}", str(sa.path), len(a)
-        )
+        responses["situational_awareness"] = paired_response(others["situational_awareness"], config.seed + 1, "")
     if "tag_only" in others:
         tag_only = others["tag_only"]
         if tag_only.meta.get("variant") != "tag-only":
@@ -296,14 +297,7 @@ def run_feature_analysis(
                 f"{tag_only.path} was cached with variant {tag_only.meta.get('variant')!r}: cache the tag-only "
                 "variant (`afprobe cache --variant tag-only`)"
             )
-        a, b, t_tiers = paired_rows(tag_only)
-        diff = feature_activations(sae, tag_only, config.layer, config.position, a) - feature_activations(
-            sae, tag_only, config.layer, config.position, b
-        )
-        stats = difference_stats(diff, n_boot=config.n_boot, seed=config.seed + 2)
-        responses["tag_only"] = _response(
-            stats, features, config.alpha, f"{t_tiers[0]} - {t_tiers[1]} (tag-only)", str(tag_only.path), len(a)
-        )
+        responses["tag_only"] = paired_response(tag_only, config.seed + 2, " (tag-only)")
     if "benign" in others:
         benign = others["benign"]
         harmful_rows = [i for i, row in enumerate(store.rows) if row.harmful]
