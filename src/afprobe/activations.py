@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,7 +43,7 @@ from afprobe.metrics import (
     score_batch,
     score_from_full_logits,
 )
-from afprobe.models import LoadedModel, decoder_layers, shared_weight_copy
+from afprobe.models import LoadedModel, decoder_layers, load_tokenizer_only, shared_weight_copy
 from afprobe.prompts import PromptSet, RenderedPrompt, render_pairs
 from afprobe.store import (
     IDENTITY_FIELDS,
@@ -69,6 +71,7 @@ class CacheConfig(PairedPromptJob):
     store_dtype: str = "float32"
     backend: str = "hooks"
     shard_size: int = 32
+    part: str | None = None  # "i/N": this machine's slice of a job split over N machines (`afprobe merge` joins)
 
 
 @dataclass
@@ -82,9 +85,41 @@ class CacheSummary:
     prefix_seconds: float
     gap: GapResult | None = None
 
+    part: JobPart | None = None
+    part_shards: int | None = None  # store shards this part is responsible for
+
     @property
     def complete(self) -> bool:
-        return self.shards_written + self.shards_skipped == self.n_shards
+        """Every store shard is on disk (for a part: every shard of its slice)."""
+        expected = self.n_shards if self.part_shards is None else self.part_shards
+        return self.shards_written + self.shards_skipped == expected
+
+
+@dataclass(frozen=True)
+class JobPart:
+    """Slice `index` of a caching job split over `count` machines (0-based, as SLURM array task ids are)."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, spec: str) -> JobPart:
+        try:
+            index_text, count_text = spec.split("/")
+            index, count = int(index_text), int(count_text)
+        except ValueError:
+            raise AfprobeError(f"--shard {spec!r} is not i/N: give e.g. 0/4 for the first of four parts") from None
+        if count < 1 or not 0 <= index < count:
+            raise AfprobeError(f"--shard {spec!r}: i must be 0..N-1 (e.g. $SLURM_ARRAY_TASK_ID/N with --array=0-N-1)")
+        return cls(index, count)
+
+    def owns(self, shard: int) -> bool:
+        # Round robin: every part gets early (short) and late shards alike, and the assignment depends only on the
+        # shard's index, so any machine can recompute it.
+        return shard % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 def build_prompt_set(config: CacheConfig, loaded: LoadedModel) -> PromptSet:
@@ -353,11 +388,20 @@ def _check_or_write_meta(out: Path, meta: dict[str, Any]) -> None:
                     f"store {out} was made with another {field.replace('_', ' ')} "
                     f"({_short(old[field])} there, {_short(new[field])} now): use a new --out folder or delete {out}"
                 )
+        if existing.get("part") != meta.get("part"):
+            raise StoreError(
+                f"store {out} holds {_part_text(existing.get('part'))}, this job is {_part_text(meta.get('part'))}: "
+                "give each --shard its own --out folder"
+            )
         return
     if out.exists() and any(out.iterdir()):
         raise StoreError(f"{out} exists and is not an activation store: choose an empty or new --out folder")
     (out / "shards").mkdir(parents=True, exist_ok=True)
     atomic_write_json(meta_path, meta)
+
+
+def _part_text(part: dict[str, int] | None) -> str:
+    return f"part {part['index']}/{part['count']}" if part else "a whole job"
 
 
 def _short(value: Any) -> str:
@@ -426,6 +470,9 @@ def run_cache(
         ],
         "config": asdict(config),
     }
+    part = JobPart.parse(config.part) if config.part else None
+    if part is not None:
+        meta["part"] = {"index": part.index, "count": part.count}
     try:
         _check_or_write_meta(out, meta)
     except OSError as exc:
@@ -443,14 +490,16 @@ def run_cache(
     pad_id = loaded.tokenizer.pad_token_id or 0
     batch_size = config.batch_size or default_batch_size(loaded.device)
 
-    for shard in range(n_shards):
-        indices = list(range(shard * config.shard_size, min(len(prompts), (shard + 1) * config.shard_size)))
+    owned = [shard for shard in range(n_shards) if part is None or part.owns(shard)]
+    total = sum(len(_shard_rows(shard, config.shard_size, len(prompts))) for shard in owned)
+    for shard in owned:
+        indices = _shard_rows(shard, config.shard_size, len(prompts))
         marker = out / "shards" / f"{shard_name(shard)}.json"
         if marker.is_file():
             skipped += 1
             done += len(indices)
             if progress is not None:
-                progress(done, len(prompts))
+                progress(done, total)
             continue
         if stop_after_shards is not None and written >= stop_after_shards:
             break
@@ -480,14 +529,14 @@ def run_cache(
                     acts[i] = {k: stack_record(record[k][position], kind_layers[k]) for k in kinds}
                 done += len(rows)
                 if progress is not None:
-                    progress(done, len(prompts))
+                    progress(done, total)
         else:
             for i in indices:
                 scores[i], full = full_forward_row(backend, prompts[i], answers, positions[i])
                 acts[i] = {k: full[k][:, [recorded.index(layer) for layer in kind_layers[k]]] for k in kinds}
                 done += 1
                 if progress is not None:
-                    progress(done, len(prompts))
+                    progress(done, total)
         _write_shard(
             out, shard, indices, prompts, positions, kinds, scores, acts, dtype, categories, config, prefix_len, loaded
         )
@@ -501,18 +550,30 @@ def run_cache(
         shards_skipped=skipped,
         seconds=time.perf_counter() - start,
         prefix_seconds=prefix_seconds,
+        part=part,
+        part_shards=len(owned) if part is not None else None,
     )
-    if summary.complete:
-        try:
-            rows = ActivationStore.open(out).rows
-            write_manifest_csv(out, rows)
-            summary.gap = _gap_from_rows(config, loaded, prompt_set, rows, prefix_len)
-            write_gap(summary.gap, out)
-        except OSError as exc:
-            raise StoreError(
-                f"could not write {out / 'manifest.csv'} ({exc.strerror}): free disk space and rerun"
-            ) from exc
+    if summary.complete and part is None:
+        summary.gap = _finish_store(out, config, loaded, prompt_set, prefix_len)
     return summary
+
+
+def _shard_rows(shard: int, shard_size: int, n_prompts: int) -> list[int]:
+    return list(range(shard * shard_size, min(n_prompts, (shard + 1) * shard_size)))
+
+
+def _finish_store(
+    out: Path, config: CacheConfig, loaded: LoadedModel, prompt_set: PromptSet, prefix_len: int
+) -> GapResult:
+    """The files a complete store gets once every shard is in: manifest.csv, gap.json and per_query.csv."""
+    try:
+        rows = ActivationStore.open(out).rows
+        write_manifest_csv(out, rows)
+        gap = _gap_from_rows(config, loaded, prompt_set, rows, prefix_len)
+        write_gap(gap, out)
+    except OSError as exc:
+        raise StoreError(f"could not write {out / 'manifest.csv'} ({exc.strerror}): free disk space and rerun") from exc
+    return gap
 
 
 def _gap_from_rows(
@@ -586,3 +647,142 @@ def _write_shard(
             f"could not write shard {shard} to {out} ({exc.strerror or exc}); the {finished} finished shards are "
             "intact: free disk space and rerun the same command to resume"
         ) from exc
+
+
+# -- joining the parts of a sharded job ------------------------------------------------------------------------------
+
+
+@dataclass
+class MergeSummary:
+    path: Path
+    n_prompts: int
+    n_shards: int
+    shards_copied: int
+    shards_present: int
+    seconds: float
+    gap: GapResult | None = None
+
+
+def merge_stores(
+    parts: Sequence[str | Path],
+    out: str | Path,
+    *,
+    loaded: LoadedModel | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> MergeSummary:
+    """Join the stores written by `afprobe cache --shard i/N` into one store at `out`.
+
+    Every part must come from the same job (model weights, prompts, layers, positions, dtype, shard size); together
+    they must hold every shard. The result equals the store one machine would have written: the same shard files,
+    manifest.csv, gap.json and per_query.csv. Nothing is written until every part has been checked; rerunning an
+    interrupted merge copies only what is missing.
+    loaded: the job's model, if at hand; otherwise only its tokenizer is loaded (for the gap's prompt summary).
+    """
+    start = time.perf_counter()
+    folders = [Path(p) for p in parts]
+    if not folders:
+        raise StoreError("no parts to merge: give the --out folders of the `afprobe cache --shard` jobs")
+    metas = []
+    for folder in folders:
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file():
+            raise StoreError(f"{folder} is not an activation store (no meta.json): give the parts' --out folders")
+        metas.append(json.loads(meta_path.read_text()))
+    reference = _identity(metas[0])
+    for folder, meta in zip(folders[1:], metas[1:], strict=True):
+        other = _identity(meta)
+        for field in IDENTITY_FIELDS:
+            if other[field] != reference[field]:
+                raise StoreError(
+                    f"{folder} was made with another {field.replace('_', ' ')} than {folders[0]} "
+                    f"({_short(other[field])} vs {_short(reference[field])}): merge only parts of one job"
+                )
+
+    n_prompts, shard_size = metas[0]["n_prompts"], metas[0]["shard_size"]
+    n_shards = (n_prompts + shard_size - 1) // shard_size
+    source: dict[int, Path] = {}
+    for folder in folders:
+        for marker in sorted((folder / "shards").glob("shard-*.json")):
+            shard = int(marker.stem.removeprefix("shard-"))
+            if shard in source:
+                if json.loads(marker.read_text()) != json.loads((source[shard] / marker.name).read_text()):
+                    raise StoreError(
+                        f"shard {shard} is in both {source[shard].parent} and {folder} with different rows: "
+                        "merge only parts of one job"
+                    )
+                continue
+            source[shard] = marker.parent
+    missing = [shard for shard in range(n_shards) if shard not in source]
+    if missing:
+        counts = {meta["part"]["count"] for meta in metas if meta.get("part")}
+        owner = ""
+        if len(counts) == 1:
+            count = counts.pop()
+            owners = sorted({shard % count for shard in missing})
+            plural = "s" if len(owners) > 1 else ""
+            owner = f" (they belong to part{plural} {', '.join(f'{i}/{count}' for i in owners)})"
+        listed = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise StoreError(
+            f"{len(missing)} of {n_shards} shards are in none of the parts: {listed}{owner}; "
+            "run or finish those parts (rerunning a part resumes it), then merge again"
+        )
+
+    out_path = Path(out)
+    merged_meta = {key: value for key, value in metas[0].items() if key != "part"}
+    merged_meta["config"] = {**metas[0]["config"], "out": str(out_path), "part": None}
+    try:
+        _check_or_write_meta(out_path, merged_meta)
+    except OSError as exc:
+        raise StoreError(f"cannot create store {out_path} ({exc.strerror or exc}): choose a writable --out") from exc
+    copied = present = 0
+    for shard in range(n_shards):
+        name = shard_name(shard)
+        if (out_path / "shards" / f"{name}.json").is_file():
+            present += 1
+        else:
+            try:
+                # The tensors first, the row list (the shard's finished marker) last, each atomically.
+                for suffix in (".safetensors", ".json"):
+                    _atomic_copy(source[shard] / f"{name}{suffix}", out_path / "shards" / f"{name}{suffix}")
+            except OSError as exc:
+                raise StoreError(
+                    f"could not copy shard {shard} into {out_path} ({exc.strerror or exc}); the shards copied so far "
+                    "are intact: free disk space and rerun the same merge to finish"
+                ) from exc
+            copied += 1
+        if progress is not None:
+            progress(shard + 1, n_shards)
+
+    config = CacheConfig(**{k: v for k, v in merged_meta["config"].items() if k in _CACHE_FIELDS})
+    if loaded is None:
+        loaded = load_tokenizer_only(config.model, merged_meta["model"])
+    prompt_set = build_prompt_set(config, loaded)
+    if prompt_set.prompt_hash != merged_meta["prompt_hash"]:
+        raise StoreError(
+            f"the prompts rebuilt here differ from the parts' (prompt hash {prompt_set.prompt_hash[:12]} vs "
+            f"{merged_meta['prompt_hash'][:12]}): merge with the same afprobe version and dataset files as the parts"
+        )
+    prefix_len = ActivationStore.open(out_path).rows[0].own_start
+    gap = _finish_store(out_path, config, loaded, prompt_set, prefix_len)
+    return MergeSummary(
+        path=out_path,
+        n_prompts=n_prompts,
+        n_shards=n_shards,
+        shards_copied=copied,
+        shards_present=present,
+        seconds=time.perf_counter() - start,
+        gap=gap,
+    )
+
+
+_CACHE_FIELDS = {f.name for f in fields(CacheConfig)}
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    temporary = target.with_name(f".{target.name}.tmp")
+    try:
+        shutil.copyfile(source, temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -92,8 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--backend", default="hooks", choices=["hooks", "transformer-lens", "nnsight"])
     cache.add_argument("--shard-size", type=int, default=32, help="prompts per shard (the unit of resuming)")
     cache.add_argument(
+        "--shard",
+        dest="part",
+        default=None,
+        metavar="I/N",
+        help="cache only part I of N (0-based, e.g. $SLURM_ARRAY_TASK_ID/8), each part to its own --out; "
+        "join them with `afprobe merge`",
+    )
+    cache.add_argument(
         "--batch-size", type=int, default=None, help="prompts per forward (default: 1 on CPU, 16 on GPU)"
     )
+
+    merge = commands.add_parser("merge", help="join the parts of a sharded `afprobe cache --shard I/N` job")
+    merge.add_argument("parts", nargs="+", help="the parts' --out folders")
+    merge.add_argument("--out", required=True, help="the joined store (resumes if interrupted)")
 
     probe = commands.add_parser("probe", help="train probes and directions on a store, with nulls and plots")
     probe.add_argument("--cache", required=True, help="the paired-prompt store (activations/RUN)")
@@ -307,6 +319,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         store_dtype=args.store_dtype,
         backend=args.backend,
         shard_size=args.shard_size,
+        part=args.part,
     )
     print(f"loading {config.model}...", file=sys.stderr)
     with _ProgressBar("caching", "prompt") as progress:
@@ -316,9 +329,33 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
         print(format_gap_table(summary.gap) + "\n")
     resumed = f", {summary.shards_skipped} already there" if summary.shards_skipped else ""
+    if summary.part is not None:
+        state = "finished" if summary.complete else "not finished (rerun the same command to resume)"
+        print(
+            f"part {summary.part} of store {summary.path}: {summary.part_shards} of {summary.n_shards} shards "
+            f"({summary.shards_written} written{resumed}) in {summary.seconds:.1f} s, {state}; "
+            "when every part is done: afprobe merge PART_FOLDERS... --out STORE"
+        )
+        return 0
     print(
         f"store {summary.path}: {summary.n_prompts} prompts in {summary.n_shards} shards "
         f"({summary.shards_written} written{resumed}) in {summary.seconds:.1f} s"
+    )
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from afprobe.activations import merge_stores
+    from afprobe.gap import format_gap_table
+
+    with _ProgressBar("merging", "shard") as progress:
+        summary = merge_stores(args.parts, args.out, progress=progress)
+    if summary.gap is not None:
+        print(format_gap_table(summary.gap) + "\n")
+    already = f", {summary.shards_present} already there" if summary.shards_present else ""
+    print(
+        f"store {summary.path}: {summary.n_prompts} prompts in {summary.n_shards} shards from {len(args.parts)} "
+        f"parts ({summary.shards_copied} copied{already}) in {summary.seconds:.1f} s"
     )
     return 0
 
@@ -623,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "gap": _cmd_gap,
         "cache": _cmd_cache,
+        "merge": _cmd_merge,
         "probe": _cmd_probe,
         "steer": _cmd_steer,
         "patch": _cmd_patch,

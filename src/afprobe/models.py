@@ -251,20 +251,7 @@ def load_model(
     """
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
-    name = _ALIASES.get(spec, spec)
-
-    if name in EMBEDDED_MODELS:
-        source_kind, source = "embedded-gguf", str(_dequantized_folder(embedded_gguf_path(name)))
-    elif name.endswith(".gguf"):
-        gguf_path = Path(name).expanduser()
-        if not gguf_path.is_file():
-            raise ModelLoadError(f"GGUF file {gguf_path} does not exist: check the path")
-        source_kind, source = "gguf", str(_dequantized_folder(gguf_path))
-    elif Path(name).expanduser().is_dir():
-        source_kind, source = "local", str(Path(name).expanduser())
-    else:
-        source_kind, source = "hf-hub", name
-
+    name, source_kind, source = _resolve_source(spec)
     try:
         model, tokenizer = _load_hf(source, resolved_device, resolved_dtype, attn_implementation)
     except ModelLoadError:
@@ -282,6 +269,39 @@ def load_model(
         model = _merge_adapter(model, adapter)
         adapter_name = adapter
     return wrap_model(model, tokenizer, name=name, source=source_kind, adapter=adapter_name)
+
+
+def _resolve_source(spec: str) -> tuple[str, str, str]:
+    """(name, kind of source, what transformers loads) for a model spec."""
+    name = _ALIASES.get(spec, spec)
+    if name in EMBEDDED_MODELS:
+        return name, "embedded-gguf", str(_dequantized_folder(embedded_gguf_path(name)))
+    if name.endswith(".gguf"):
+        gguf_path = Path(name).expanduser()
+        if not gguf_path.is_file():
+            raise ModelLoadError(f"GGUF file {gguf_path} does not exist: check the path")
+        return name, "gguf", str(_dequantized_folder(gguf_path))
+    if Path(name).expanduser().is_dir():
+        return name, "local", str(Path(name).expanduser())
+    return name, "hf-hub", name
+
+
+def load_tokenizer_only(spec: str, fingerprint: dict[str, Any]) -> LoadedModel:
+    """A `LoadedModel` with no weights: the tokenizer of `spec` and a fingerprint recorded earlier (for jobs that
+    only rebuild prompts, such as merging the parts of a sharded cache)."""
+    from transformers import AutoTokenizer
+
+    _, _, source = _resolve_source(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load the tokenizer of {spec!r} ({str(exc).splitlines()[0][:160]}): "
+            "merge on a machine that can load the model the parts were cached with"
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=None, tokenizer=tokenizer, fingerprint=ModelFingerprint(**fingerprint))
 
 
 def _merge_adapter(model: Any, adapter: str) -> Any:

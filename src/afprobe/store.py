@@ -151,6 +151,12 @@ class ActivationStore:
         for shard_json in sorted((folder / "shards").glob("shard-*.json")):
             rows.extend(StoreRow(**row) for row in json.loads(shard_json.read_text())["rows"])
         rows.sort(key=lambda r: r.row)
+        if not allow_incomplete and meta.get("part"):
+            part = meta["part"]
+            raise StoreError(
+                f"{folder} is part {part['index']}/{part['count']} of a sharded job, not a whole store: "
+                f"join the parts with `afprobe merge PART_FOLDERS... --out STORE`"
+            )
         if not allow_incomplete and len(rows) != meta["n_prompts"]:
             raise StoreError(
                 f"store {folder} is incomplete ({len(rows)} of {meta['n_prompts']} prompts): "
