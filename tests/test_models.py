@@ -55,6 +55,24 @@ def test_local_folder_loads_with_stable_fingerprint(saved_tiny):
     assert weights_digest(first.model) != second.fingerprint.weights_sha256
 
 
+def test_device_map_loads_the_same_model(saved_tiny, monkeypatch):
+    """accelerate's placement (here onto the only device, the CPU) gives the same weights and logits."""
+    _, folder = saved_tiny
+    plain = load_model(str(folder), device="cpu")
+    mapped = load_model(str(folder), device="cpu", device_map="auto")
+    assert mapped.fingerprint.weights_sha256 == plain.fingerprint.weights_sha256
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(mapped.model(ids).logits, plain.model(ids).logits)
+    with pytest.raises(ModelLoadError, match="unknown --device-map 'everywhere'"):
+        load_model(str(folder), device="cpu", device_map="everywhere")
+    assert models.resolve_device_map(None, "auto") is None  # no GPUs here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert models.resolve_device_map(None, "auto") == "auto"  # several GPUs: spread, not only the first
+    assert models.resolve_device_map(None, "cuda:1") is None  # an explicit device wins
+
+
 def test_peft_adapter_is_merged(saved_tiny, tmp_path):
     from peft import LoraConfig, get_peft_model
 

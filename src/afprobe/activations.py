@@ -34,12 +34,13 @@ from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_bytes, atomic_write_json
 from afprobe.forward import PrefixCache, compute_prefix_cache
 from afprobe.gap import GapConfig, GapResult, PairedPromptJob, build_gap_result, write_gap
+from afprobe.memory import MemoryEstimate
 from afprobe.metrics import (
     AnswerTokens,
     ComplianceScore,
-    default_batch_size,
     has_sliding_window,
     length_batches,
+    plan_batch_size,
     score_batch,
     score_from_full_logits,
 )
@@ -87,6 +88,7 @@ class CacheSummary:
 
     part: JobPart | None = None
     part_shards: int | None = None  # store shards this part is responsible for
+    memory: MemoryEstimate | None = None  # the estimate the batch size was chosen by (prefix-shared path only)
 
     @property
     def complete(self) -> bool:
@@ -415,8 +417,10 @@ def run_cache(
     loaded: LoadedModel | None = None,
     progress: Callable[[int, int], None] | None = None,
     stop_after_shards: int | None = None,
+    on_plan: Callable[[MemoryEstimate], None] | None = None,
 ) -> CacheSummary:
-    """Fill (or finish) the store at `config.out`. `progress(done, total)` counts prompts, resumed ones included.
+    """Fill (or finish) the store at `config.out`. `progress(done, total)` counts prompts, resumed ones included;
+    `on_plan` gets the memory estimate (and with it the batch size) before the first forward.
 
     stop_after_shards: write at most this many new shards, then return (for tests and time-boxed jobs).
     """
@@ -488,7 +492,12 @@ def run_cache(
     recorder = ResidualRecorder(loaded.model, recorded, kind_layers) if config.backend == "hooks" else None
     backend = None if config.backend == "hooks" else make_backend(config.backend, loaded, recorded)
     pad_id = loaded.tokenizer.pad_token_id or 0
-    batch_size = config.batch_size or default_batch_size(loaded.device)
+    estimate: MemoryEstimate | None = None
+    batch_size = 1
+    if recorder is not None:
+        estimate, batch_size = plan_batch_size(loaded.model, prompts, prefix_len, answers, config.batch_size)
+        if on_plan is not None:
+            on_plan(estimate)
 
     owned = [shard for shard in range(n_shards) if part is None or part.owns(shard)]
     total = sum(len(_shard_rows(shard, config.shard_size, len(prompts))) for shard in owned)
@@ -552,6 +561,7 @@ def run_cache(
         prefix_seconds=prefix_seconds,
         part=part,
         part_shards=len(owned) if part is not None else None,
+        memory=estimate,
     )
     if summary.complete and part is None:
         summary.gap = _finish_store(out, config, loaded, prompt_set, prefix_len)

@@ -22,6 +22,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16"
     )
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        help="auto: spread the layers over all visible GPUs (for models larger than one card; the default when "
+        "--device is auto and several GPUs are visible)",
+    )
 
 
 def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
@@ -271,6 +277,10 @@ class _ProgressBar:
             self.bar = None
 
 
+def _print_plan(estimate) -> None:
+    print(estimate.describe(), file=sys.stderr)
+
+
 def _job_fields(args: argparse.Namespace) -> dict:
     """The options every paired-prompt job shares (model, dataset, prompt rendering, device)."""
     from dataclasses import fields
@@ -296,7 +306,7 @@ def _cmd_gap(args: argparse.Namespace) -> int:
         raise AfprobeError(f"--out {out} is a file: give a folder")
     print(f"loading {config.model}...", file=sys.stderr)
     with _ProgressBar("scoring", "prompt") as progress:
-        result = run_gap(config, progress=progress)
+        result = run_gap(config, progress=progress, on_plan=_print_plan)
     paths = write_gap(result, out)
     print(format_gap_table(result))
     print(
@@ -323,7 +333,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     )
     print(f"loading {config.model}...", file=sys.stderr)
     with _ProgressBar("caching", "prompt") as progress:
-        summary = run_cache(config, progress=progress)
+        summary = run_cache(config, progress=progress, on_plan=_print_plan)
     if summary.gap is not None:
         from afprobe.gap import format_gap_table
 

@@ -23,7 +23,8 @@ from afprobe.data import dataset_hash, load_queries
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_text
 from afprobe.forward import compute_prefix_cache
-from afprobe.metrics import ComplianceScore, SampleCounts, default_batch_size, sample_prompts, score_prompts
+from afprobe.memory import MemoryEstimate
+from afprobe.metrics import ComplianceScore, SampleCounts, sample_prompts, score_prompts
 from afprobe.models import DEFAULT_MODEL, LoadedModel, load_model
 from afprobe.prompts import PromptConfig, PromptSet, render_pairs
 from afprobe.stats import Estimate, bootstrap_mean, paired_difference
@@ -45,6 +46,7 @@ class PairedPromptJob:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int | None = None
+    device_map: str | None = None  # "auto": layers spread over all visible GPUs (models larger than one card)
 
     def prompt_config(self) -> PromptConfig:
         return PromptConfig(
@@ -55,7 +57,9 @@ class PairedPromptJob:
         )
 
     def load(self) -> LoadedModel:
-        return load_model(self.model, adapter=self.adapter, device=self.device, dtype=self.dtype)
+        return load_model(
+            self.model, adapter=self.adapter, device=self.device, dtype=self.dtype, device_map=self.device_map
+        )
 
 
 @dataclass
@@ -150,8 +154,10 @@ def run_gap(
     *,
     loaded: LoadedModel | None = None,
     progress: Callable[[int, int], None] | None = None,
+    on_plan: Callable[[MemoryEstimate], None] | None = None,
 ) -> GapResult:
-    """Run the gap job. `loaded` reuses a model already in memory; `progress(done, total)` reports prompts done."""
+    """Run the gap job. `loaded` reuses a model already in memory; `progress(done, total)` reports prompts done;
+    `on_plan` gets the memory estimate before the first forward."""
     timing: dict[str, float] = {}
     start = time.perf_counter()
     if loaded is None:
@@ -160,7 +166,6 @@ def run_gap(
 
     queries = load_queries(config.dataset, column=config.column, n=config.n)
     prompt_set = render_pairs(loaded.tokenizer, queries, config.prompt_config(), max_context=loaded.max_context or None)
-    batch_size = config.batch_size or default_batch_size(loaded.device)
     total = len(prompt_set.prompts) * (2 if config.sample else 1)
     done = 0
 
@@ -177,7 +182,13 @@ def run_gap(
     timing["shared_prefix"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     scores = score_prompts(
-        loaded.model, loaded.tokenizer, prompt_set, batch_size=batch_size, prefix=prefix, on_batch=advance
+        loaded.model,
+        loaded.tokenizer,
+        prompt_set,
+        batch_size=config.batch_size,
+        prefix=prefix,
+        on_batch=advance,
+        on_plan=on_plan,
     )
     timing["continuations"] = time.perf_counter() - t0
     timing["per_prompt"] = timing["continuations"] / len(prompts)

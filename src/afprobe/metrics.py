@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from afprobe.forward import PrefixCache, compute_prefix_cache, extend_batch, start_batch
+from afprobe.memory import MAX_GPU_BATCH, MemoryEstimate, batch_plan
 from afprobe.prompt_text import ACCEPT_TAG, REJECT_TAG
 from afprobe.prompts import PromptSet, RenderedPrompt, answer_token_ids, common_prefix_length
 
@@ -140,18 +141,22 @@ def score_prompts(
     batch_size: int | None = None,
     prefix: PrefixCache | None = None,
     on_batch: Callable[[int], None] | None = None,
+    on_plan: Callable[[MemoryEstimate], None] | None = None,
 ) -> list[ComplianceScore]:
     """Compliance of every prompt in the set, computing the shared prefix once.
 
-    batch_size: prompts per forward (default: 1 on the CPU, where it was fastest, 16 on a GPU).
+    batch_size: prompts per forward (default: 1 on the CPU, where it was fastest; on a GPU the largest batch up to
+    64 that fits its free memory).
     on_batch: called with the number of prompts finished after each batch (for progress bars).
+    on_plan: called once, before any forward, with the memory estimate for the batch size chosen.
     """
-    if batch_size is None:
-        batch_size = default_batch_size(next(model.parameters()).device)
     answers = AnswerTokens.from_tokenizer(tokenizer)
     prompts = prompt_set.prompts
     # Every prompt keeps at least one token of its own, which the prefix cache cannot hold.
     k = min(prompt_set.shared_prefix_len, min(p.n_tokens for p in prompts) - 1)
+    estimate, batch_size = plan_batch_size(model, prompts, k, answers, batch_size)
+    if on_plan is not None:
+        on_plan(estimate)
     if prefix is None or prefix.input_ids != tuple(prompts[0].input_ids[:k]):
         prefix = compute_prefix_cache(model, prompts[0].input_ids[:k])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -167,8 +172,23 @@ def score_prompts(
 
 def default_batch_size(device: torch.device) -> int:
     # On the CPU one continuation at a time was fastest (batching copies the long prefix cache for every row);
-    # on a GPU batching pays.
-    return 16 if device.type == "cuda" else 1
+    # on a GPU batching pays, up to what memory allows (`plan_batch_size`).
+    return MAX_GPU_BATCH if device.type == "cuda" else 1
+
+
+def plan_batch_size(
+    model: Any, prompts: Sequence[RenderedPrompt], prefix_len: int, answers: AnswerTokens, requested: int | None
+) -> tuple[MemoryEstimate, int]:
+    """The memory estimate of scoring `prompts` on a `prefix_len`-token prefix cache, and the batch size to use:
+    `requested`, or the device default capped by the memory free (see `afprobe.memory`)."""
+    return batch_plan(
+        model,
+        prefix_tokens=prefix_len,
+        own_tokens=max(p.n_tokens for p in prompts) - prefix_len,
+        answer_tokens=max(len(answers.accept), len(answers.reject)),
+        requested=requested,
+        default=default_batch_size(next(model.parameters()).device),
+    )
 
 
 def has_sliding_window(cache: Any) -> bool:

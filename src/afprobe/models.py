@@ -222,15 +222,32 @@ def _dequantized_folder(gguf_path: Path) -> Path:
     return folder
 
 
-def _load_hf(source: str, device: torch.device, dtype: torch.dtype, attn_implementation: str | None) -> tuple[Any, Any]:
+def _load_hf(
+    source: str, device: torch.device, dtype: torch.dtype, attn_implementation: str | None, device_map: str | None
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        # accelerate places the layers over the visible GPUs (then CPU memory) as they load: no copy on one device.
+        kwargs["device_map"] = device_map
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    return model.to(device), tokenizer
+    return (model if device_map is not None else model.to(device)), tokenizer
+
+
+def resolve_device_map(device_map: str | None, device: str | torch.device) -> str | None:
+    """`device_map` as given; with none given and `--device auto` on a machine with several GPUs, "auto" (spread
+    the layers over all of them rather than use only the first)."""
+    if device_map in (None, "", "none"):
+        if device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            return "auto"
+        return None
+    if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ModelLoadError(f"unknown --device-map {device_map!r}: use auto, balanced, balanced_low_0 or sequential")
+    return device_map
 
 
 def load_model(
@@ -240,6 +257,7 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     attn_implementation: str | None = "sdpa",
+    device_map: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM from a spec.
 
@@ -248,12 +266,15 @@ def load_model(
     adapter: a PEFT adapter folder or hub id, merged into the weights after loading.
     attn_implementation: `sdpa` is several times faster than eager on long prompts; pass `eager` when attention
     patterns are needed.
+    device_map: `auto` spreads a model too large for one GPU over all visible GPUs (accelerate); the default is one
+    device, or `auto` when `device` is auto and several GPUs are visible.
     """
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
+    resolved_map = resolve_device_map(device_map, device)
     name, source_kind, source = _resolve_source(spec)
     try:
-        model, tokenizer = _load_hf(source, resolved_device, resolved_dtype, attn_implementation)
+        model, tokenizer = _load_hf(source, resolved_device, resolved_dtype, attn_implementation, resolved_map)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as exc:
