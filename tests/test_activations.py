@@ -278,3 +278,42 @@ def test_contrast_set_store_has_cue_positions(tiny_llama, tmp_path):
     # The `tag` position of a contrast prompt is its context sentence.
     assert all(len(r.positions["tag"]) > 3 for r in store.rows)
     assert json.loads((tmp_path / "sa" / "gap.json").read_text())["primary_gap"] == "monitored-unmonitored"
+
+
+def test_remote_path_simulated_offline_matches_local_store(tiny_llama, tmp_path):
+    """`--remote` through nnsight's local simulation of NDIF (the request is serialised and run with afprobe's
+    modules hidden, as on the server) stores what the local prefix-shared job stores."""
+    folder = tmp_path / "model"
+    tiny_llama.model.save_pretrained(folder)
+    tiny_llama.tokenizer.save_pretrained(folder)
+    job = dict(model=str(folder), n=2, layers="0,1,2", positions="tag,last")
+    local = run_cache(CacheConfig(out=str(tmp_path / "local"), **job))
+    remote = run_cache(CacheConfig(out=str(tmp_path / "remote"), remote="local", **job))
+    assert local.complete and remote.complete
+    a, b = ActivationStore.open(tmp_path / "local"), ActivationStore.open(tmp_path / "remote")
+    assert json.loads((tmp_path / "remote" / "meta.json").read_text())["model"]["source"] == "ndif-local-simulation"
+    for ra, rb in zip(a.rows, b.rows, strict=True):
+        assert abs(ra.log_odds - rb.log_odds) < TOLERANCE and abs(ra.logp_accept - rb.logp_accept) < TOLERANCE
+    for kind in ("tag", "last"):
+        for i in range(len(a)):
+            assert torch.allclose(a.row_tokens(i, kind), b.row_tokens(i, kind), atol=TOLERANCE)
+
+
+def test_remote_without_api_key_fails_clearly(tmp_path, monkeypatch):
+    from nnsight import CONFIG
+
+    env = {k: v for k, v in os.environ.items() if k != "NDIF_API_KEY"}
+    saved_key = CONFIG.API.APIKEY  # a key saved in nnsight's config.yaml would reach the child process
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    with pytest.raises(AfprobeError, match="--remote needs an NDIF API key: set NDIF_API_KEY"):
+        run_cache(CacheConfig(model="meta-llama/Llama-3.1-405B-Instruct", out=str(tmp_path / "s"), remote=True))
+    if not saved_key:
+        result = subprocess.run(
+            [sys.executable, "-m", "afprobe.cli", "cache", "--remote", "--model", "meta-llama/Llama-3.1-405B-Instruct",
+             "--out", str(tmp_path / "s")],
+            env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode != 0 and last.startswith("afprobe: error: --remote needs an NDIF API key")
+    assert not (tmp_path / "s").exists()

@@ -44,7 +44,13 @@ from afprobe.metrics import (
     score_batch,
     score_from_full_logits,
 )
-from afprobe.models import LoadedModel, decoder_layers, load_tokenizer_only, shared_weight_copy
+from afprobe.models import (
+    LoadedModel,
+    decoder_layers,
+    load_remote_model,
+    load_tokenizer_only,
+    shared_weight_copy,
+)
 from afprobe.prompts import PromptSet, RenderedPrompt, render_pairs
 from afprobe.store import (
     IDENTITY_FIELDS,
@@ -72,6 +78,7 @@ class CacheConfig(PairedPromptJob):
     store_dtype: str = "float32"
     backend: str = "hooks"
     shard_size: int = 32
+    remote: bool | str = False  # True: run on NDIF (nnsight); "local": nnsight's offline simulation of that path
     part: str | None = None  # "i/N": this machine's slice of a job split over N machines (`afprobe merge` joins)
 
 
@@ -263,11 +270,12 @@ class FullForwardBackend:
 
     @torch.inference_mode()
     def forward(
-        self, ids: Sequence[int], positions: dict[str, list[int]] | None
-    ) -> tuple[Float[Tensor, "seq vocab"], dict[str, Tensor]]:
+        self, ids: Sequence[int], positions: dict[str, list[int]] | None, logits_from: int = 0
+    ) -> tuple[Float[Tensor, "tail vocab"], dict[str, Tensor]]:
+        """Logits from position `logits_from` on, and the residual stream at `positions`."""
         tensor = torch.tensor([list(ids)], device=self.loaded.device)
         with self.recorder.recording([positions or {}]) as record:
-            logits = self.loaded.model(input_ids=tensor, use_cache=False).logits[0].float()
+            logits = self.loaded.model(input_ids=tensor, use_cache=False).logits[0, logits_from:].float()
         return logits, {kind: stack_record(record[kind][0], self.layers) for kind in (positions or {})}
 
 
@@ -298,59 +306,78 @@ class TransformerLensBackend(FullForwardBackend):
 
     @torch.inference_mode()
     def forward(
-        self, ids: Sequence[int], positions: dict[str, list[int]] | None
-    ) -> tuple[Float[Tensor, "seq vocab"], dict[str, Tensor]]:
+        self, ids: Sequence[int], positions: dict[str, list[int]] | None, logits_from: int = 0
+    ) -> tuple[Float[Tensor, "tail vocab"], dict[str, Tensor]]:
         tensor = torch.tensor([list(ids)], device=self.loaded.device)
         if not positions:
-            return self.bridge(tensor)[0].float(), {}
+            return self.bridge(tensor)[0, logits_from:].float(), {}
         wanted = set(self.hook_names.values())
         logits, cache = self.bridge.run_with_cache(tensor, names_filter=lambda name: name in wanted)
         acts = {
             kind: torch.stack([cache[self.hook_names[layer]][0, idx].float().cpu() for layer in self.layers], dim=1)
             for kind, idx in positions.items()
         }
-        return logits[0].float(), acts
+        return logits[0, logits_from:].float(), acts
 
 
 class NNsightBackend(FullForwardBackend):
-    """nnsight's TransformersModel over the loaded model (the trace body lives in this file, as nnsight requires)."""
+    """nnsight's TransformersModel over the loaded model (the trace body lives in this file, as nnsight requires).
+
+    remote: run each trace on NDIF (True) or through nnsight's local simulation of the remote path ("local": the
+    request is serialised and deserialised with afprobe's modules hidden, as on the server). Remote traces send
+    back only the residual stream at the recorded positions and the logits of the answer tokens.
+    """
 
     name = "nnsight"
 
-    def __init__(self, loaded: LoadedModel, layers: Sequence[int]):
-        from nnsight import TransformersModel
-
+    def __init__(self, loaded: LoadedModel, layers: Sequence[int], remote: bool | str = False):
         self.loaded = loaded
         self.layers = list(layers)
-        # nnsight installs its own `forward` on every module it wraps and leaves it there: it gets a copy of the
-        # module tree that shares the weights, so the user's model stays as it was. Interventions meant to act
-        # through this backend go on `self.wrapped`.
-        self.wrapped = shared_weight_copy(loaded.model)
-        self.model = TransformersModel(self.wrapped, tokenizer=loaded.tokenizer)
         self.n_layers = loaded.n_layers
+        self.remote = remote
+        if remote:
+            self.model = loaded.model  # already an nnsight model (see `afprobe.models.load_remote_model`)
+            self.device = torch.device("cpu")
+        else:
+            from nnsight import TransformersModel
+
+            # nnsight installs its own `forward` on every module it wraps and leaves it there: it gets a copy of the
+            # module tree that shares the weights, so the user's model stays as it was. Interventions meant to act
+            # through this backend go on `self.wrapped`.
+            self.wrapped = shared_weight_copy(loaded.model)
+            self.model = TransformersModel(self.wrapped, tokenizer=loaded.tokenizer)
+            self.device = loaded.device
 
     @torch.inference_mode()
     def forward(
-        self, ids: Sequence[int], positions: dict[str, list[int]] | None
-    ) -> tuple[Float[Tensor, "seq vocab"], dict[str, Tensor]]:
-        tensor = torch.tensor([list(ids)], device=self.loaded.device)
+        self, ids: Sequence[int], positions: dict[str, list[int]] | None, logits_from: int = 0
+    ) -> tuple[Float[Tensor, "tail vocab"], dict[str, Tensor]]:
+        tensor = torch.tensor([list(ids)], device=self.device)
+        wanted = sorted({i for idx in (positions or {}).values() for i in idx})
         envoys = self.model.model.layers
+        n_layers = self.n_layers
+        layers = self.layers if wanted else []
         saved = []
-        with self.model.trace(tensor):
-            for layer in self.layers:
-                if layer < self.n_layers:
-                    saved.append(envoys[layer].input.save())
+        with self.model.trace(tensor, remote=self.remote):
+            for layer in layers:
+                if layer < n_layers:
+                    saved.append(envoys[layer].input[0, wanted].save())
                 else:
-                    saved.append(envoys[self.n_layers - 1].output.save())
-            logits = self.model.output.logits.save()
+                    saved.append(envoys[n_layers - 1].output[0, wanted].save())
+            logits = self.model.output.logits[0, logits_from:].save()
+        column = {index: j for j, index in enumerate(wanted)}
         acts = {
-            kind: torch.stack([hidden[0, idx].float().cpu() for hidden in saved], dim=1)
+            kind: torch.stack([hidden[[column[i] for i in idx]].float().cpu() for hidden in saved], dim=1)
             for kind, idx in (positions or {}).items()
         }
-        return logits[0].float(), acts
+        return logits.float().cpu(), acts
 
 
-def make_backend(name: str, loaded: LoadedModel, layers: Sequence[int]) -> FullForwardBackend:
+def make_backend(
+    name: str, loaded: LoadedModel, layers: Sequence[int], remote: bool | str = False
+) -> FullForwardBackend:
+    if remote:
+        return NNsightBackend(loaded, layers, remote=remote)
     if name == "transformer-lens":
         return TransformerLensBackend(loaded, layers)
     if name == "nnsight":
@@ -364,9 +391,10 @@ def full_forward_row(
     backend: FullForwardBackend, prompt: RenderedPrompt, answers: AnswerTokens, positions: dict[str, list[int]]
 ) -> tuple[ComplianceScore, dict[str, Tensor]]:
     """One prompt the naive way: prompt + accept (recording activations) and prompt + reject, full forwards."""
-    accept_logits, acts = backend.forward(list(prompt.input_ids) + list(answers.accept), positions)
-    reject_logits, _ = backend.forward(list(prompt.input_ids) + list(answers.reject), None)
-    return score_from_full_logits(accept_logits, reject_logits, prompt.n_tokens, answers), acts
+    start = prompt.n_tokens - 1  # the logits that predict the answer tokens
+    accept_logits, acts = backend.forward(list(prompt.input_ids) + list(answers.accept), positions, start)
+    reject_logits, _ = backend.forward(list(prompt.input_ids) + list(answers.reject), None, start)
+    return score_from_full_logits(accept_logits, reject_logits, 1, answers), acts
 
 
 # -- the job -------------------------------------------------------------------------------------------------------
@@ -432,7 +460,7 @@ def run_cache(
     if config.shard_size < 1:
         raise AfprobeError("--shard-size must be at least 1")
     if loaded is None:
-        loaded = config.load()
+        loaded = load_remote_model(config.model, remote=config.remote) if config.remote else config.load()
     prompt_set = build_prompt_set(config, loaded)
     queries = prompt_set.queries
     layers = parse_layers(config.layers, loaded.n_layers)
@@ -489,8 +517,9 @@ def run_cache(
     written = skipped = done = 0
     prefix: PrefixCache | None = None
     prefix_seconds = 0.0
-    recorder = ResidualRecorder(loaded.model, recorded, kind_layers) if config.backend == "hooks" else None
-    backend = None if config.backend == "hooks" else make_backend(config.backend, loaded, recorded)
+    full_forward = config.backend != "hooks" or bool(config.remote)
+    recorder = None if full_forward else ResidualRecorder(loaded.model, recorded, kind_layers)
+    backend = make_backend(config.backend, loaded, recorded, remote=config.remote) if full_forward else None
     pad_id = loaded.tokenizer.pad_token_id or 0
     estimate: MemoryEstimate | None = None
     batch_size = 1

@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--backend", default="hooks", choices=["hooks", "transformer-lens", "nnsight"])
     cache.add_argument("--shard-size", type=int, default=32, help="prompts per shard (the unit of resuming)")
     cache.add_argument(
+        "--remote",
+        action="store_true",
+        help="run on NDIF through nnsight (a Hugging Face id NDIF hosts; API key from NDIF_API_KEY)",
+    )
+    cache.add_argument(
         "--shard",
         dest="part",
         default=None,
@@ -330,6 +335,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         backend=args.backend,
         shard_size=args.shard_size,
         part=args.part,
+        remote=args.remote,
     )
     print(f"loading {config.model}...", file=sys.stderr)
     with _ProgressBar("caching", "prompt") as progress:

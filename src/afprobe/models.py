@@ -325,6 +325,71 @@ def load_tokenizer_only(spec: str, fingerprint: dict[str, Any]) -> LoadedModel:
     return LoadedModel(model=None, tokenizer=tokenizer, fingerprint=ModelFingerprint(**fingerprint))
 
 
+def ndif_api_key() -> str:
+    """The NDIF API key nnsight will send (`NDIF_API_KEY`, or one saved with `nnsight.ndif.login()`)."""
+    key = os.environ.get("NDIF_API_KEY", "").strip()
+    if key:
+        return key
+    from nnsight import CONFIG
+
+    key = (CONFIG.API.APIKEY or "").strip()
+    if not key:
+        raise ModelLoadError(
+            "--remote needs an NDIF API key: set NDIF_API_KEY (get one at https://login.ndif.us) "
+            "or run `python -c 'import nnsight.ndif as n; n.login()'` once"
+        )
+    return key
+
+
+def load_remote_model(spec: str, *, remote: bool | str = True) -> LoadedModel:
+    """A model that runs on NDIF: nnsight builds its skeleton on the meta device from the hub config (no weights
+    here), traces are sent to NDIF. `remote="local"` loads the weights here instead and runs every trace through
+    nnsight's local simulation of the remote path (serialised, deserialised without afprobe's modules, run), which
+    is how the request-building path is tested offline.
+
+    The fingerprint of a remote model names NDIF's copy (`ndif:<id>`): its weights are not visible from here.
+    """
+    from nnsight import TransformersModel
+
+    if remote is True:
+        ndif_api_key()
+        if Path(spec).expanduser().exists() or spec in EMBEDDED_MODELS or spec in _ALIASES:
+            raise ModelLoadError(
+                f"--remote runs models NDIF hosts, by hub id (e.g. meta-llama/Llama-3.1-8B-Instruct); "
+                f"{spec!r} is local: drop --remote"
+            )
+        source_kind, source = "ndif", spec
+    elif remote == "local":
+        _, _, source = _resolve_source(spec)
+        source_kind = "ndif-local-simulation"
+    else:
+        raise ModelLoadError(f"remote must be True or 'local', not {remote!r}")
+    try:
+        model = TransformersModel(source, task="text-generation", dispatch=remote == "local")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"nnsight could not build {spec!r} ({str(exc).splitlines()[0][:160]}): give a Hugging Face id NDIF "
+            "hosts (see https://nnsight.net/status) from a machine that can reach the hub"
+        ) from exc
+    tokenizer = model.tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = model.config.get_text_config()
+    weights = weights_digest(model._module) if remote == "local" else f"ndif:{spec}"
+    fingerprint = ModelFingerprint(
+        name=spec,
+        source=source_kind,
+        weights_sha256=weights,
+        dtype=str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "unknown")).removeprefix("torch."),
+        adapter=None,
+        n_layers=int(config.num_hidden_layers),
+        d_model=int(config.hidden_size),
+        vocab_size=int(config.vocab_size),
+        max_context=int(getattr(config, "max_position_embeddings", 0) or 0),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fingerprint)
+
+
 def _merge_adapter(model: Any, adapter: str) -> Any:
     try:
         from peft import PeftModel
