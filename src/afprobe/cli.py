@@ -10,6 +10,8 @@ from pathlib import Path
 
 from afprobe.errors import AfprobeError
 
+BATCH_HELP = "prompts per forward (default: 1 on CPU; on GPU the largest up to 64 that fits its memory)"
+
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gap)
     _add_prompt_args(gap)
     gap.add_argument("--out", required=True, help="results folder (gets gap.json and per_query.csv)")
-    gap.add_argument("--batch-size", type=int, default=None, help="prompts per forward (default: 1 on CPU, 16 on GPU)")
+    gap.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     gap.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples and permutations")
     gap.add_argument("--seed", type=int, default=0)
     gap.add_argument(
@@ -110,9 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cache only part I of N (0-based, e.g. $SLURM_ARRAY_TASK_ID/8), each part to its own --out; "
         "join them with `afprobe merge`",
     )
-    cache.add_argument(
-        "--batch-size", type=int, default=None, help="prompts per forward (default: 1 on CPU, 16 on GPU)"
-    )
+    cache.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
 
     merge = commands.add_parser("merge", help="join the parts of a sharded `afprobe cache --shard I/N` job")
     merge.add_argument("parts", nargs="+", help="the parts' --out folders")
