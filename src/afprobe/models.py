@@ -375,19 +375,31 @@ def load_remote_model(spec: str, *, remote: bool | str = True) -> LoadedModel:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     config = model.config.get_text_config()
-    weights = weights_digest(model._module) if remote == "local" else f"ndif:{spec}"
-    fingerprint = ModelFingerprint(
+    fingerprint = _fingerprint(
+        config,
         name=spec,
         source=source_kind,
-        weights_sha256=weights,
-        dtype=str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "unknown")).removeprefix("torch."),
+        weights_sha256=weights_digest(model._module) if remote == "local" else f"ndif:{spec}",
+        dtype=str(getattr(config, "dtype", None) or "unknown"),
         adapter=None,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fingerprint)
+
+
+def _fingerprint(
+    config: Any, *, name: str, source: str, weights_sha256: str, dtype: str, adapter: str | None
+) -> ModelFingerprint:
+    return ModelFingerprint(
+        name=name,
+        source=source,
+        weights_sha256=weights_sha256,
+        dtype=dtype.removeprefix("torch."),
+        adapter=adapter,
         n_layers=int(config.num_hidden_layers),
         d_model=int(config.hidden_size),
         vocab_size=int(config.vocab_size),
         max_context=int(getattr(config, "max_position_embeddings", 0) or 0),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fingerprint)
 
 
 def _merge_adapter(model: Any, adapter: str) -> Any:
@@ -412,17 +424,13 @@ def wrap_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     config = model.config.get_text_config()
-    dtype = next(model.parameters()).dtype
-    fingerprint = ModelFingerprint(
+    fingerprint = _fingerprint(
+        config,
         name=name,
         source=source,
         weights_sha256=weights_digest(model),
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(next(model.parameters()).dtype),
         adapter=adapter,
-        n_layers=int(config.num_hidden_layers),
-        d_model=int(config.hidden_size),
-        vocab_size=int(config.vocab_size),
-        max_context=int(getattr(config, "max_position_embeddings", 0) or 0),
     )
     return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fingerprint)
 
