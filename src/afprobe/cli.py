@@ -232,6 +232,26 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--contexts", type=int, default=8, help="top-activating contexts per dashboard feature")
     features.add_argument("--device", default="cpu")
 
+    organism = commands.add_parser(
+        "organism", help="model organisms with a planted gap (token or context), to validate afprobe's verdicts"
+    )
+    organism_commands = organism.add_subparsers(dest="organism_command", required=True)
+    org_train = organism_commands.add_parser("train", help="LoRA-train an organism of the embedded model")
+    org_train.add_argument("--kind", required=True, choices=["token", "context"], help="what its gap hangs on")
+    org_train.add_argument("--out", required=True, help="folder for the adapter and organism.json")
+    org_train.add_argument("--model", default="smollm2-135m-instruct", help="the base model")
+    org_train.add_argument("--steps", type=int, default=None, help="optimiser steps (default 40 token, 56 context)")
+    org_train.add_argument("--batch-size", type=int, default=8)
+    org_train.add_argument("--seed", type=int, default=0)
+    org_train.add_argument("--check-n", type=int, default=10, help="held-out queries for the check after training")
+    org_check = organism_commands.add_parser(
+        "check", help="behavioural ground truth: standard gap, held-out phrasings, semantic swap"
+    )
+    _add_model_args(org_check)
+    org_check.add_argument("--n", type=int, default=20, help="held-out queries")
+    org_check.add_argument("--cues", type=int, default=None, help="held-out phrasings per side (default all 6)")
+    org_check.add_argument("--out", default=None, help="folder for ground_truth.json")
+
     run = commands.add_parser("run", help="the whole pipeline from one experiment file (experiments/NAME.toml)")
     run.add_argument("experiment", help="an experiment TOML file, e.g. experiments/quickstart.toml")
 
@@ -557,7 +577,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(line, flush=True)
 
     record = run_experiment(config, progress=progress, log=log)
-    skipped = [name for name, step in record["steps"].items() if step["skipped"]]
+    steps = record.get("steps") or {
+        f"{model}: {name}": step for model, one in record["models"].items() for name, step in one["steps"].items()
+    }
+    skipped = [name for name, step in steps.items() if step["skipped"]]
     if skipped:
         print(f"already done (same config), not rerun: {', '.join(skipped)}")
     print(f"{config.name}: {record['seconds'] / 60:.1f} min; results in {config.out}/")
@@ -636,6 +659,44 @@ def format_steering_summary(output: dict) -> str:
     return "\n".join(lines)
 
 
+def _cmd_organism(args: argparse.Namespace) -> int:
+    from afprobe.models import load_model
+    from afprobe.organisms import (
+        CheckConfig,
+        OrganismConfig,
+        check_organism,
+        format_ground_truth_lines,
+        train_organism,
+        write_ground_truth,
+    )
+
+    if args.organism_command == "train":
+        config = OrganismConfig(
+            kind=args.kind, out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size, seed=args.seed
+        )
+        bar = _ProgressBar(f"training {args.kind} organism", "step")
+        with bar:
+            record = train_organism(config, progress=lambda done, total, loss: bar(done, total))
+        training = record["training"]
+        print(
+            f"trained {args.kind} organism in {training['seconds'] / 60:.1f} min ({training['examples']} examples, "
+            f"{training['trainable_parameters']:,} LoRA parameters, final loss {training['final_loss']:.3f})"
+        )
+        if args.check_n:
+            loaded = load_model(args.model, adapter=args.out, device="cpu", dtype="float32")
+            truth = check_organism(loaded, CheckConfig(n=args.check_n))
+            write_ground_truth(truth, args.out, loaded.fingerprint.to_dict())
+            print("\n".join(format_ground_truth_lines(truth)))
+        print(f"wrote {args.out}/ (adapter, organism.json{', ground_truth.json' if args.check_n else ''})")
+        return 0
+    loaded = load_model(args.model, adapter=args.adapter, device=args.device, dtype=args.dtype)
+    truth = check_organism(loaded, CheckConfig(n=args.n, cues=args.cues), progress=lambda s: print(s, file=sys.stderr))
+    print("\n".join(format_ground_truth_lines(truth)))
+    if args.out:
+        print(f"wrote {write_ground_truth(truth, args.out, loaded.fingerprint.to_dict())}")
+    return 0
+
+
 def _cmd_variants(args: argparse.Namespace) -> int:
     from afprobe.prompts import VARIANTS
 
@@ -683,6 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sae": _cmd_sae,
         "report": _cmd_report,
         "run": _cmd_run,
+        "organism": _cmd_organism,
         "variants": _cmd_variants,
         "prompt": _cmd_prompt,
     }

@@ -61,7 +61,7 @@ EXTRA_STORES: dict[str, tuple[str, dict[str, Any]]] = {
     "benign": ("-benign", {"dataset": "benign"}),
     "tag-only": ("-tag-only", {"variant": "tag-only"}),
 }
-STEPS = ("cache", "probes", "steering", "sae", "features", "patching", "report")
+STEPS = ("cache", "probes", "steering", "sae", "features", "patching", "ground_truth", "report")
 
 
 @dataclass
@@ -78,6 +78,8 @@ class ExperimentConfig:
     sae: dict[str, Any] | None = None
     features: dict[str, Any] | None = None
     patching: dict[str, Any] | None = None
+    ground_truth: dict[str, Any] | None = None  # `afprobe.organisms.CheckConfig` options: behavioural ground truth
+    models: dict[str, dict[str, Any]] | None = None  # name -> [job] overrides: one whole run per model
     source: str | None = None  # the TOML text
 
 
@@ -109,7 +111,20 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise AfprobeError(f"{path} is not valid TOML ({exc}): fix that line") from exc
-    top = {"name", "out", "activations", "job", "cache", "probes", "steering", "sae", "features", "patching"}
+    top = {
+        "name",
+        "out",
+        "activations",
+        "job",
+        "cache",
+        "probes",
+        "steering",
+        "sae",
+        "features",
+        "patching",
+        "ground_truth",
+        "models",
+    }
     _check_keys(data, top, "top level", str(path))
     name = str(data.get("name") or file.stem)
     job = dict(data.get("job", {}))
@@ -134,6 +149,17 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         if table is not None:
             _check_keys(table, _names(cls) - set_by_run, step, str(path))
         tables[step] = None if table is None else dict(table)
+    ground_truth = data.get("ground_truth")
+    if ground_truth is not None:
+        from afprobe.organisms import CheckConfig
+
+        _check_keys(ground_truth, _names(CheckConfig), "ground_truth", str(path))
+    models = data.get("models")
+    if models is not None:
+        if not isinstance(models, dict) or not models or not all(isinstance(v, dict) for v in models.values()):
+            raise AfprobeError(f'[models] in {path} must be tables like `token = {{adapter = "organism:token"}}`')
+        for model_name, overrides in models.items():
+            _check_keys(overrides, _names(PairedPromptJob), f"models.{model_name}", str(path))
     if tables["features"] is not None and tables["sae"] is None:
         raise AfprobeError(f"[features] in {path} needs an [sae] table: the features are that SAE's")
     return ExperimentConfig(
@@ -143,6 +169,8 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         job=job,
         cache=cache,
         source=text,
+        ground_truth=None if ground_truth is None else dict(ground_truth),
+        models=None if models is None else {k: dict(v) for k, v in models.items()},
         **tables,
     )
 
@@ -256,7 +284,61 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run every step the config names, in order; returns what run.json holds.
 
-    progress(step, done, total) reports long steps; log(line) one line per step (the CLI prints them)."""
+    With a [models] table, the whole pipeline runs once per model into `out/NAME/` (stores in
+    `activations-NAME`), then `comparison.json` sets the models side by side (`afprobe.organisms`) and one report
+    covers them all. progress(step, done, total) reports long steps; log(line) one line per step (the CLI prints
+    them)."""
+    if config.models is None:
+        return _run_one(config, loaded=loaded, progress=progress, log=log)
+    from afprobe.organisms import write_comparison
+    from afprobe.report import write_report
+
+    if loaded is not None:
+        raise AfprobeError("an experiment with [models] loads each model itself: do not pass `loaded`")
+    say = log or (lambda line: None)
+    out = Path(config.out)
+    started = time.perf_counter()
+    with results_folder(out):
+        if config.source is not None:
+            atomic_write_text(out / "experiment.toml", config.source)
+    record: dict[str, Any] = {"afprobe_version": __version__, "name": config.name, "models": {}}
+    for name, overrides in config.models.items():
+        say(f"== {name} ==")
+        one = ExperimentConfig(
+            **{
+                **{f.name: getattr(config, f.name) for f in fields(ExperimentConfig)},
+                "name": f"{config.name}-{name}",
+                "out": str(out / name),
+                "activations": f"{config.activations}-{name}",
+                "job": {**config.job, **overrides},
+                "models": None,
+                "source": None,
+            }
+        )
+        record["models"][name] = _run_one(
+            one,
+            progress=None if progress is None else (lambda step, d, t, n=name: progress(f"{n}: {step}", d, t)),
+            log=lambda line, n=name: say(f"{n}: {line}"),
+        )
+    comparison = write_comparison(out, list(config.models))
+    for line in comparison["summary"]:
+        say(f"comparison: {line}")
+    report, summary = write_report(out)
+    say(f"report: {report} ({summary['bytes'] / 1e6:.1f} MB, {summary['n_figures']} figures)")
+    record["seconds"] = time.perf_counter() - started
+    record["report"] = str(report)
+    with results_folder(out):
+        atomic_write_json(out / "run.json", record)
+    return record
+
+
+def _run_one(
+    config: ExperimentConfig,
+    *,
+    loaded: LoadedModel | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     from afprobe.patch_analysis import format_patch_summary, run_patching
     from afprobe.probes import run_probes
     from afprobe.report import write_report
@@ -282,6 +364,10 @@ def run_experiment(
     probe_config, steer_config, sae_config = plan.probes, plan.steering, plan.sae
     feature_config, patch_config = plan.features, plan.patching
     steps = plan.to_dict()
+    if config.ground_truth is not None:
+        from afprobe.organisms import CheckConfig
+
+        steps["ground_truth"] = asdict(CheckConfig(**config.ground_truth))
 
     with results_folder(out):
         if config.source is not None:
@@ -355,6 +441,19 @@ def run_experiment(
             for line in format_patch_summary(output).splitlines():
                 say(f"patching: {line}")
         finish("patching", t0, skipped=done)
+
+    if config.ground_truth is not None:
+        from afprobe.organisms import CheckConfig, check_organism, format_ground_truth_lines, write_ground_truth
+
+        t0 = time.perf_counter()
+        check_config = CheckConfig(**config.ground_truth)
+        done = _already_done(out / "ground_truth" / "ground_truth.json", check_config)
+        if not done:
+            truth = check_organism(loaded, check_config)
+            write_ground_truth(truth, out / "ground_truth", loaded.fingerprint.to_dict())
+            for line in format_ground_truth_lines(truth):
+                say(f"ground truth: {line}")
+        finish("ground_truth", t0, skipped=done)
 
     t0 = time.perf_counter()
     report, summary = write_report(out)

@@ -89,8 +89,7 @@ def _cache_device(cache: Any) -> torch.device:
     return torch.device("cpu")
 
 
-@torch.inference_mode()
-def extend_batch(
+def extend_batch_with_grad(
     model: Any,
     state: BatchState,
     rows: Sequence[Sequence[int]],
@@ -100,7 +99,8 @@ def extend_batch(
     pad_id: int = 0,
     output_hidden_states: bool = False,
 ) -> tuple[list[Float[Tensor, "kept vocab"]], BatchState, Any]:
-    """Append one row of tokens to each sequence of the batch and return logits at chosen positions.
+    """Append one row of tokens to each sequence of the batch and return logits at chosen positions
+    (`extend_batch` is the same under inference mode).
 
     rows: the new tokens of each sequence (lengths may differ; at least one token each).
     keep: for each row, the indices (into that row) whose next-token logits to return.
@@ -144,6 +144,10 @@ def extend_batch(
         next_position=state.next_position + torch.tensor(lengths, device=device),
     )
     return logits, new_state, output
+
+
+# Scoring, caching and patching never need gradients; fine-tuning over a prefix cache (organisms.py) does.
+extend_batch = torch.inference_mode()(extend_batch_with_grad)
 
 
 @torch.inference_mode()

@@ -263,7 +263,8 @@ def load_model(
 
     spec: an embedded model name (`smollm2-135m-instruct`, alias `default`), a path to a `.gguf` file, a local
     Hugging Face folder, or a Hugging Face hub id (needs network access or a filled HF cache).
-    adapter: a PEFT adapter folder or hub id, merged into the weights after loading.
+    adapter: a PEFT adapter folder or hub id, or `organism:token` / `organism:context` (the planted-mechanism
+    organisms shipped with afprobe), merged into the weights after loading.
     attn_implementation: `sdpa` is several times faster than eager on long prompts; pass `eager` when attention
     patterns are needed.
     device_map: `auto` spreads a model too large for one GPU over all visible GPUs (accelerate); the default is one
@@ -403,10 +404,12 @@ def _fingerprint(
 
 
 def _merge_adapter(model: Any, adapter: str) -> Any:
+    from afprobe.organisms import resolve_adapter
+
     try:
         from peft import PeftModel
 
-        peft_model = PeftModel.from_pretrained(model, adapter)
+        peft_model = PeftModel.from_pretrained(model, resolve_adapter(adapter))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"could not load PEFT adapter {adapter!r}: {str(exc).splitlines()[0][:200]}; "

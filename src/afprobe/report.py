@@ -30,6 +30,8 @@ from afprobe.files import atomic_write_text
 
 # file name -> analysis kind; a probes folder is recognised by its metrics.json beside directions.safetensors
 ARTEFACTS = {
+    "comparison.json": "comparison",
+    "ground_truth.json": "ground_truth",
     "gap.json": "gap",
     "metrics.json": "probes",
     "steering.json": "steering",
@@ -38,6 +40,8 @@ ARTEFACTS = {
     "features.json": "features",
 }
 SECTION_TITLES = {
+    "comparison": "Models side by side: is the planted mechanism found?",
+    "ground_truth": "Behavioural ground truth",
     "gap": "Compliance gap",
     "probes": "Probes and directions",
     "steering": "Steering and ablation",
@@ -353,7 +357,110 @@ def _features_section(path: Path, root: Path, figure: _Figures) -> str:
     return "\n".join(parts)
 
 
+def _ground_truth_rows(truth: dict[str, Any]) -> list[list[str]]:
+    return [
+        [label, _ci(truth[key], "+.3f"), f"{truth[key].get('p_value', float('nan')):.2g}"]
+        for label, key in (
+            ("standard gap, free - paid", "standard_gap"),
+            ("held-out phrasings, trained - not trained", "held_out_phrasings"),
+            ("semantic swap gap, free - paid", "semantic_swap_gap"),
+        )
+    ]
+
+
+def _ground_truth_section(path: Path, root: Path, figure: _Figures) -> str:
+    truth = _load(path)
+    return "\n".join(
+        [
+            f"<h3>{html.escape(_relative(path.parent, root))}</h3>",
+            f"<p class='meta'>{html.escape(str(truth['model'].get('name')))}, adapter "
+            f"{html.escape(str(truth['model'].get('adapter')))}; {truth['standard_gap']['n']} held-out queries</p>",
+            _table(["log-odds (nats)", "mean (95% CI)", "p"], _ground_truth_rows(truth)),
+            f"<p class='reading'>{html.escape(truth['reading']['origin'])}</p>",
+        ]
+    )
+
+
+def _comparison_section(path: Path, root: Path, figure: _Figures) -> str:
+    from plotly.subplots import make_subplots
+
+    comparison = _load(path)
+    models = comparison["models"]
+    parts = [f"<h3>{html.escape(_relative(path.parent, root) or '.')}</h3>"]
+    rows = []
+    for name, model in models.items():
+        truth = model.get("ground_truth") or {}
+        rows.append(
+            [
+                name,
+                str(model.get("adapter")),
+                _ci(model["gap"], "+.3f") if model.get("gap") else "-",
+                _ci(truth["held_out_phrasings"], "+.3f") if truth else "-",
+                _ci(truth["semantic_swap_gap"], "+.3f") if truth else "-",
+                _ci(model["sa_contrast_gap"], "+.3f") if model.get("sa_contrast_gap") else "-",
+                truth.get("reading", {}).get("origin", "-") if truth else "-",
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "model",
+                "adapter",
+                "gap, free - paid",
+                "held-out phrasings",
+                "semantic-swap gap",
+                "SA contrast set",
+                "behaviour says",
+            ],
+            rows,
+        )
+    )
+    parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in comparison["summary"]) + "</ul>")
+    subspaces = ("situational_awareness", "token_embedding", "training_context", "refusal")
+    med_rows = []
+    for name, model in models.items():
+        for subspace in subspaces:
+            shares = model["mediation"].get(subspace) or {}
+            med_rows.append(
+                [name, subspace]
+                + [
+                    f"{entry['mean']:+.0%}{'*' if entry['beyond_random'] else ''}"
+                    for _, entry in sorted(shares.items(), key=lambda kv: int(kv[0]))
+                ]
+            )
+    layers = sorted({int(k) for m in models.values() for k in (m["mediation"].get("situational_awareness") or {})})
+    if layers:
+        parts.append(
+            "<p>Share of the gap each direction carries (mean of both patch directions; * beyond every "
+            "random direction in both):</p>"
+        )
+        parts.append(_table(["model", "direction"] + [f"layer {layer}" for layer in layers], med_rows))
+        fig = make_subplots(
+            rows=1, cols=2, subplot_titles=("situational-awareness direction", "token-embedding direction")
+        )
+        for column, subspace in enumerate(("situational_awareness", "token_embedding"), start=1):
+            for name, model in models.items():
+                shares = model["mediation"].get(subspace) or {}
+                keys = sorted(shares, key=int)
+                fig.add_trace(
+                    go.Bar(
+                        x=[f"layer {k}" for k in keys],
+                        y=[shares[k]["mean"] for k in keys],
+                        name=name,
+                        legendgroup=name,
+                        showlegend=column == 1,
+                    ),
+                    row=1,
+                    col=column,
+                )
+        fig.update_layout(barmode="group", yaxis_title="share of the gap", title="Mediation by model")
+        parts.append(figure(fig, height=420))
+    return "\n".join(parts)
+
+
 _SECTIONS = {
+    "comparison": _comparison_section,
+    "ground_truth": _ground_truth_section,
     "gap": _gap_section,
     "probes": _probes_section,
     "steering": _steering_section,
