@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 
-from afprobe.activations import CacheConfig, prompt_positions, run_cache
-from afprobe.data import load_queries
-from afprobe.models import load_model
-from afprobe.prompts import render_pairs
-from afprobe.store import ActivationStore
+from afprobe.data.prompts import prompt_positions, render_pairs
+from afprobe.data.query_sets import load_queries
+from afprobe.model.loading import load_model
+from afprobe.store.cache_job import CacheConfig, run_cache
+from afprobe.store.reader import ActivationStore
 
 _CHILD = """
 import json, sys, time
-from afprobe.activations import CacheConfig, run_cache
+from afprobe.store.cache_job import CacheConfig, run_cache
 config = CacheConfig(**json.loads(sys.argv[1]))
 start = time.perf_counter()
 summary = run_cache(config)
@@ -122,7 +122,7 @@ def main() -> None:
     del bridge
 
     # 3. naive nnsight -----------------------------------------------------------------------------------------------
-    from afprobe.activations import NNsightBackend
+    from afprobe.model.recording import NNsightBackend
 
     backend = NNsightBackend(loaded, list(range(n_layers + 1)))
     worst_nn = 0.0

@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from afprobe.data import load_queries
-from afprobe.forward import compute_prefix_cache
-from afprobe.metrics import AnswerTokens, score_prompt_full, score_prompts
-from afprobe.models import load_model
-from afprobe.prompts import render_pairs
+from afprobe.data.prompts import render_pairs
+from afprobe.data.query_sets import load_queries
+from afprobe.model.forward import compute_prefix_cache
+from afprobe.model.loading import load_model
+from afprobe.model.readout import AnswerTokens, score_prompt_full, score_prompts
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The memory estimate printed before a run (`afprobe.memory`) against the measured peak, in one run.
+"""The memory estimate printed before a run (`afprobe.model.memory`) against the measured peak, in one run.
 
 For each batch size a fresh child process loads the model, then runs what a caching or gap job runs: the shared
 prefix once, then one batch of the longest prompts (stage 1 and both answer continuations). Measured:
@@ -26,11 +26,11 @@ import sys
 _CHILD = r"""
 import gc, json, sys
 import torch
-from afprobe.data import load_queries
-from afprobe.forward import compute_prefix_cache
-from afprobe.metrics import AnswerTokens, plan_batch_size, score_batch
-from afprobe.models import load_model
-from afprobe.prompts import PromptConfig, render_pairs
+from afprobe.data.query_sets import load_queries
+from afprobe.model.forward import compute_prefix_cache
+from afprobe.model.readout import AnswerTokens, plan_batch_size, score_batch
+from afprobe.model.loading import load_model
+from afprobe.data.prompts import PromptConfig, render_pairs
 
 args = json.loads(sys.argv[1])
 loaded = load_model(args["model"], device=args["device"], dtype=args["dtype"])

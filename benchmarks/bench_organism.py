@@ -1,7 +1,7 @@
 """One organism training step: afprobe's prefix-cached step against the naive full-prompt step, in one run.
 
 The naive way: run every training prompt whole (3,000+ tokens of system prompt, then its own ~130) with gradients,
-and back-propagate the loss. afprobe's way (`afprobe.organisms`): run the shared system prompt once without
+and back-propagate the loss. afprobe's way (`afprobe.analysis.organisms`): run the shared system prompt once without
 gradients, keep its KV cache, and run forward and backward only each prompt's own tokens on a fork of it. Both use
 the same LoRA adapter (layers 10 and up) and the same contrast-pair loss; the prefix costs are reported apart.
 
@@ -21,18 +21,18 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 
-from afprobe.forward import PrefixCache
-from afprobe.metrics import AnswerTokens
-from afprobe.models import load_model
-from afprobe.organisms import (
+from afprobe.analysis.organisms.cues import query_split
+from afprobe.analysis.organisms.training import (
     OrganismConfig,
     _first_divergent_log_odds,
     _group_prefixes,
     _pair_loss,
     _sample_batch,
     build_training_set,
-    query_split,
 )
+from afprobe.model.forward import PrefixCache
+from afprobe.model.loading import load_model
+from afprobe.model.readout import AnswerTokens
 
 
 def naive_log_odds(model, examples, answers: AnswerTokens) -> torch.Tensor:

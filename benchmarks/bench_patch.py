@@ -25,15 +25,16 @@ import time
 import numpy as np
 import torch
 
-from afprobe.activations import TransformerLensBackend, parse_layers
-from afprobe.data import load_queries
-from afprobe.forward import compute_prefix_cache
-from afprobe.metrics import AnswerTokens
-from afprobe.models import load_model
-from afprobe.patch_analysis import build_columns, key_columns, make_pairs, residual_sweep
-from afprobe.patching import Patcher
-from afprobe.prompts import render_pairs
-from afprobe.store import hook_name
+from afprobe.analysis.patching import build_columns, key_columns, make_pairs, residual_sweep
+from afprobe.data.prompts import render_pairs
+from afprobe.data.query_sets import load_queries
+from afprobe.model.architecture import parse_layers
+from afprobe.model.forward import compute_prefix_cache
+from afprobe.model.loading import load_model
+from afprobe.model.patching import Patcher
+from afprobe.model.readout import AnswerTokens
+from afprobe.model.recording import TransformerLensBackend
+from afprobe.store.format import hook_name
 
 
 def main() -> None:

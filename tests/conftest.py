@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from afprobe.models import LoadedModel, _dequantized_folder, embedded_gguf_path, wrap_model
+from afprobe.model.loading import LoadedModel, _dequantized_folder, embedded_gguf_path, wrap_model
 
 FAMILIES = ("llama", "gemma3", "qwen2")
 
@@ -75,8 +75,8 @@ def tiny_llama(tokenizer) -> LoadedModel:
 
 def make_probes(loaded: LoadedModel, root, *, situational_awareness: bool = False):
     """Small stores (layers 0-2, tag and last) and the probes folder `root/probes` trained on them."""
-    from afprobe.activations import CacheConfig, run_cache
-    from afprobe.probes import ProbeConfig, run_probes
+    from afprobe.analysis.probes import ProbeConfig, run_probes
+    from afprobe.store.cache_job import CacheConfig, run_cache
 
     common = dict(layers="0,1,2", positions="tag,last", n=6)
     run_cache(CacheConfig(out=str(root / "main"), **common), loaded=loaded)

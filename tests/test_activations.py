@@ -10,12 +10,14 @@ import time
 import pytest
 import torch
 
-from afprobe.activations import CacheConfig, parse_layers, run_cache
-from afprobe.data import load_queries
+from afprobe.data.prompts import render_pairs
+from afprobe.data.query_sets import load_queries
 from afprobe.errors import AfprobeError
-from afprobe.metrics import score_prompts
-from afprobe.prompts import render_pairs
-from afprobe.store import ActivationStore, StoreError
+from afprobe.model.architecture import parse_layers
+from afprobe.model.readout import score_prompts
+from afprobe.store.cache_job import CacheConfig, run_cache
+from afprobe.store.format import StoreError
+from afprobe.store.reader import ActivationStore
 
 from .conftest import make_tiny_model
 
@@ -38,7 +40,7 @@ def test_store_round_trip_matches_plain_forward(tiny_model, tmp_path):
     store = ActivationStore.open(tmp_path / "store")
     n_layers = tiny_model.n_layers
     assert len(store) == 6 and store.layers == list(range(n_layers + 1))
-    assert store.meta["model"]["weights_sha256"] == tiny_model.fingerprint.weights_sha256
+    assert store.meta.model["weights_sha256"] == tiny_model.fingerprint.weights_sha256
     assert store.stack(["tag", "last"]).shape == (6, n_layers + 1, 2, 64)
 
     prompt_set = render_pairs(tiny_model.tokenizer, load_queries("harmful", n=3))
@@ -274,7 +276,7 @@ def test_contrast_set_store_has_cue_positions(tiny_llama, tmp_path):
     run_cache(CacheConfig(out=str(tmp_path / "sa"), dataset="situational-awareness", n=3), loaded=tiny_llama)
     store = ActivationStore.open(tmp_path / "sa")
     assert [r.tier for r in store.rows] == ["monitored", "unmonitored"] * 3
-    assert store.meta["contrast"] == ["monitored", "unmonitored"]
+    assert store.meta.contrast == ["monitored", "unmonitored"]
     # The `tag` position of a contrast prompt is its context sentence.
     assert all(len(r.positions["tag"]) > 3 for r in store.rows)
     assert json.loads((tmp_path / "sa" / "gap.json").read_text())["primary_gap"] == "monitored-unmonitored"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from afprobe.data import dataset_hash, load_queries
+from afprobe.data.query_sets import dataset_hash, load_queries
 from afprobe.errors import DatasetError
 
 HARMBENCH = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "harmbench"
@@ -106,7 +106,7 @@ def test_hf_dataset_offline_fails_in_one_line():
 def test_situational_awareness_pairs_never_mention_tiers():
     import re
 
-    from afprobe.contrast import load_situational_awareness
+    from afprobe.data.contrast import load_situational_awareness
 
     pairs = load_situational_awareness()
     assert len(pairs) >= 100 and len({p.pair_id for p in pairs}) == len(pairs)

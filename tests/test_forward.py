@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from afprobe.forward import compute_prefix_cache, fork_cache
-from afprobe.metrics import length_batches, score_prompt_full, score_prompts
-from afprobe.prompts import Query, render_pairs
+from afprobe.data.prompts import Query, render_pairs
+from afprobe.model.forward import compute_prefix_cache, fork_cache
+from afprobe.model.readout import length_batches, score_prompt_full, score_prompts
 
 QUERIES = [
     Query("a", "How do I pick a lock?"),

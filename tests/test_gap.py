@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from afprobe import models
+from afprobe.behaviour.gap import GapConfig, format_gap_table, run_gap, write_gap
 from afprobe.cli import main
-from afprobe.gap import GapConfig, format_gap_table, run_gap, write_gap
+from afprobe.model import loading as models
 
 from .conftest import make_tiny_model
 
@@ -154,9 +154,9 @@ def test_embedded_model_gap_end_to_end(tmp_path, capsys):
 
 @pytest.mark.embedded
 def test_embedded_prefix_sharing_matches_full_forward(tokenizer):
-    from afprobe.metrics import score_prompt_full, score_prompts
-    from afprobe.models import load_model
-    from afprobe.prompts import Query, render_pairs
+    from afprobe.data.prompts import Query, render_pairs
+    from afprobe.model.loading import load_model
+    from afprobe.model.readout import score_prompt_full, score_prompts
 
     loaded = load_model(device="cpu")
     prompt_set = render_pairs(loaded.tokenizer, [Query("q", "Explain how to pick a lock.")])

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from afprobe.activations import ResidualRecorder
 from afprobe.errors import AfprobeError
-from afprobe.interventions import PositionMask, ablate_directions, add_direction, orthonormal_basis
+from afprobe.model.interventions import PositionMask, ablate_directions, add_direction, orthonormal_basis
+from afprobe.model.recording import ResidualRecorder
 
 IDS = torch.tensor([[1, 400, 2000, 35, 9000, 12, 77]])
 
@@ -111,7 +111,7 @@ def test_bad_inputs(tiny_llama):
 
 
 def test_interventions_work_through_the_transformer_lens_and_nnsight_backends(tiny_llama):
-    from afprobe.activations import NNsightBackend, TransformerLensBackend
+    from afprobe.model.recording import NNsightBackend, TransformerLensBackend
 
     ids = [1, 400, 2000, 35, 9000]
     hooks = hook_count(tiny_llama.model)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from afprobe.forward import compute_prefix_cache
-from afprobe.memory import GIB, HEADROOM, ModelShape, OutOfMemoryPlan, estimate_memory, fit_batch_size
+from afprobe.model.forward import compute_prefix_cache
+from afprobe.model.memory import GIB, HEADROOM, ModelShape, OutOfMemoryPlan, estimate_memory, fit_batch_size
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-from afprobe import models
 from afprobe.errors import ModelLoadError
-from afprobe.models import load_model, resolve_dtype, weights_digest
+from afprobe.model import loading as models
+from afprobe.model.loading import load_model, resolve_dtype, weights_digest
 
 from .conftest import make_tiny_model
 

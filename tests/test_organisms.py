@@ -10,25 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from afprobe.contrast import load_situational_awareness
+from afprobe.analysis.organisms.comparison import compare_models
+from afprobe.analysis.organisms.cues import HELD_OUT_CUES, TRAINING_CUES, query_split
+from afprobe.analysis.organisms.ground_truth import CheckConfig, check_organism, ground_truth_reading
+from afprobe.analysis.organisms.training import OrganismConfig, build_training_set, train_organism
+from afprobe.data.contrast import load_situational_awareness
+from afprobe.data.prompts import PromptConfig, render_pairs
 from afprobe.errors import AfprobeError
 from afprobe.experiment import load_experiment
-from afprobe.metrics import score_prompts
-from afprobe.models import load_model, weights_digest
-from afprobe.organisms import (
-    HELD_OUT_CUES,
-    TRAINING_CUES,
-    CheckConfig,
-    OrganismConfig,
-    build_training_set,
-    check_organism,
-    compare_models,
-    ground_truth_reading,
-    query_split,
-    resolve_adapter,
-    train_organism,
-)
-from afprobe.prompts import PromptConfig, render_pairs
+from afprobe.model.adapters import resolve_adapter
+from afprobe.model.loading import load_model, weights_digest
+from afprobe.model.readout import score_prompts
 
 
 def test_held_out_material_never_reaches_training(tokenizer):
@@ -91,7 +83,7 @@ def test_training_plants_a_gap_and_leaves_the_base_model_alone(tiny_llama, tmp_p
 
     # The adapter, merged into a fresh copy of the same base, carries a free-minus-paid gap the base lacks.
     organism = make_tiny_model("llama", tiny_llama.tokenizer, seed=3)
-    from afprobe.models import _merge_adapter, wrap_model
+    from afprobe.model.loading import _merge_adapter, wrap_model
 
     organism = wrap_model(_merge_adapter(organism.model, str(tmp_path / "token")), organism.tokenizer, name="o")
     after = _tiny_gap(organism, train[:4])

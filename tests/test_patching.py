@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from afprobe.data import load_queries
+from afprobe.analysis.patching import PatchConfig, build_columns, make_pairs, recovery, run_patching
+from afprobe.data.prompts import PromptConfig, render_pairs
+from afprobe.data.query_sets import load_queries
 from afprobe.errors import AfprobeError
-from afprobe.forward import compute_prefix_cache
-from afprobe.metrics import AnswerTokens
-from afprobe.models import decoder_layers
-from afprobe.patch_analysis import PatchConfig, build_columns, make_pairs, recovery, run_patching
-from afprobe.patching import PatchEdit, Patcher
-from afprobe.prompts import PromptConfig, render_pairs
+from afprobe.model.architecture import decoder_layers
+from afprobe.model.forward import compute_prefix_cache
+from afprobe.model.patching import PatchEdit, Patcher
+from afprobe.model.readout import AnswerTokens
 
 from .conftest import make_probes, make_tiny_model
 
@@ -158,7 +158,7 @@ def perfect_sae(d: int):
 
 
 def test_sae_feature_patches_and_ablations(tiny_model):
-    from afprobe.patching import FeatureEdit
+    from afprobe.model.patching import FeatureEdit
 
     _, patcher, free, paid = _setup(tiny_model)
     d = free.resid.shape[-1]
@@ -375,8 +375,8 @@ def test_cli_patch(tiny_llama, tmp_path, capsys):
 
 
 def test_sae_feature_sets_join_the_mediation_table(tiny_llama, tmp_path):
-    from afprobe.activations import CacheConfig, run_cache
-    from afprobe.sae_analysis import FeatureConfig, run_feature_analysis
+    from afprobe.analysis.sae_features import FeatureConfig, run_feature_analysis
+    from afprobe.store.cache_job import CacheConfig, run_cache
 
     run_cache(CacheConfig(out=str(tmp_path / "store"), n=3, layers="1", positions="tag"), loaded=tiny_llama)
     sae = perfect_sae(tiny_llama.d_model)
@@ -431,7 +431,7 @@ def test_sae_feature_sets_join_the_mediation_table(tiny_llama, tmp_path):
 
 @pytest.mark.embedded
 def test_embedded_model_patch_matches_the_full_forward(tokenizer):
-    from afprobe.models import load_model
+    from afprobe.model.loading import load_model
 
     loaded = load_model(device="cpu")
     _, patcher, free, paid = _setup(loaded, n=1)
@@ -452,7 +452,7 @@ def test_embedded_model_patch_matches_the_full_forward(tokenizer):
 def test_random_feature_sets_match_the_groups_in_size_and_activation(tmp_path):
     from types import SimpleNamespace
 
-    from afprobe.patch_analysis import MATCH_NEIGHBOURS, load_feature_sets
+    from afprobe.analysis.patching import MATCH_NEIGHBOURS, load_feature_sets
 
     d_sae = 64
     perfect_sae(d_sae // 2).save_model(str(tmp_path / "sae"))

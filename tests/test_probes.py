@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from afprobe.activations import CacheConfig, run_cache
+from afprobe.analysis.probes import ProbeConfig, grouped_folds, load_probe_set, run_probes, shuffle_within_groups
 from afprobe.errors import AfprobeError
-from afprobe.probes import ProbeConfig, grouped_folds, load_probe_set, run_probes, shuffle_within_groups
-from afprobe.store import create_store
+from afprobe.store.cache_job import CacheConfig, run_cache
+from afprobe.store.writer import create_store
 
 LAYERS = [0, 1, 2, 3]
 PLANTED_LAYER = 2

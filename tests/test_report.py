@@ -18,10 +18,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def run_dir(tiny_llama, tmp_path_factory):
     """A results folder holding one of every analysis, made on the tiny model."""
-    from afprobe.patch_analysis import PatchConfig, run_patching
-    from afprobe.sae import SAETrainConfig, train_sae
-    from afprobe.sae_analysis import FeatureConfig, run_feature_analysis
-    from afprobe.steering import SteerConfig, run_steering
+    from afprobe.analysis.patching import PatchConfig, run_patching
+    from afprobe.analysis.sae import SAETrainConfig, train_sae
+    from afprobe.analysis.sae_features import FeatureConfig, run_feature_analysis
+    from afprobe.analysis.steering import SteerConfig, run_steering
 
     root = make_probes(tiny_llama, tmp_path_factory.mktemp("run"), situational_awareness=True)
     steer = SteerConfig(

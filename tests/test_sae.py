@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
+from afprobe.analysis.sae import SAETrainConfig, TrainingTokens, load_sae, load_training_tokens, sae_quality, train_sae
 from afprobe.errors import AfprobeError
-from afprobe.sae import SAETrainConfig, TrainingTokens, load_sae, load_training_tokens, sae_quality, train_sae
 
 
 def planted_activations(n: int = 12_000, d: int = 32, n_features: int = 48, active: int = 3, seed: int = 0):
@@ -58,7 +58,7 @@ def test_saved_sae_round_trips(tmp_path):
 
 
 def test_training_tokens_come_from_stores_of_one_model(tiny_llama, tokenizer, tmp_path):
-    from afprobe.activations import CacheConfig, run_cache
+    from afprobe.store.cache_job import CacheConfig, run_cache
 
     from .conftest import make_tiny_model
 
@@ -76,8 +76,8 @@ def test_training_tokens_come_from_stores_of_one_model(tiny_llama, tokenizer, tm
 
 
 def test_cli_sae_train(tiny_llama, tmp_path, capsys):
-    from afprobe.activations import CacheConfig, run_cache
     from afprobe.cli import main
+    from afprobe.store.cache_job import CacheConfig, run_cache
 
     run_cache(CacheConfig(out=str(tmp_path / "a"), n=2, layers="1", positions="suffix"), loaded=tiny_llama)
     args = ["sae", "train", "--cache", str(tmp_path / "a"), "--d-sae", "128", "--k", "8", "--epochs", "2"]
@@ -90,10 +90,10 @@ def test_cli_sae_train(tiny_llama, tmp_path, capsys):
 
 
 def test_spliced_loss_is_clean_for_a_perfect_reconstruction_and_worse_for_a_real_sae(tiny_llama, tmp_path):
-    from afprobe.activations import CacheConfig, run_cache
-    from afprobe.data import load_queries
-    from afprobe.prompts import render_pairs
-    from afprobe.sae import spliced_loss
+    from afprobe.analysis.sae import spliced_loss
+    from afprobe.data.prompts import render_pairs
+    from afprobe.data.query_sets import load_queries
+    from afprobe.store.cache_job import CacheConfig, run_cache
 
     class Identity:
         dtype = torch.float32
@@ -135,9 +135,9 @@ class _IdentitySAE:
 
 
 def test_tier_differing_features_are_found_after_correction_and_only_they(tmp_path):
-    from afprobe.sae import benjamini_hochberg
-    from afprobe.sae_analysis import tier_feature_differences
-    from afprobe.store import create_store
+    from afprobe.analysis.sae_features import tier_feature_differences
+    from afprobe.stats import benjamini_hochberg
+    from afprobe.store.writer import create_store
 
     generator = torch.Generator().manual_seed(0)
     n, d = 24, 40
@@ -172,7 +172,7 @@ def test_tier_differing_features_are_found_after_correction_and_only_they(tmp_pa
 
 def test_cli_sae_features(tmp_path, capsys):
     from afprobe.cli import main
-    from afprobe.store import create_store
+    from afprobe.store.writer import create_store
 
     tokens, _ = planted_activations(n=2_000, d=16)
     train_sae(
@@ -200,8 +200,8 @@ def test_cli_sae_features(tmp_path, capsys):
 
 
 def test_features_are_grouped_by_what_they_respond_to(tmp_path):
-    from afprobe.sae_analysis import FeatureConfig, run_feature_analysis
-    from afprobe.store import create_store
+    from afprobe.analysis.sae_features import FeatureConfig, run_feature_analysis
+    from afprobe.store.writer import create_store
 
     n, d = 40, 12
     g = torch.Generator().manual_seed(0)

@@ -10,9 +10,11 @@ import sys
 import pytest
 import torch
 
-from afprobe.activations import CacheConfig, JobPart, merge_stores, run_cache
 from afprobe.errors import AfprobeError
-from afprobe.store import ActivationStore, StoreError
+from afprobe.store.cache_job import CacheConfig, JobPart, run_cache
+from afprobe.store.format import StoreError
+from afprobe.store.merge import merge_stores
+from afprobe.store.reader import ActivationStore
 
 JOB = dict(n=5, shard_size=2, layers="0,1,2", positions="tag,last,suffix")  # 10 prompts in 5 shards
 

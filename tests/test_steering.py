@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from afprobe.data import load_queries
+from afprobe.analysis.steering import SteerConfig, run_steering
+from afprobe.data.prompts import render_pairs
+from afprobe.data.query_sets import load_queries
 from afprobe.errors import AfprobeError
-from afprobe.metrics import score_prompts
-from afprobe.prompts import render_pairs
-from afprobe.steering import SteerConfig, run_steering
+from afprobe.model.readout import score_prompts
 
 from .conftest import make_probes, make_tiny_model
 

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--n-random", type=int, default=20, help="random directions for the null")
     probe.add_argument("--n-shuffles", type=int, default=5, help="label shuffles for the null")
     probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--inner-folds", type=int, default=3, help="folds of the inner search over C")
+    probe.add_argument("--cs", default="0.001,0.01,0.1,1.0", help="inverse regularisation strengths searched")
+    probe.add_argument("--control-fpr", type=float, default=0.01, help="false-positive rate for recall at FPR")
 
     steer = commands.add_parser("steer", help="steer along and ablate the saved directions; compare with random ones")
     _add_model_args(steer)
@@ -152,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--benign-n", type=int, default=None, help="also score this many benign queries")
     steer.add_argument("--no-ablation", action="store_true", help="skip the ablation experiments")
     steer.add_argument("--n-boot", type=int, default=2000)
+    steer.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     steer.add_argument("--seed", type=int, default=0)
 
     patch = commands.add_parser(
@@ -193,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a folder from `afprobe sae features`: patch and ablate its feature groups (rows of the mediation table)",
     )
     patch.add_argument("--n-boot", type=int, default=2000)
+    patch.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     patch.add_argument("--seed", type=int, default=0)
 
     sae = commands.add_parser("sae", help="sparse autoencoders (sae-lens) on cached activations")
@@ -210,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=512)
     train.add_argument("--device", default="cpu")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--holdout", type=float, default=0.1, help="share of tokens held out for quality")
     train.add_argument(
         "--loss-prompts", type=int, default=8, help="harmful prompts scored with the SAE spliced in (0: skip)"
     )
@@ -231,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--top", type=int, default=20, help="features in the dashboard")
     features.add_argument("--contexts", type=int, default=8, help="top-activating contexts per dashboard feature")
     features.add_argument("--device", default="cpu")
+    features.add_argument("--n-boot", type=int, default=2000)
+    features.add_argument("--seed", type=int, default=0)
 
     organism = commands.add_parser(
         "organism", help="model organisms with a planted gap (token or context), to validate afprobe's verdicts"
@@ -250,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(org_check)
     org_check.add_argument("--n", type=int, default=20, help="held-out queries")
     org_check.add_argument("--cues", type=int, default=None, help="held-out phrasings per side (default all 6)")
+    org_check.add_argument("--held-out-queries", type=int, default=50, help="the first N harmful queries (held out)")
+    org_check.add_argument("--n-boot", type=int, default=10_000)
+    org_check.add_argument("--seed", type=int, default=0)
     org_check.add_argument("--out", default=None, help="folder for ground_truth.json")
 
     run = commands.add_parser("run", help="the whole pipeline from one experiment file (experiments/NAME.toml)")
@@ -306,26 +317,101 @@ def _print_plan(estimate) -> None:
     print(estimate.describe(), file=sys.stderr)
 
 
-def _job_fields(args: argparse.Namespace) -> dict:
-    """The options every paired-prompt job shares (model, dataset, prompt rendering, device)."""
+def config_from_args(cls: type, args: argparse.Namespace, **converted: object) -> object:
+    """A config dataclass from the parsed flags: each field from the flag of the same name, `converted` for flags
+    that the CLI spells differently (a comma list, a --no-X switch). Fields with no flag keep the class default."""
     from dataclasses import fields
 
-    from afprobe.gap import PairedPromptJob
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **converted})
 
-    return {f.name: getattr(args, f.name) for f in fields(PairedPromptJob) if hasattr(args, f.name)}
+
+def _numbers(text: str, flag: str, example: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(c) for c in text.split(","))
+    except ValueError as exc:
+        raise AfprobeError(f"cannot read {flag} {text!r}: give numbers like {example}") from exc
+
+
+def _gap_config(args: argparse.Namespace):
+    from afprobe.behaviour.gap import GapConfig
+
+    return config_from_args(GapConfig, args)
+
+
+def _cache_config(args: argparse.Namespace):
+    from afprobe.store.cache_job import CacheConfig
+
+    return config_from_args(CacheConfig, args)
+
+
+def _probe_config(args: argparse.Namespace):
+    from afprobe.analysis.probes import ProbeConfig
+
+    return config_from_args(
+        ProbeConfig,
+        args,
+        layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
+        positions=args.positions.split(",") if args.positions else None,
+        cs=_numbers(args.cs, "--cs", "0.01,0.1,1"),
+    )
+
+
+def _steer_config(args: argparse.Namespace):
+    from afprobe.analysis.steering import SteerConfig
+
+    coefficients = _numbers(args.coefficients, "--coefficients", "-1,-0.5,0.5,1")
+    return config_from_args(SteerConfig, args, coefficients=coefficients, ablate=not args.no_ablation)
+
+
+def _patch_config(args: argparse.Namespace):
+    from afprobe.analysis.patching import PatchConfig
+
+    return config_from_args(PatchConfig, args, components=not args.no_components, attribution=not args.no_attribution)
+
+
+def _sae_config(args: argparse.Namespace):
+    from afprobe.analysis.sae import SAETrainConfig
+
+    return config_from_args(SAETrainConfig, args, caches=tuple(args.cache))
+
+
+def _feature_config(args: argparse.Namespace):
+    from afprobe.analysis.sae_features import FeatureConfig
+
+    return config_from_args(FeatureConfig, args)
+
+
+def _organism_config(args: argparse.Namespace):
+    from afprobe.analysis.organisms.training import OrganismConfig
+
+    return config_from_args(OrganismConfig, args)
+
+
+def _check_config(args: argparse.Namespace):
+    from afprobe.analysis.organisms.ground_truth import CheckConfig
+
+    return config_from_args(CheckConfig, args)
+
+
+# Each command's config, built from its flags (tests hold the flags' defaults to the configs' defaults).
+CONFIG_BUILDERS = {
+    "gap": _gap_config,
+    "cache": _cache_config,
+    "probe": _probe_config,
+    "steer": _steer_config,
+    "patch": _patch_config,
+    "sae train": _sae_config,
+    "sae features": _feature_config,
+    "organism train": _organism_config,
+    "organism check": _check_config,
+}
 
 
 def _cmd_gap(args: argparse.Namespace) -> int:
-    from afprobe.gap import GapConfig, format_gap_table, run_gap, write_gap
+    from afprobe.behaviour.gap import format_gap_table, run_gap, write_gap
 
-    config = GapConfig(
-        **_job_fields(args),
-        n_boot=args.n_boot,
-        seed=args.seed,
-        sample=args.sample,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-    )
+    config = _gap_config(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise AfprobeError(f"--out {out} is a file: give a folder")
@@ -343,25 +429,14 @@ def _cmd_gap(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from afprobe.activations import CacheConfig, run_cache
+    from afprobe.store.cache_job import run_cache
 
-    config = CacheConfig(
-        out=args.out,
-        **_job_fields(args),
-        layers=args.layers,
-        positions=args.positions,
-        suffix_layers=args.suffix_layers,
-        store_dtype=args.store_dtype,
-        backend=args.backend,
-        shard_size=args.shard_size,
-        part=args.part,
-        remote=args.remote,
-    )
+    config = _cache_config(args)
     print(f"loading {config.model}...", file=sys.stderr)
     with _ProgressBar("caching", "prompt") as progress:
         summary = run_cache(config, progress=progress, on_plan=_print_plan)
     if summary.gap is not None:
-        from afprobe.gap import format_gap_table
+        from afprobe.behaviour.gap import format_gap_table
 
         print(format_gap_table(summary.gap) + "\n")
     resumed = f", {summary.shards_skipped} already there" if summary.shards_skipped else ""
@@ -381,8 +456,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from afprobe.activations import merge_stores
-    from afprobe.gap import format_gap_table
+    from afprobe.behaviour.gap import format_gap_table
+    from afprobe.store.merge import merge_stores
 
     with _ProgressBar("merging", "shard") as progress:
         summary = merge_stores(args.parts, args.out, progress=progress)
@@ -397,20 +472,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from afprobe.probes import ProbeConfig, run_probes
+    from afprobe.analysis.probes import run_probes
 
-    config = ProbeConfig(
-        cache=args.cache,
-        out=args.out,
-        sa_cache=args.sa_cache,
-        benign_cache=args.benign_cache,
-        layers=[int(x) for x in args.layers.split(",")] if args.layers else None,
-        positions=args.positions.split(",") if args.positions else None,
-        folds=args.folds,
-        n_random=args.n_random,
-        n_shuffles=args.n_shuffles,
-        seed=args.seed,
-    )
+    config = _probe_config(args)
     with _ProgressBar("probing", "layer") as progress:
         output = run_probes(config, progress=progress)
     print(format_probe_summary(output))
@@ -460,28 +524,9 @@ def format_probe_summary(output: dict) -> str:
 
 
 def _cmd_steer(args: argparse.Namespace) -> int:
-    from afprobe.steering import SteerConfig, run_steering
+    from afprobe.analysis.steering import run_steering
 
-    try:
-        coefficients = tuple(float(c) for c in args.coefficients.split(","))
-    except ValueError as exc:
-        raise AfprobeError(
-            f"cannot read --coefficients {args.coefficients!r}: give numbers like -1,-0.5,0.5,1"
-        ) from exc
-    config = SteerConfig(
-        **_job_fields(args),
-        directions=args.directions,
-        out=args.out,
-        layer=args.layer,
-        position=args.position,
-        apply_at=args.apply_at,
-        coefficients=coefficients,
-        n_random=args.n_random,
-        benign_n=args.benign_n,
-        ablate=not args.no_ablation,
-        n_boot=args.n_boot,
-        seed=args.seed,
-    )
+    config = _steer_config(args)
     print(f"loading {config.model}...", file=sys.stderr)
     with _ProgressBar("steering", "setting") as progress:
         output = run_steering(config, progress=progress)
@@ -492,25 +537,9 @@ def _cmd_steer(args: argparse.Namespace) -> int:
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:
-    from afprobe.patch_analysis import PatchConfig, format_patch_summary, run_patching
+    from afprobe.analysis.patching import format_patch_summary, run_patching
 
-    config = PatchConfig(
-        **_job_fields(args),
-        out=args.out,
-        directions=args.directions,
-        pair=args.pair,
-        direction_position=args.direction_position,
-        layers=args.layers,
-        positions=args.positions,
-        components=not args.no_components,
-        component_columns=args.component_columns,
-        attribution=not args.no_attribution,
-        mediation_layers=args.mediation_layers,
-        n_random=args.n_random,
-        sae_features=args.sae_features,
-        n_boot=args.n_boot,
-        seed=args.seed,
-    )
+    config = _patch_config(args)
     print(f"loading {config.model}...", file=sys.stderr)
     with _ProgressBar("patching", "patch") as progress:
         output = run_patching(config, progress=progress)
@@ -520,25 +549,12 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 
 def _cmd_sae(args: argparse.Namespace) -> int:
-    from afprobe.sae import SAETrainConfig, train_sae
+    from afprobe.analysis.sae import train_sae
 
     if args.sae_command == "features":
         return _cmd_sae_features(args)
 
-    config = SAETrainConfig(
-        caches=tuple(args.cache),
-        layer=args.layer,
-        out=args.out,
-        d_sae=args.d_sae,
-        k=args.k,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        device=args.device,
-        seed=args.seed,
-        loss_prompts=args.loss_prompts,
-        model=args.model,
-    )
+    config = _sae_config(args)
     result = train_sae(config)
     quality = result["quality_held_out"]
     print(
@@ -600,24 +616,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_sae_features(args: argparse.Namespace) -> int:
-    from afprobe.sae_analysis import FeatureConfig, run_feature_analysis
+    from afprobe.analysis.sae_features import run_feature_analysis
 
-    config = FeatureConfig(
-        sae=args.sae,
-        sae_id=args.sae_id,
-        cache=args.cache,
-        layer=args.layer,
-        out=args.out,
-        position=args.position,
-        sa_cache=args.sa_cache,
-        tag_only_cache=args.tag_only_cache,
-        benign_cache=args.benign_cache,
-        alpha=args.alpha,
-        max_features=args.max_features,
-        top=args.top,
-        contexts=args.contexts,
-        device=args.device,
-    )
+    config = _feature_config(args)
     with _ProgressBar("top contexts", "store") as progress:
         output = run_feature_analysis(config, progress=progress)
     first, second = output["tiers"]
@@ -660,20 +661,17 @@ def format_steering_summary(output: dict) -> str:
 
 
 def _cmd_organism(args: argparse.Namespace) -> int:
-    from afprobe.models import load_model
-    from afprobe.organisms import (
+    from afprobe.analysis.organisms.ground_truth import (
         CheckConfig,
-        OrganismConfig,
         check_organism,
         format_ground_truth_lines,
-        train_organism,
         write_ground_truth,
     )
+    from afprobe.analysis.organisms.training import train_organism
+    from afprobe.model.loading import load_model
 
     if args.organism_command == "train":
-        config = OrganismConfig(
-            kind=args.kind, out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size, seed=args.seed
-        )
+        config = _organism_config(args)
         bar = _ProgressBar(f"training {args.kind} organism", "step")
         with bar:
             record = train_organism(config, progress=lambda done, total, loss: bar(done, total))
@@ -690,7 +688,7 @@ def _cmd_organism(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}/ (adapter, organism.json{', ground_truth.json' if args.check_n else ''})")
         return 0
     loaded = load_model(args.model, adapter=args.adapter, device=args.device, dtype=args.dtype)
-    truth = check_organism(loaded, CheckConfig(n=args.n, cues=args.cues), progress=lambda s: print(s, file=sys.stderr))
+    truth = check_organism(loaded, _check_config(args), progress=lambda s: print(s, file=sys.stderr))
     print("\n".join(format_ground_truth_lines(truth)))
     if args.out:
         print(f"wrote {write_ground_truth(truth, args.out, loaded.fingerprint.to_dict())}")
@@ -698,7 +696,7 @@ def _cmd_organism(args: argparse.Namespace) -> int:
 
 
 def _cmd_variants(args: argparse.Namespace) -> int:
-    from afprobe.prompts import VARIANTS
+    from afprobe.data.prompts import VARIANTS
 
     for variant in VARIANTS.values():
         tiers = ", ".join(f"{t.name}={t.tag_value}" for t in variant.tiers)
@@ -707,9 +705,9 @@ def _cmd_variants(args: argparse.Namespace) -> int:
 
 
 def _cmd_prompt(args: argparse.Namespace) -> int:
-    from afprobe.data import load_queries
-    from afprobe.models import load_model
-    from afprobe.prompts import PromptConfig, render_pairs
+    from afprobe.data.prompts import PromptConfig, render_pairs
+    from afprobe.data.query_sets import load_queries
+    from afprobe.model.loading import load_model
 
     loaded = load_model(args.model, adapter=args.adapter, device="cpu", dtype="float32")
     queries = load_queries(args.dataset, column=args.column, n=args.n or 1)[:1]

@@ -2,7 +2,7 @@
 
 `run_experiment(load_experiment("experiments/quickstart.toml"))` caches the activation stores, then trains probes,
 steers, trains an SAE and groups its features, patches, and writes the report. Each table of the TOML file holds the
-options of one step, named as in that step's config (`afprobe.activations.CacheConfig`, `ProbeConfig`,
+options of one step, named as in that step's config (`afprobe.store.cache_job.CacheConfig`, `ProbeConfig`,
 `SteerConfig`, `PatchConfig`, `SAETrainConfig`, `FeatureConfig`); a step whose table is absent is skipped, and so is
 its section of the report. `[job]` holds what every job over prompts shares (model, dataset, variant, n, device...).
 
@@ -49,11 +49,12 @@ from pathlib import Path
 from typing import Any
 
 from afprobe import __version__
-from afprobe.activations import CacheConfig, run_cache
+from afprobe.artefacts import BY_KIND, PER_QUERY_CSV, experiment_file
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_json, atomic_write_text, results_folder
-from afprobe.gap import PairedPromptJob
-from afprobe.models import LoadedModel
+from afprobe.model.job import PairedPromptJob
+from afprobe.model.loading import LoadedModel
+from afprobe.store.cache_job import CacheConfig, run_cache
 
 # Extra stores an experiment can cache beside the main one: name -> (suffix of the store's path, what changes).
 EXTRA_STORES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -61,7 +62,141 @@ EXTRA_STORES: dict[str, tuple[str, dict[str, Any]]] = {
     "benign": ("-benign", {"dataset": "benign"}),
     "tag-only": ("-tag-only", {"variant": "tag-only"}),
 }
-STEPS = ("cache", "probes", "steering", "sae", "features", "patching", "ground_truth", "report")
+
+
+@dataclass(frozen=True)
+class AnalysisStep:
+    """One analysis step: its TOML table (also its attribute of `ExperimentPlan`), its config class, the options the
+    runner sets itself, the result that says it is done (`afprobe.artefacts`), and how to run it."""
+
+    name: str
+    artefact: str
+    config_class: Callable[[], type]  # imported on use: analyses load heavy libraries
+    set_by_run: frozenset[str]
+    run: Callable[[Any, LoadedModel, Callable[[int, int], None] | None, Path], list[str]]  # -> lines to log
+
+
+def _probe_config() -> type:
+    from afprobe.analysis.probes import ProbeConfig
+
+    return ProbeConfig
+
+
+def _steer_config() -> type:
+    from afprobe.analysis.steering import SteerConfig
+
+    return SteerConfig
+
+
+def _sae_config() -> type:
+    from afprobe.analysis.sae import SAETrainConfig
+
+    return SAETrainConfig
+
+
+def _feature_config() -> type:
+    from afprobe.analysis.sae_features import FeatureConfig
+
+    return FeatureConfig
+
+
+def _patch_config() -> type:
+    from afprobe.analysis.patching import PatchConfig
+
+    return PatchConfig
+
+
+def _check_config() -> type:
+    from afprobe.analysis.organisms.ground_truth import CheckConfig
+
+    return CheckConfig
+
+
+def _run_probes(config: Any, loaded: LoadedModel, progress: Any, folder: Path) -> list[str]:
+    from afprobe.analysis.probes import run_probes
+
+    best = run_probes(config)["summary"]["best"]
+    return [f"probes: best layer {best['layer']} at {best['position']} (AUROC {best['logistic_auroc']:.3f})"]
+
+
+def _run_steering(config: Any, loaded: LoadedModel, progress: Any, folder: Path) -> list[str]:
+    from afprobe.analysis.steering import run_steering
+
+    run_steering(config, loaded=loaded, progress=progress)
+    return [f"steering: {config.out}/steering.json"]
+
+
+def _run_sae(config: Any, loaded: LoadedModel, progress: Any, folder: Path) -> list[str]:
+    from afprobe.analysis.sae import train_sae
+
+    quality = train_sae(config, loaded=loaded)["quality_held_out"]
+    return [
+        f"sae: layer {config.layer}, explained variance {quality['explained_variance']:.3f}, "
+        f"L0 {quality['l0']:.1f}, dead {quality['dead_fraction']:.1%}"
+    ]
+
+
+def _run_features(config: Any, loaded: LoadedModel, progress: Any, folder: Path) -> list[str]:
+    from afprobe.analysis.sae_features import run_feature_analysis
+
+    output = run_feature_analysis(config)
+    lines = [f"features: {line}" for line in output["summary"]]
+    first, second = output["tiers"]
+    for row in output["features"][:10]:
+        lines.append(
+            f"  feature {row['feature']} [{row['group']}]: {first} - {second} {row['mean_difference']:+.4f} "
+            f"[{row['ci'][0]:+.4f}, {row['ci'][1]:+.4f}]"
+        )
+    return lines
+
+
+def _run_patching(config: Any, loaded: LoadedModel, progress: Any, folder: Path) -> list[str]:
+    from afprobe.analysis.patching import format_patch_summary, run_patching
+
+    output = run_patching(config, loaded=loaded, progress=progress)
+    return [f"patching: {line}" for line in format_patch_summary(output).splitlines()]
+
+
+def _run_ground_truth(config: Any, loaded: LoadedModel, progress: Any, folder: Path) -> list[str]:
+    from afprobe.analysis.organisms.ground_truth import check_organism, format_ground_truth_lines, write_ground_truth
+
+    truth = check_organism(loaded, config)
+    write_ground_truth(truth, folder, loaded.fingerprint.to_dict())
+    return [f"ground truth: {line}" for line in format_ground_truth_lines(truth)]
+
+
+_JOB_FIELDS = frozenset(f.name for f in fields(PairedPromptJob))
+
+# In the order they run (after the stores are cached, before the report).
+ANALYSIS_STEPS: tuple[AnalysisStep, ...] = (
+    AnalysisStep(
+        "probes", "probes", _probe_config, frozenset({"cache", "out", "sa_cache", "benign_cache"}), _run_probes
+    ),
+    AnalysisStep(
+        "steering",
+        "steering",
+        _steer_config,
+        frozenset({"directions", "out"}) | (_JOB_FIELDS - {"n", "batch_size"}),
+        _run_steering,
+    ),
+    AnalysisStep("sae", "sae", _sae_config, frozenset({"caches", "out", "model"}), _run_sae),
+    AnalysisStep(
+        "features",
+        "features",
+        _feature_config,
+        frozenset({"sae", "cache", "layer", "out", "sa_cache", "tag_only_cache", "benign_cache"}),
+        _run_features,
+    ),
+    AnalysisStep(
+        "patching",
+        "patching",
+        _patch_config,
+        frozenset({"directions", "out", "sae_features"}) | (_JOB_FIELDS - {"n"}),
+        _run_patching,
+    ),
+    AnalysisStep("ground_truth", "ground_truth", _check_config, frozenset(), _run_ground_truth),
+)
+STEPS = ("cache", *(step.name for step in ANALYSIS_STEPS), "report")
 
 
 @dataclass
@@ -78,7 +213,8 @@ class ExperimentConfig:
     sae: dict[str, Any] | None = None
     features: dict[str, Any] | None = None
     patching: dict[str, Any] | None = None
-    ground_truth: dict[str, Any] | None = None  # `afprobe.organisms.CheckConfig` options: behavioural ground truth
+    # `afprobe.analysis.organisms.ground_truth.CheckConfig` options: behavioural ground truth
+    ground_truth: dict[str, Any] | None = None
     models: dict[str, dict[str, Any]] | None = None  # name -> [job] overrides: one whole run per model
     source: str | None = None  # the TOML text
 
@@ -97,12 +233,6 @@ def _names(cls: type) -> set[str]:
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read and check an experiment file (unknown tables or options are errors that name the fix)."""
-    from afprobe.patch_analysis import PatchConfig
-    from afprobe.probes import ProbeConfig
-    from afprobe.sae import SAETrainConfig
-    from afprobe.sae_analysis import FeatureConfig
-    from afprobe.steering import SteerConfig
-
     file = Path(path)
     if not file.is_file():
         raise AfprobeError(f"experiment file {path} does not exist: see experiments/ for examples")
@@ -136,24 +266,12 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         raise AfprobeError(
             f"unknown store {unknown_stores} in [cache] of {path}: choose from {', '.join(EXTRA_STORES)}"
         )
-    owned = {
-        "probes": (ProbeConfig, {"cache", "out", "sa_cache", "benign_cache"}),
-        "steering": (SteerConfig, {"directions", "out"} | (_names(PairedPromptJob) - {"n", "batch_size"})),
-        "sae": (SAETrainConfig, {"caches", "out", "model"}),
-        "features": (FeatureConfig, {"sae", "cache", "layer", "out", "sa_cache", "tag_only_cache", "benign_cache"}),
-        "patching": (PatchConfig, {"directions", "out", "sae_features"} | (_names(PairedPromptJob) - {"n"})),
-    }
     tables: dict[str, dict[str, Any] | None] = {}
-    for step, (cls, set_by_run) in owned.items():
-        table = data.get(step)
+    for step in ANALYSIS_STEPS:
+        table = data.get(step.name)
         if table is not None:
-            _check_keys(table, _names(cls) - set_by_run, step, str(path))
-        tables[step] = None if table is None else dict(table)
-    ground_truth = data.get("ground_truth")
-    if ground_truth is not None:
-        from afprobe.organisms import CheckConfig
-
-        _check_keys(ground_truth, _names(CheckConfig), "ground_truth", str(path))
+            _check_keys(table, _names(step.config_class()) - step.set_by_run, step.name, str(path))
+        tables[step.name] = None if table is None else dict(table)
     models = data.get("models")
     if models is not None:
         if not isinstance(models, dict) or not models or not all(isinstance(v, dict) for v in models.values()):
@@ -169,7 +287,6 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         job=job,
         cache=cache,
         source=text,
-        ground_truth=None if ground_truth is None else dict(ground_truth),
         models=None if models is None else {k: dict(v) for k, v in models.items()},
         **tables,
     )
@@ -197,22 +314,23 @@ class ExperimentPlan:
     sae: Any = None
     features: Any = None
     patching: Any = None
+    ground_truth: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         steps: dict[str, Any] = {"cache": {name: asdict(c) for name, c in self.stores.items()}}
-        for step in ("probes", "steering", "sae", "features", "patching"):
-            if getattr(self, step) is not None:
-                steps[step] = asdict(getattr(self, step))
+        for step in ANALYSIS_STEPS:
+            if getattr(self, step.name) is not None:
+                steps[step.name] = asdict(getattr(self, step.name))
         return steps
 
 
 def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
     """Each step's config: the file's options, the folders the run chooses, and the defaults."""
-    from afprobe.patch_analysis import PatchConfig
-    from afprobe.probes import ProbeConfig
-    from afprobe.sae import SAETrainConfig
-    from afprobe.sae_analysis import FeatureConfig
-    from afprobe.steering import SteerConfig
+    from afprobe.analysis.patching import PatchConfig
+    from afprobe.analysis.probes import ProbeConfig
+    from afprobe.analysis.sae import SAETrainConfig
+    from afprobe.analysis.sae_features import FeatureConfig
+    from afprobe.analysis.steering import SteerConfig
 
     out = Path(config.out)
     job = PairedPromptJob(**config.job)
@@ -236,7 +354,7 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
     if config.probes is not None:
         probe_config = ProbeConfig(
             cache=main_cache.out,
-            out=str(out / "probes"),
+            out=str(_step_folder("probes", out)),
             sa_cache=sa.out if sa else None,
             benign_cache=benign.out if benign else None,
             **config.probes,
@@ -246,17 +364,22 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
         if directions is None:
             raise AfprobeError("[steering] needs a [probes] table: it steers along the probes' directions")
         shared = {k: v for k, v in asdict(job).items() if k != "n" and k not in config.steering}
-        steer_config = SteerConfig(**shared, directions=directions, out=str(out / "steering"), **config.steering)
+        steer_config = SteerConfig(
+            **shared, directions=directions, out=str(_step_folder("steering", out)), **config.steering
+        )
     if config.sae is not None:
         sae_config = SAETrainConfig(
-            caches=tuple(c.out for c in stores.values()), out=str(out / "sae"), model=job.model, **config.sae
+            caches=tuple(c.out for c in stores.values()),
+            out=str(_step_folder("sae", out)),
+            model=job.model,
+            **config.sae,
         )
     if config.features is not None and sae_config is not None:
         feature_config = FeatureConfig(
             sae=sae_config.out,
             cache=main_cache.out,
             layer=sae_config.layer,
-            out=str(out / "sae-features"),
+            out=str(_step_folder("features", out)),
             sa_cache=sa.out if sa else None,
             tag_only_cache=tag_only.out if tag_only else None,
             benign_cache=benign.out if benign else None,
@@ -268,11 +391,20 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
             **shared,
             directions=directions,
             sae_features=feature_config.out if feature_config is not None else None,
-            out=str(out / "patching"),
+            out=str(_step_folder("patching", out)),
             **config.patching,
         )
 
-    return ExperimentPlan(job, stores, probe_config, steer_config, sae_config, feature_config, patch_config)
+    check_config = None
+    if config.ground_truth is not None:
+        check_config = _check_config()(**config.ground_truth)
+    return ExperimentPlan(
+        job, stores, probe_config, steer_config, sae_config, feature_config, patch_config, check_config
+    )
+
+
+def _step_folder(step: str, out: Path) -> Path:
+    return experiment_file(step, out).parent
 
 
 def run_experiment(
@@ -285,12 +417,12 @@ def run_experiment(
     """Run every step the config names, in order; returns what run.json holds.
 
     With a [models] table, the whole pipeline runs once per model into `out/NAME/` (stores in
-    `activations-NAME`), then `comparison.json` sets the models side by side (`afprobe.organisms`) and one report
-    covers them all. progress(step, done, total) reports long steps; log(line) one line per step (the CLI prints
-    them)."""
+    `activations-NAME`), then `comparison.json` sets the models side by side (`afprobe.analysis.organisms`)
+    and one report covers them all. progress(step, done, total) reports long steps; log(line) one line per step
+    (the CLI prints them)."""
     if config.models is None:
         return _run_one(config, loaded=loaded, progress=progress, log=log)
-    from afprobe.organisms import write_comparison
+    from afprobe.analysis.organisms.comparison import write_comparison
     from afprobe.report import write_report
 
     if loaded is not None:
@@ -339,12 +471,7 @@ def _run_one(
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    from afprobe.patch_analysis import format_patch_summary, run_patching
-    from afprobe.probes import run_probes
     from afprobe.report import write_report
-    from afprobe.sae import train_sae
-    from afprobe.sae_analysis import run_feature_analysis
-    from afprobe.steering import run_steering
 
     say = log or (lambda line: None)
     out = Path(config.out)
@@ -361,13 +488,7 @@ def _run_one(
 
     plan = plan_experiment(config)
     job, stores = plan.job, plan.stores
-    probe_config, steer_config, sae_config = plan.probes, plan.steering, plan.sae
-    feature_config, patch_config = plan.features, plan.patching
     steps = plan.to_dict()
-    if config.ground_truth is not None:
-        from afprobe.organisms import CheckConfig
-
-        steps["ground_truth"] = asdict(CheckConfig(**config.ground_truth))
 
     with results_folder(out):
         if config.source is not None:
@@ -384,76 +505,26 @@ def _run_one(
     for name, cache_config in stores.items():
         t0 = time.perf_counter()
         summary = run_cache(cache_config, loaded=loaded, progress=step_progress(f"cache {name}"))
-        gap_folder = out / "stores" / Path(cache_config.out).name
+        gap_folder = out / BY_KIND["gap"].folder / Path(cache_config.out).name
         with results_folder(gap_folder):
-            for file in ("gap.json", "per_query.csv"):
+            for file in (BY_KIND["gap"].file, PER_QUERY_CSV):
                 if (Path(cache_config.out) / file).is_file():
                     shutil.copyfile(Path(cache_config.out) / file, gap_folder / file)
         written = summary.shards_written
         say(f"cache {name}: {cache_config.out} ({summary.n_prompts} prompts, {written} shards written)")
         finish(f"cache {name}", t0, skipped=written == 0, store=cache_config.out)
 
-    if probe_config is not None:
+    for step in ANALYSIS_STEPS:
+        step_config = getattr(plan, step.name)
+        if step_config is None:
+            continue
         t0 = time.perf_counter()
-        done = _already_done(out / "probes" / "metrics.json", probe_config)
+        result = experiment_file(step.artefact, out)
+        done = _already_done(result, step_config)
         if not done:
-            metrics = run_probes(probe_config)
-            best = metrics["summary"]["best"]
-            say(f"probes: best layer {best['layer']} at {best['position']} (AUROC {best['logistic_auroc']:.3f})")
-        finish("probes", t0, skipped=done)
-    if steer_config is not None:
-        t0 = time.perf_counter()
-        done = _already_done(out / "steering" / "steering.json", steer_config)
-        if not done:
-            run_steering(steer_config, loaded=loaded, progress=step_progress("steering"))
-            say(f"steering: {steer_config.out}/steering.json")
-        finish("steering", t0, skipped=done)
-    if sae_config is not None:
-        t0 = time.perf_counter()
-        done = _already_done(out / "sae" / "afprobe_sae.json", sae_config)
-        if not done:
-            result = train_sae(sae_config, loaded=loaded)
-            quality = result["quality_held_out"]
-            say(
-                f"sae: layer {sae_config.layer}, explained variance {quality['explained_variance']:.3f}, "
-                f"L0 {quality['l0']:.1f}, dead {quality['dead_fraction']:.1%}"
-            )
-        finish("sae", t0, skipped=done)
-    if feature_config is not None:
-        t0 = time.perf_counter()
-        done = _already_done(out / "sae-features" / "features.json", feature_config)
-        if not done:
-            output = run_feature_analysis(feature_config)
-            for line in output["summary"]:
-                say(f"features: {line}")
-            first, second = output["tiers"]
-            for row in output["features"][:10]:
-                say(
-                    f"  feature {row['feature']} [{row['group']}]: {first} - {second} {row['mean_difference']:+.4f} "
-                    f"[{row['ci'][0]:+.4f}, {row['ci'][1]:+.4f}]"
-                )
-        finish("features", t0, skipped=done)
-    if patch_config is not None:
-        t0 = time.perf_counter()
-        done = _already_done(out / "patching" / "patch.json", patch_config)
-        if not done:
-            output = run_patching(patch_config, loaded=loaded, progress=step_progress("patching"))
-            for line in format_patch_summary(output).splitlines():
-                say(f"patching: {line}")
-        finish("patching", t0, skipped=done)
-
-    if config.ground_truth is not None:
-        from afprobe.organisms import CheckConfig, check_organism, format_ground_truth_lines, write_ground_truth
-
-        t0 = time.perf_counter()
-        check_config = CheckConfig(**config.ground_truth)
-        done = _already_done(out / "ground_truth" / "ground_truth.json", check_config)
-        if not done:
-            truth = check_organism(loaded, check_config)
-            write_ground_truth(truth, out / "ground_truth", loaded.fingerprint.to_dict())
-            for line in format_ground_truth_lines(truth):
-                say(f"ground truth: {line}")
-        finish("ground_truth", t0, skipped=done)
+            for line in step.run(step_config, loaded, step_progress(step.name), result.parent):
+                say(line)
+        finish(step.name, t0, skipped=done)
 
     t0 = time.perf_counter()
     report, summary = write_report(out)

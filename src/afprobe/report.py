@@ -25,30 +25,11 @@ import numpy as np
 import plotly.graph_objects as go
 
 from afprobe import __version__
+from afprobe.artefacts import ARTEFACTS, PER_QUERY_CSV, PROBE_DIRECTIONS
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_text
 
-# file name -> analysis kind; a probes folder is recognised by its metrics.json beside directions.safetensors
-ARTEFACTS = {
-    "comparison.json": "comparison",
-    "ground_truth.json": "ground_truth",
-    "gap.json": "gap",
-    "metrics.json": "probes",
-    "steering.json": "steering",
-    "patch.json": "patching",
-    "afprobe_sae.json": "sae",
-    "features.json": "features",
-}
-SECTION_TITLES = {
-    "comparison": "Models side by side: is the planted mechanism found?",
-    "ground_truth": "Behavioural ground truth",
-    "gap": "Compliance gap",
-    "probes": "Probes and directions",
-    "steering": "Steering and ablation",
-    "patching": "Activation patching and mediation",
-    "sae": "Sparse autoencoder",
-    "features": "SAE features",
-}
+SECTION_TITLES = {artefact.kind: artefact.title for artefact in ARTEFACTS}
 
 _SELF_CHECK = """
 window.afprobeErrors = [];
@@ -92,11 +73,12 @@ def find_artefacts(run_dir: str | Path) -> dict[str, list[Path]]:
     if not root.is_dir():
         raise AfprobeError(f"{run_dir} is not a folder: give the folder a run wrote its results to")
     found: dict[str, list[Path]] = {}
-    for name, kind in ARTEFACTS.items():
-        for path in sorted(root.rglob(name)):
+    for artefact in ARTEFACTS:
+        kind = artefact.kind
+        for path in sorted(root.rglob(artefact.file)):
             if any(part.startswith(".") for part in path.relative_to(root).parts):
                 continue  # .venv, .git: not results
-            if kind == "probes" and not (path.parent / "directions.safetensors").exists():
+            if kind == "probes" and not (path.parent / PROBE_DIRECTIONS).exists():  # another tool's metrics.json
                 continue
             found.setdefault(kind, []).append(path)
     return found
@@ -170,7 +152,7 @@ def _gap_section(path: Path, root: Path, figure: _Figures) -> str:
     parts.append(
         _table(["contrast", "log-odds (95% CI)", "p", "P(accept) (95% CI)", "first-token log-odds (95% CI)"], rows)
     )
-    per_query = path.parent / "per_query.csv"
+    per_query = path.parent / PER_QUERY_CSV
     if per_query.is_file():
         parts.append(figure(_per_query_figure(per_query, gap), height=380))
     return "\n".join(parts)
@@ -214,7 +196,7 @@ def _per_query_figure(per_query: Path, gap: dict[str, Any]) -> go.Figure:
 
 
 def _probes_section(path: Path, root: Path, figure: _Figures) -> str:
-    from afprobe import plots
+    from afprobe.analysis import plots
 
     metrics = _load(path)
     summary = metrics["summary"]
@@ -235,7 +217,7 @@ def _probes_section(path: Path, root: Path, figure: _Figures) -> str:
 
 
 def _steering_section(path: Path, root: Path, figure: _Figures) -> str:
-    from afprobe import plots
+    from afprobe.analysis import plots
 
     output = _load(path)
     parts = [
@@ -254,7 +236,7 @@ def _steering_section(path: Path, root: Path, figure: _Figures) -> str:
 
 
 def _patching_section(path: Path, root: Path, figure: _Figures) -> str:
-    from afprobe import plots
+    from afprobe.analysis import plots
 
     output = _load(path)
     parts = [f"<h3>{html.escape(_relative(path.parent, root))}</h3>"]
@@ -317,7 +299,7 @@ def _sae_section(path: Path, root: Path, figure: _Figures) -> str:
 
 
 def _features_section(path: Path, root: Path, figure: _Figures) -> str:
-    from afprobe import plots
+    from afprobe.analysis import plots
 
     output = _load(path)
     parts = [f"<h3>{html.escape(_relative(path.parent, root))}</h3>"]

@@ -8,11 +8,14 @@ tier makes no difference).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from jaxtyping import Float
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -95,3 +98,47 @@ def paired_difference(
     estimate = bootstrap_mean(differences, n_boot=n_boot, confidence=confidence, seed=seed)
     p_value = sign_flip_p_value(differences, n_perm=n_perm, seed=seed + 1)
     return Estimate(**{**estimate.to_dict(), "p_value": p_value})
+
+
+def benjamini_hochberg(p: Tensor) -> Tensor:
+    """Benjamini-Hochberg adjusted p-values (q-values), in the input's order."""
+    m = p.numel()
+    order = torch.argsort(p)
+    ranked = p[order] * m / torch.arange(1, m + 1, dtype=p.dtype)
+    adjusted = torch.flip(torch.cummin(torch.flip(ranked, [0]), 0).values, [0]).clamp(max=1.0)
+    q = torch.empty_like(p)
+    q[order] = adjusted
+    return q
+
+
+@dataclass(frozen=True)
+class RandomNullComparison:
+    """An effect beside the same effect measured for random directions, subspaces or feature sets.
+
+    null_p95: the 95th percentile of |null|; p_value: (1 + #{|null| >= |value|}) / (1 + n_null), the smallest
+    possible being 1 / (1 + n_null); beyond: |value| above null_p95 and, when an interval is given, the interval
+    excluding zero. With no null draws, null_p95 and p_value are None and beyond is False.
+    """
+
+    value: float
+    null_p95: float | None
+    p_value: float | None
+    beyond: bool
+    n_null: int
+
+
+def compare_with_random_null(
+    value: float, null: Sequence[float] | np.ndarray, interval: tuple[float, float] | None = None
+) -> RandomNullComparison:
+    """Is `value` larger in magnitude than what the random draws `null` give? (The one rule afprobe uses for
+    "beyond random" in steering, mediation and SAE feature rows.)"""
+    magnitudes = np.abs(np.asarray(null, dtype=np.float64))
+    if magnitudes.size == 0:
+        return RandomNullComparison(value=value, null_p95=None, p_value=None, beyond=False, n_null=0)
+    p95 = float(np.quantile(magnitudes, 0.95))
+    p_value = (1 + int(np.sum(magnitudes >= abs(value)))) / (1 + magnitudes.size)
+    beyond = bool(np.isfinite(value) and abs(value) > p95)
+    if interval is not None:
+        low, high = interval
+        beyond = beyond and (low > 0 or high < 0)
+    return RandomNullComparison(value=value, null_p95=p95, p_value=p_value, beyond=beyond, n_null=int(magnitudes.size))

@@ -36,19 +36,23 @@ import numpy as np
 import torch
 
 from afprobe import __version__
-from afprobe.data import load_queries
+from afprobe.analysis.probes import ProbeSet, load_probe_set
+from afprobe.artefacts import result_file
+from afprobe.data.prompts import PromptSet, RenderedPrompt, cacheable_prefix_len, common_prefix_length, render_pairs
+from afprobe.data.query_sets import load_queries
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_bytes, atomic_write_json, finite_json, results_folder
-from afprobe.forward import compute_prefix_cache
-from afprobe.gap import PairedPromptJob
-from afprobe.interventions import orthonormal_basis
-from afprobe.metrics import AnswerTokens
-from afprobe.models import LoadedModel
-from afprobe.patching import FeatureEdit, PatchEdit, Patcher, PatchRun
-from afprobe.probes import ProbeSet, load_probe_set
-from afprobe.prompts import PromptSet, RenderedPrompt, common_prefix_length, render_pairs
+from afprobe.model.forward import compute_prefix_cache
+from afprobe.model.interventions import orthonormal_basis
+from afprobe.model.job import PairedPromptJob
+from afprobe.model.loading import LoadedModel
+from afprobe.model.patching import FeatureEdit, PatchEdit, Patcher, PatchRun
+from afprobe.model.readout import AnswerTokens
+from afprobe.stats import compare_with_random_null
 
 MEDIATED_DIRECTIONS = ("situational_awareness", "training_context", "refusal")
+
+
 # A random feature set's member is drawn from this many live features nearest in mean activation to the one it
 # stands in for.
 MATCH_NEIGHBOURS = 10
@@ -334,10 +338,10 @@ class FeatureSets:
 def load_feature_sets(config: PatchConfig, loaded: LoadedModel) -> FeatureSets | None:
     if config.sae_features is None:
         return None
-    from afprobe.sae import load_sae
+    from afprobe.analysis.sae import load_sae
 
     folder = Path(config.sae_features)
-    path = folder / "features.json" if folder.is_dir() else folder
+    path = result_file("features", folder) if folder.is_dir() else folder
     if not path.is_file():
         raise AfprobeError(f"{config.sae_features} holds no features.json: run `afprobe sae features --out` first")
     result = json.loads(path.read_text())
@@ -393,7 +397,7 @@ def run_patching(
             f"the directions in {config.directions} were computed on another model "
             f"({probe_set.metrics['store']['model']['name']}): patch the model they came from"
         )
-    from afprobe.activations import parse_layers
+    from afprobe.model.architecture import parse_layers
 
     prompt_set = render_pairs(
         loaded.tokenizer,
@@ -405,7 +409,7 @@ def run_patching(
     pairs = make_pairs(prompt_set, tiers)
     trained_name, untrained_name = pairs[0].trained.tier, pairs[0].untrained.tier
     prompts = [prompt for pair in pairs for prompt in (pair.trained, pair.untrained)]
-    k = min(common_prefix_length([p.input_ids for p in prompts]), min(p.n_tokens for p in prompts) - 1)
+    k = cacheable_prefix_len(prompts)  # the pairs patched may share more than the whole set
     t0 = time.perf_counter()
     prefix = compute_prefix_cache(loaded.model, prompts[0].input_ids[:k])
     prefix_seconds = time.perf_counter() - t0
@@ -437,7 +441,7 @@ def run_patching(
     sae_whole = np.zeros((2, len(pairs)))  # the whole residual patched at the same layer and positions
 
     def feature_positions(run: PatchRun, kind: str) -> tuple[int, ...]:
-        from afprobe.activations import prompt_positions
+        from afprobe.data.prompts import prompt_positions
 
         return tuple(p - run.offset for p in prompt_positions(run.prompt, kind, run.offset))
 
@@ -767,8 +771,7 @@ def _mediation_table(
     for d, direction in enumerate(directions):
         est = recovery(mediation[d], totals[d], n_boot=config.n_boot, seed=config.seed)
         for a, layer in enumerate(med_layers):
-            null = np.abs(est["mean"][a, randoms]) if randoms else np.zeros(0)
-            null_p95 = float(np.quantile(null, 0.95)) if null.size else None
+            null = est["mean"][a, randoms] if randoms else np.zeros(0)
             for s, name in enumerate(space_names):
                 if name.startswith("random_"):
                     continue
@@ -784,13 +787,13 @@ def _mediation_table(
                     "mean_delta": float(mediation[d, :, a, s].mean()),
                 }
                 if name not in ("full", "empty") and null.size:
-                    p_value = (1 + int(np.sum(null >= abs(value)))) / (1 + null.size)
-                    beyond = bool(np.isfinite(value) and abs(value) > null_p95 and (low > 0 or high < 0))
+                    versus = compare_with_random_null(value, null, (low, high))
+                    null_p95, beyond = versus.null_p95, versus.beyond
                     row.update(
                         {
                             "random_mean": float(np.mean(est["mean"][a, randoms])),
                             "random_abs_p95": null_p95,
-                            "p_vs_random": p_value,
+                            "p_vs_random": versus.p_value,
                             "beyond_random": beyond,
                         }
                     )
@@ -842,9 +845,8 @@ def _add_feature_rows(
                 continue
             randoms = [r for r, match in enumerate(feature_sets.matches) if match == s]
             value, low, high = float(est["mean"][s]), float(est["ci_low"][s]), float(est["ci_high"][s])
-            null = np.abs(est["mean"][randoms])
-            null_p95 = float(np.quantile(null, 0.95)) if null.size else None
-            beyond = bool(null.size and np.isfinite(value) and abs(value) > null_p95 and (low > 0 or high < 0))
+            versus = compare_with_random_null(value, est["mean"][randoms], (low, high))
+            null_p95, beyond = versus.null_p95, versus.beyond
             measure = "of the gap removed" if kind.startswith("ablate") else "of the gap carried"
             row = {
                 "family": "sae",
@@ -858,7 +860,7 @@ def _add_feature_rows(
                 "mean_delta": float(raw[:, s].mean()),
                 "random_mean": float(np.mean(est["mean"][randoms])) if randoms else None,
                 "random_abs_p95": null_p95,
-                "p_vs_random": (1 + int(np.sum(null >= abs(value)))) / (1 + null.size) if null.size else None,
+                "p_vs_random": versus.p_value,
                 "beyond_random": beyond,
                 "position": feature_sets.position,
                 "both_tier_shift": float((sae_ablated[:, s, :] - base).mean()) if kind.startswith("ablate") else None,
@@ -920,8 +922,8 @@ def _write(
         atomic_write_bytes(
             out / "patching.safetensors", save({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()})
         )
-        atomic_write_json(out / "patch.json", finite_json(output))
-        from afprobe import plots
+        atomic_write_json(result_file("patching", out), finite_json(output))
+        from afprobe.analysis import plots
 
         for name, figure in plots.patching_figures(output).items():
             plots.write_figure(figure, out / f"{name}.html")

@@ -27,11 +27,17 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from afprobe.data.prompts import RenderedPrompt
 from afprobe.errors import AfprobeError
-from afprobe.forward import PrefixCache, fork_cache
-from afprobe.metrics import AnswerTokens, has_sliding_window
-from afprobe.models import decoder_layers
-from afprobe.prompts import RenderedPrompt
+from afprobe.model.architecture import (
+    decoder_layers,
+    has_sliding_window,
+    register_residual_hook,
+    removing,
+    text_config,
+)
+from afprobe.model.forward import PrefixCache, fork_cache
+from afprobe.model.readout import AnswerTokens
 
 Site = Literal["resid", "attn_head", "mlp"]
 
@@ -137,7 +143,7 @@ class Patcher:
                     f"patching needs decoder blocks with self_attn.o_proj and mlp (Llama, Qwen2, Gemma, Mistral "
                     f"layouts); {type(block).__name__} has not"
                 )
-        self.n_heads = int(model.config.num_attention_heads)
+        self.n_heads = int(text_config(model).num_attention_heads)
         self.head_dim = self.blocks[0].self_attn.o_proj.in_features // self.n_heads
         self.croppable = not has_sliding_window(prefix.cache)
         self.device = next(model.parameters()).device
@@ -161,26 +167,18 @@ class Patcher:
         resid: dict[int, Tensor] = {}
         heads: dict[int, Tensor] = {}
         mlps: dict[int, Tensor] = {}
-        with ExitStack() as stack:
-            for layer, block in enumerate(self.blocks):
 
-                def pre(module, args, kwargs, layer=layer):
-                    resid[layer] = (args[0] if args else kwargs["hidden_states"])[0].detach().clone()
+        def keep(into: dict[int, Tensor], layer: int) -> Any:
+            def hook(hidden: Tensor) -> None:
+                into[layer] = hidden[0].detach().clone()
 
-                def last(module, args, output):
-                    resid[self.n_layers] = (output[0] if isinstance(output, tuple) else output)[0].detach().clone()
+            return hook
 
-                def head_in(module, args, layer=layer):
-                    heads[layer] = args[0][0].detach().clone()
-
-                def mlp_out(module, args, output, layer=layer):
-                    mlps[layer] = output[0].detach().clone()
-
-                stack.enter_context(_hook(block.register_forward_pre_hook(pre, with_kwargs=True)))
-                stack.enter_context(_hook(block.self_attn.o_proj.register_forward_pre_hook(head_in)))
-                stack.enter_context(_hook(block.mlp.register_forward_hook(mlp_out)))
-                if layer == self.n_layers - 1:
-                    stack.enter_context(_hook(block.register_forward_hook(last)))
+        with removing([]) as handles:
+            for layer in range(self.n_layers + 1):
+                handles.append(register_residual_hook(self.blocks, layer, keep(resid, layer)))
+            for layer in range(self.n_layers):
+                handles += self._component_hooks(layer, keep(heads, layer), keep(mlps, layer))
             logits, cache = self._forward(tokens, fork_cache(self.prefix.cache), start=0)
         return PatchRun(
             prompt=prompt,
@@ -192,6 +190,14 @@ class Patcher:
             mlp_out=torch.stack([mlps[layer] for layer in range(self.n_layers)]),
             metric=self._metric(logits),
         )
+
+    def _component_hooks(self, layer: int, head_inputs: Any, mlp_output: Any) -> list[Any]:
+        """Observe block `layer`'s attention-head outputs (the input of o_proj, heads side by side) and MLP output."""
+        block = self.blocks[layer]
+        return [
+            block.self_attn.o_proj.register_forward_pre_hook(lambda module, args: head_inputs(args[0])),
+            block.mlp.register_forward_hook(lambda module, args, output: mlp_output(output)),
+        ]
 
     def _forward(self, tokens: Sequence[int], cache: Any, start: int) -> tuple[Tensor, Any]:
         """Run tokens[start:] on `cache` (which holds the prefix and tokens[:start]); logits at the last token."""
@@ -271,28 +277,16 @@ class Patcher:
             if start_layer == self.n_layers:
                 skipped = self.blocks
             stack.enter_context(_skipping(skipped))
+            handles = stack.enter_context(removing([]))
             for layer in sorted({start_layer, *resid_edits}):
-                if layer < self.n_layers:
-
-                    def pre(module, args, kwargs, layer=layer):
-                        if args:
-                            return (edit_resid(args[0], layer), *args[1:]), kwargs
-                        return args, {**kwargs, "hidden_states": edit_resid(kwargs["hidden_states"], layer)}
-
-                    stack.enter_context(_hook(self.blocks[layer].register_forward_pre_hook(pre, with_kwargs=True)))
-                else:
-
-                    def post(module, args, output):
-                        if isinstance(output, tuple):
-                            return (edit_resid(output[0], self.n_layers), *output[1:])
-                        return edit_resid(output, self.n_layers)
-
-                    stack.enter_context(_hook(self.blocks[-1].register_forward_hook(post)))
+                handles.append(
+                    register_residual_hook(self.blocks, layer, lambda hidden, layer=layer: edit_resid(hidden, layer))
+                )
             for edit in edits:
                 if edit.site == "attn_head":
-                    stack.enter_context(_hook(self._head_hook(edit, donor, start)))
+                    handles.append(self._head_hook(edit, donor, start))
                 elif edit.site == "mlp":
-                    stack.enter_context(_hook(self._mlp_hook(edit, donor, start)))
+                    handles.append(self._mlp_hook(edit, donor, start))
             logits, _ = self._forward(receiver.tokens, cache, start)
         return self._metric(logits)
 
@@ -334,33 +328,24 @@ class Patcher:
                 f"length ({len(receiver.tokens)} vs {len(donor.tokens)})"
             )
         captured: dict[tuple[str, int], Tensor] = {}
-        with ExitStack() as stack, torch.enable_grad():
-            for layer, block in enumerate(self.blocks):
 
-                def pre(module, args, kwargs, layer=layer):
-                    hidden = args[0] if args else kwargs["hidden_states"]
-                    if layer == 0:
-                        # A leaf to differentiate from: the graph then exists whatever requires_grad the weights have.
-                        hidden = hidden.detach().requires_grad_(True)
-                    captured[("resid", layer)] = hidden
-                    if args:
-                        return (hidden, *args[1:]), kwargs
-                    return args, {**kwargs, "hidden_states": hidden}
+        def capture(site: str, layer: int) -> Any:
+            def hook(hidden: Tensor) -> Tensor | None:
+                if site == "resid" and layer == 0:
+                    # A leaf to differentiate from: the graph then exists whatever requires_grad the weights have.
+                    hidden = hidden.detach().requires_grad_(True)
+                    captured[(site, layer)] = hidden
+                    return hidden
+                captured[(site, layer)] = hidden
+                return None
 
-                def last(module, args, output):
-                    captured[("resid", self.n_layers)] = output[0] if isinstance(output, tuple) else output
+            return hook
 
-                def head_in(module, args, layer=layer):
-                    captured[("attn_head", layer)] = args[0]
-
-                def mlp_out(module, args, output, layer=layer):
-                    captured[("mlp", layer)] = output
-
-                stack.enter_context(_hook(block.register_forward_pre_hook(pre, with_kwargs=True)))
-                stack.enter_context(_hook(block.self_attn.o_proj.register_forward_pre_hook(head_in)))
-                stack.enter_context(_hook(block.mlp.register_forward_hook(mlp_out)))
-                if layer == self.n_layers - 1:
-                    stack.enter_context(_hook(block.register_forward_hook(last)))
+        with removing([]) as handles, torch.enable_grad():
+            for layer in range(self.n_layers + 1):
+                handles.append(register_residual_hook(self.blocks, layer, capture("resid", layer)))
+            for layer in range(self.n_layers):
+                handles += self._component_hooks(layer, capture("attn_head", layer), capture("mlp", layer))
             logits, _ = self._forward(receiver.tokens, fork_cache(self.prefix.cache), start=0)
             metric = logits[self.accept_id].float() - logits[self.reject_id].float()
             keys = list(captured)
@@ -393,11 +378,3 @@ def _replace(hidden: Tensor, edit: PatchEdit, donor_layer: Tensor, start: int) -
         current = out[0, rows]
         out[0, rows] = current + ((source - current) @ q) @ q.T
     return out
-
-
-@contextmanager
-def _hook(handle: Any) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        handle.remove()

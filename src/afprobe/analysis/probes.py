@@ -28,9 +28,10 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 from afprobe import __version__
+from afprobe.artefacts import PROBE_DIRECTIONS, result_file
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_bytes, atomic_write_json, finite_json, results_folder
-from afprobe.store import ActivationStore
+from afprobe.store.reader import ActivationStore
 
 DIRECTION_NAMES = ("training_context", "situational_awareness", "refusal", "token_embedding")
 
@@ -110,9 +111,6 @@ class ProbeSet:
             raise AfprobeError(f"no probe at layer {layer}, position {position!r} in {self.path}")
         index = self.layers.index(layer)
         return LinearProbe(layer, position, self.probes[key][index], float(self.biases[key][index]))
-
-
-# -- statistics ----------------------------------------------------------------------------------------------------
 
 
 def grouped_folds(groups: Sequence[str], k: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -278,9 +276,6 @@ def shuffle_within_groups(y: np.ndarray, groups: Sequence[str], rng: np.random.G
     return shuffled
 
 
-# -- the job -------------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class _Labelled:
     x: np.ndarray  # [rows, layers, positions, d]
@@ -291,9 +286,9 @@ class _Labelled:
 
 
 def _labelled(store: ActivationStore, positions: list[str], layers: list[int]) -> _Labelled:
-    contrast = store.meta.get("contrast")
+    contrast = store.meta.contrast
     if not contrast:
-        raise AfprobeError(f"store {store.path} has one tier ({store.meta.get('variant')}): probes need two tiers")
+        raise AfprobeError(f"store {store.path} has one tier ({store.meta.variant}): probes need two tiers")
     rows = [i for i, row in enumerate(store.rows) if row.tier in contrast]
     labels = np.array([1 if store.rows[i].tier == contrast[0] else 0 for i in rows])
     if len(set(labels.tolist())) < 2:
@@ -456,11 +451,11 @@ def run_probes(config: ProbeConfig, *, progress: Any = None) -> dict[str, Any]:
         "config": asdict(config),
         "store": {
             "path": str(store.path),
-            "model": store.meta["model"],
-            "prompt_hash": store.meta["prompt_hash"],
-            "dataset_hash": store.meta["dataset_hash"],
-            "variant": store.meta["variant"],
-            "contrast": store.meta["contrast"],
+            "model": store.meta.model,
+            "prompt_hash": store.meta.prompt_hash,
+            "dataset_hash": store.meta.dataset_hash,
+            "variant": store.meta.variant,
+            "contrast": store.meta.contrast,
             "n_rows": int(len(main.y)),
         },
         "sa_store": _store_info(sa_store),
@@ -481,15 +476,15 @@ def _store_info(store: ActivationStore | None) -> dict[str, Any] | None:
         return None
     return {
         "path": str(store.path),
-        "prompt_hash": store.meta["prompt_hash"],
-        "dataset_hash": store.meta["dataset_hash"],
-        "variant": store.meta["variant"],
+        "prompt_hash": store.meta.prompt_hash,
+        "dataset_hash": store.meta.dataset_hash,
+        "variant": store.meta.variant,
         "n_rows": len(store),
     }
 
 
 def _check_same_model(a: ActivationStore, b: ActivationStore) -> None:
-    if a.meta["model"]["weights_sha256"] != b.meta["model"]["weights_sha256"]:
+    if a.meta.model["weights_sha256"] != b.meta.model["weights_sha256"]:
         raise AfprobeError(
             f"stores {a.path} and {b.path} were made with different models: cache both with the same --model"
         )
@@ -558,15 +553,15 @@ def _write(out: Path, directions, weights, biases, output, main: _Labelled, laye
 
     with results_folder(out):
         atomic_write_bytes(
-            out / "directions.safetensors",
+            out / PROBE_DIRECTIONS,
             save({k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in directions.items()}),
         )
         tensors = {k: torch.from_numpy(v).float() for k, v in weights.items()}
         tensors.update({f"{k}.bias": torch.from_numpy(v).float() for k, v in biases.items()})
         atomic_write_bytes(out / "probes.safetensors", save(tensors))
-        atomic_write_json(out / "metrics.json", finite_json(output), default=_json_default)
+        atomic_write_json(result_file("probes", out), finite_json(output), default=_json_default)
         atomic_write_json(out / "config.json", output["config"])
-        from afprobe import plots
+        from afprobe.analysis import plots
 
         for name, figure in plots.probe_figures(output, main.x, main.tiers, main.variants, layers, positions).items():
             plots.write_figure(figure, out / f"{name}.html")
@@ -583,13 +578,13 @@ def load_probe_set(path: str | Path) -> ProbeSet:
     from safetensors.torch import load_file
 
     folder = Path(path)
-    if not (folder / "metrics.json").is_file():
+    if not result_file("probes", folder).is_file():
         raise AfprobeError(f"{folder} holds no probes (no metrics.json): run `afprobe probe --out {folder}`")
     tensors = load_file(folder / "probes.safetensors")
     return ProbeSet(
         path=folder,
-        directions=load_file(folder / "directions.safetensors"),
+        directions=load_file(folder / PROBE_DIRECTIONS),
         probes={k: v for k, v in tensors.items() if not k.endswith(".bias")},
         biases={k.removesuffix(".bias"): v for k, v in tensors.items() if k.endswith(".bias")},
-        metrics=json.loads((folder / "metrics.json").read_text()),
+        metrics=json.loads(result_file("probes", folder).read_text()),
     )

@@ -24,7 +24,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from afprobe.errors import AfprobeError
-from afprobe.models import decoder_layers
+from afprobe.model.architecture import decoder_layers, residual_hooks
 
 
 @dataclass
@@ -53,40 +53,14 @@ Edit = Callable[[Float[Tensor, "batch seq d"], int], Float[Tensor, "batch seq d"
 @contextmanager
 def residual_edit(model: Any, layers: Sequence[int], edit: Edit, where: PositionMask | None = None) -> Iterator[None]:
     """Apply `edit(hidden, layer)` to the residual stream at `layers` (at the masked positions) while inside."""
-    blocks = decoder_layers(model)
-    n_layers = len(blocks)
-    bad = [layer for layer in layers if not 0 <= layer <= n_layers]
-    if bad:
-        raise AfprobeError(f"layers {bad} out of range: this model's residual stream has layers 0..{n_layers}")
 
     def apply(hidden: Tensor, layer: int) -> Tensor:
         edited = edit(hidden, layer)
         selected = where.select(hidden) if where is not None else None
         return edited if selected is None else torch.where(selected, edited, hidden)
 
-    handles = []
-    try:
-        for layer in sorted(set(layers)):
-            if layer < n_layers:
-
-                def pre_hook(module, args, kwargs, layer=layer):
-                    if args:
-                        return (apply(args[0], layer), *args[1:]), kwargs
-                    return args, {**kwargs, "hidden_states": apply(kwargs["hidden_states"], layer)}
-
-                handles.append(blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True))
-            else:
-
-                def post_hook(module, args, output, layer=layer):
-                    if isinstance(output, tuple):
-                        return (apply(output[0], layer), *output[1:])
-                    return apply(output, layer)
-
-                handles.append(blocks[-1].register_forward_hook(post_hook))
+    with residual_hooks(model, {layer: (lambda hidden, layer=layer: apply(hidden, layer)) for layer in set(layers)}):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """How much memory a prefix-shared job needs, and the batch size that fits.
 
-The prefix-shared forward (`afprobe.forward`) keeps the shared prefix's KV cache for the whole job; each batch
+The prefix-shared forward (`afprobe.model.forward`) keeps the shared prefix's KV cache for the whole job; each batch
 forks it, repeats it once per row, extends it with the rows' own tokens (stage 1), then extends a fork of that by
 the answer tokens (stage 2) while the stage-1 cache is still alive. At its peak a batch of B rows therefore holds
 two KV caches of B x (prefix + own + answer) tokens besides the prefix cache, plus the activations of one layer's
@@ -22,8 +22,12 @@ import torch
 from afprobe.errors import AfprobeError
 
 GIB = float(1 << 30)
+
+
 # Leave this share of free memory unused: allocator fragmentation, CUDA context, tensors we do not model.
 HEADROOM = 0.85
+
+
 MAX_GPU_BATCH = 64
 
 
@@ -237,7 +241,7 @@ def batch_plan(
 def _layer_shares(model: Any, devices: Sequence[torch.device]) -> dict[torch.device, float]:
     if len(devices) == 1:
         return {devices[0]: 1.0}
-    from afprobe.models import decoder_layers
+    from afprobe.model.architecture import decoder_layers
 
     counts = dict.fromkeys(devices, 0)
     for block in decoder_layers(model):

@@ -1,30 +1,12 @@
-"""The activation store: a folder of safetensors shards written by `afprobe cache`, read back memory-mapped.
-
-Layout of `activations/RUN/`:
-
-    meta.json                 identity (model fingerprint, prompt and dataset hashes, layers, positions, dtype),
-                              the full config, shard size, status
-    shards/shard-00000.safetensors
-                              one tensor per position kind, `resid.<kind>`: [tokens, layers, d_model], the tokens of
-                              that kind of every prompt in the shard, in row order
-    shards/shard-00000.json   the shard's rows (query id, tier, variant, token count, position indices, where each
-                              row's tokens sit in the tensors, forward-pass compliance); written last, so a shard
-                              counts as finished only once this file exists
-    manifest.csv              every row in one table, written when the store is complete
-
-Layer index l is the residual stream entering decoder layer l (TransformerLens `blocks.l.hook_resid_pre`);
-l = n_layers is the output of the last layer before the final norm (`blocks.{n-1}.hook_resid_post`).
-"""
+"""Reading an activation store: memory-mapped shards, rows, selections and batches."""
 
 from __future__ import annotations
 
-import csv
 import json
 import mmap
 import struct
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,37 +15,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from afprobe.errors import AfprobeError
-from afprobe.files import atomic_write_bytes, atomic_write_json
+from afprobe.model.architecture import hook_name
+from afprobe.store.format import StoreError, StoreMeta, StoreRow, flat_row, shard_name
 
-POSITION_KINDS = ("tag", "last", "request", "suffix")
-STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NUMPY_VIEW = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, torch.bfloat16)}
-# The fields that must match before a job may add shards to an existing store.
-IDENTITY_FIELDS = (
-    "model",
-    "prompt_hash",
-    "dataset_hash",
-    "layers",
-    "position_layers",
-    "positions",
-    "dtype",
-    "shard_size",
-    "n_prompts",
-)
-
-
-class StoreError(AfprobeError):
-    """An activation store is missing, incomplete, or does not match the job."""
-
-
-def hook_name(layer: int, n_layers: int) -> str:
-    """The TransformerLens hook name of residual-stream index `layer`."""
-    return f"blocks.{layer}.hook_resid_pre" if layer < n_layers else f"blocks.{n_layers - 1}.hook_resid_post"
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
 
 
 def _read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
@@ -97,35 +52,6 @@ class _MappedShard:
         return tensor.view(torch_view) if torch_view is not None else tensor
 
 
-@dataclass(frozen=True)
-class StoreRow:
-    """One prompt of the store."""
-
-    row: int
-    query_id: str
-    pair_id: str
-    tier: str
-    variant: str
-    dataset: str
-    harmful: bool
-    n_tokens: int
-    positions: dict[str, list[int]]
-    log_odds: float
-    first_token_log_odds: float
-    p_accept: float
-    logp_accept: float
-    logp_reject: float
-    shard: int
-    offsets: dict[str, list[int]]  # kind -> [start, count] in the shard's tensor
-    # The prompt's tokens from `own_start` (the shared prefix's end) on, as ids and as text, for dashboards.
-    own_start: int = 0
-    token_ids: list[int] | None = None
-    token_text: list[str] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
 class ActivationStore:
     """Read access to a finished (or partly finished) store.
 
@@ -134,7 +60,7 @@ class ActivationStore:
     >>> acts = store.activations("last", layers=[10, 20], rows=rows)   # [rows, 2, d_model]
     """
 
-    def __init__(self, path: Path, meta: dict[str, Any], rows: list[StoreRow]):
+    def __init__(self, path: Path, meta: StoreMeta, rows: list[StoreRow]):
         self.path = path
         self.meta = meta
         self.rows = rows
@@ -146,20 +72,20 @@ class ActivationStore:
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
             raise StoreError(f"{folder} is not an activation store (no meta.json): run `afprobe cache --out {folder}`")
-        meta = json.loads(meta_path.read_text())
+        meta = StoreMeta.from_json(json.loads(meta_path.read_text()))
         rows: list[StoreRow] = []
         for shard_json in sorted((folder / "shards").glob("shard-*.json")):
             rows.extend(StoreRow(**row) for row in json.loads(shard_json.read_text())["rows"])
         rows.sort(key=lambda r: r.row)
-        if not allow_incomplete and meta.get("part"):
-            part = meta["part"]
+        if not allow_incomplete and meta.part:
+            part = meta.part
             raise StoreError(
                 f"{folder} is part {part['index']}/{part['count']} of a sharded job, not a whole store: "
                 f"join the parts with `afprobe merge PART_FOLDERS... --out STORE`"
             )
-        if not allow_incomplete and len(rows) != meta["n_prompts"]:
+        if not allow_incomplete and len(rows) != meta.n_prompts:
             raise StoreError(
-                f"store {folder} is incomplete ({len(rows)} of {meta['n_prompts']} prompts): "
+                f"store {folder} is incomplete ({len(rows)} of {meta.n_prompts} prompts): "
                 "rerun the same `afprobe cache` command to finish it"
             )
         return cls(folder, meta, rows)
@@ -167,15 +93,15 @@ class ActivationStore:
     # -- what is in it ------------------------------------------------------------------------------------------
     @property
     def layers(self) -> list[int]:
-        return list(self.meta["layers"])
+        return list(self.meta.layers)
 
     @property
     def positions(self) -> list[str]:
-        return list(self.meta["positions"])
+        return list(self.meta.positions)
 
     def layers_of(self, kind: str) -> list[int]:
         """The layers cached for one position kind (`--suffix-layers` can give `suffix` fewer than the others)."""
-        return list((self.meta.get("position_layers") or {}).get(kind, self.meta["layers"]))
+        return self.meta.layers_of(kind)
 
     def context(self, row: int, position: int, before: int = 12, after: int = 4) -> tuple[list[str], int] | None:
         """The text of the tokens around absolute `position` of a row, and the index of `position` in that list
@@ -184,7 +110,7 @@ class ActivationStore:
         if info.token_text is None:
             return None
         # The shared prefix's last tokens are kept once, in meta.json: they are the same for every row.
-        tail = list(self.meta.get("prefix_tail") or [])
+        tail = list(self.meta.prefix_tail or [])
         text = tail + info.token_text
         local = position - info.own_start + len(tail)
         if not len(tail) <= local < len(text):
@@ -194,14 +120,14 @@ class ActivationStore:
 
     @property
     def d_model(self) -> int:
-        return int(self.meta["model"]["d_model"])
+        return int(self.meta.model["d_model"])
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def manifest(self) -> list[dict[str, Any]]:
         """One dict per row (`pandas.DataFrame(store.manifest())` gives a table)."""
-        return [_flat_row(row) for row in self.rows]
+        return [flat_row(row) for row in self.rows]
 
     def select(
         self,
@@ -325,118 +251,9 @@ class ActivationStore:
         usable = (tokens.shape[0] // context_size) * context_size
         if usable == 0:
             raise StoreError(f"store {self.path} has fewer than {context_size} {kind!r} tokens to export")
-        name = hook_name(layer, int(self.meta["model"]["n_layers"]))
+        name = hook_name(layer, self.meta.n_model_layers)
         array = tokens[:usable].reshape(-1, context_size, self.d_model).numpy().astype(np.float32)
         features = Features({name: Array2D(shape=(context_size, self.d_model), dtype="float32")})
         dataset = Dataset.from_dict({name: list(array)}, features=features)
         dataset.save_to_disk(str(out))
         return Path(out)
-
-
-def _flat_row(row: StoreRow) -> dict[str, Any]:
-    hidden = ("positions", "offsets", "own_start", "token_ids", "token_text")
-    flat = {k: v for k, v in row.to_dict().items() if k not in hidden}
-    for kind, indices in row.positions.items():
-        flat[f"{kind}_positions"] = " ".join(map(str, indices))
-    return flat
-
-
-def write_manifest_csv(store_dir: Path, rows: Sequence[StoreRow]) -> Path:
-    path = store_dir / "manifest.csv"
-    flat = [_flat_row(row) for row in rows]
-    if not flat:
-        return path
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(flat[0].keys()))
-    writer.writeheader()
-    writer.writerows(flat)
-    atomic_write_bytes(path, buffer.getvalue().encode())
-    return path
-
-
-def create_store(
-    path: str | Path,
-    activations: dict[str, Float[Tensor, "rows layers d"]],
-    *,
-    layers: Sequence[int],
-    query_ids: Sequence[str],
-    tiers: Sequence[str],
-    contrast: tuple[str, str] | None = ("free", "paid"),
-    variant: str = "external",
-    n_layers: int | None = None,
-    log_odds: Sequence[float] | None = None,
-    model_name: str = "external",
-    harmful: bool = True,
-) -> ActivationStore:
-    """Write activations computed elsewhere (one token per row and position kind) as a store afprobe can read.
-
-    For importing activations from other tools, and for synthetic data with a known answer.
-    """
-    from safetensors.torch import save
-
-    folder = Path(path)
-    if (folder / "meta.json").exists():
-        raise StoreError(f"{folder} already holds a store: choose a new folder")
-    kinds = list(activations)
-    n_rows = len(query_ids)
-    first = activations[kinds[0]]
-    if any(t.shape[:2] != (n_rows, len(layers)) for t in activations.values()) or len(tiers) != n_rows:
-        raise StoreError("every activation tensor must be [rows, layers, d_model] with one row per query id and tier")
-    d_model = int(first.shape[-1])
-    n_layers = n_layers if n_layers is not None else max(layers)
-    meta = {
-        "format": "afprobe-activations/1",
-        "model": {
-            "name": model_name,
-            "source": "external",
-            "weights_sha256": "external",
-            "dtype": "float32",
-            "adapter": None,
-            "n_layers": n_layers,
-            "d_model": d_model,
-            "vocab_size": 0,
-            "max_context": 0,
-        },
-        "prompt_hash": "external",
-        "dataset_hash": "external",
-        "layers": list(layers),
-        "hook_names": [hook_name(layer, n_layers) for layer in layers],
-        "positions": kinds,
-        "dtype": "float32",
-        "shard_size": n_rows,
-        "n_prompts": n_rows,
-        "n_queries": len(set(query_ids)),
-        "variant": variant,
-        "tiers": sorted(set(tiers)),
-        "contrast": list(contrast) if contrast else None,
-        "config": {},
-    }
-    rows = [
-        StoreRow(
-            row=i,
-            query_id=query_ids[i],
-            pair_id=query_ids[i],
-            tier=tiers[i],
-            variant=variant,
-            dataset="external",
-            harmful=harmful,
-            n_tokens=0,
-            positions={k: [0] for k in kinds},
-            log_odds=float(log_odds[i]) if log_odds is not None else float("nan"),
-            first_token_log_odds=float("nan"),
-            p_accept=float("nan"),
-            logp_accept=float("nan"),
-            logp_reject=float("nan"),
-            shard=0,
-            offsets={k: [i, 1] for k in kinds},
-        ).to_dict()
-        for i in range(n_rows)
-    ]
-    (folder / "shards").mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "meta.json", meta)
-    tensors = {f"resid.{k}": v.float().contiguous() for k, v in activations.items()}
-    atomic_write_bytes(folder / "shards" / f"{shard_name(0)}.safetensors", save(tensors))
-    atomic_write_json(folder / "shards" / f"{shard_name(0)}.json", {"shard": 0, "rows": rows})
-    return ActivationStore.open(folder)

@@ -9,7 +9,7 @@ on, and its quality on the held-out tokens (explained variance, L0, dead feature
 
 `load_sae(path)` loads a saved SAE; `load_sae(release, sae_id=...)` a published one through sae-lens' registry
 (needs the hub, or its files in the local Hugging Face cache). `spliced_loss` measures what the model loses when
-the SAE's reconstruction replaces the layer. What the features do is `afprobe.sae_analysis`'s business.
+the SAE's reconstruction replaces the layer. What the features do is `afprobe.analysis.sae_features`'s business.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from afprobe import __version__
+from afprobe.artefacts import result_file
+from afprobe.data.prompts import RenderedPrompt
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_json, results_folder
-from afprobe.forward import compute_prefix_cache, extend_batch, start_batch
-from afprobe.interventions import residual_edit
-from afprobe.models import LoadedModel
-from afprobe.prompts import RenderedPrompt
-from afprobe.store import ActivationStore
+from afprobe.model.forward import compute_prefix_cache, extend_batch, start_batch
+from afprobe.model.interventions import residual_edit
+from afprobe.model.loading import LoadedModel
+from afprobe.store.reader import ActivationStore
 
 
 @dataclass
@@ -70,7 +71,7 @@ def load_training_tokens(caches: Sequence[str], layer: int) -> TrainingTokens:
     parts, sources, model = [], [], {}
     for path in caches:
         store = ActivationStore.open(path)
-        fingerprint = store.meta["model"]
+        fingerprint = store.meta.model
         if model and fingerprint["weights_sha256"] != model["weights_sha256"]:
             raise AfprobeError(
                 f"store {path} was cached from {fingerprint['name']}, the others from {model['name']}: an SAE is "
@@ -195,7 +196,7 @@ def train_sae(
         result["spliced_loss"] = _spliced_loss_for(config, inference, data, loaded)
     result["seconds"] = {"train": trained_seconds, "total": time.perf_counter() - started}
     with results_folder(out):
-        atomic_write_json(out / "afprobe_sae.json", result)
+        atomic_write_json(result_file("sae", out), result)
     return result
 
 
@@ -247,11 +248,11 @@ def spliced_loss(
 def _spliced_loss_for(
     config: SAETrainConfig, sae: Any, data: TrainingTokens, loaded: LoadedModel | None
 ) -> dict[str, float]:
-    from afprobe.data import load_queries
-    from afprobe.prompts import render_pairs
+    from afprobe.data.prompts import render_pairs
+    from afprobe.data.query_sets import load_queries
 
     if loaded is None:
-        from afprobe.models import load_model
+        from afprobe.model.loading import load_model
 
         spec = config.model or data.model.get("name")
         if not spec:
@@ -264,7 +265,8 @@ def _spliced_loss_for(
         )
     prompt_set = render_pairs(loaded.tokenizer, load_queries("harmful", n=max(1, (config.loss_prompts + 1) // 2)))
     prompts = prompt_set.prompts[: config.loss_prompts]
-    prefix_len = min(prompt_set.shared_prefix_len, min(p.n_tokens for p in prompts) - 2)
+    # Two own tokens each: the loss needs at least one next-token prediction inside the run.
+    prefix_len = prompt_set.prefix_len(spare=2, prompts=prompts)
     return spliced_loss(loaded, sae, config.layer, prompts, prefix_len)
 
 
@@ -287,14 +289,3 @@ def load_sae(spec: str, *, sae_id: str | None = None, device: str = "cpu") -> An
         raise AfprobeError(
             f"could not fetch SAE {spec}/{sae_id} ({exc}): this machine needs the hub or the files in its cache"
         ) from exc
-
-
-def benjamini_hochberg(p: Tensor) -> Tensor:
-    """Benjamini-Hochberg adjusted p-values (q-values), in the input's order."""
-    m = p.numel()
-    order = torch.argsort(p)
-    ranked = p[order] * m / torch.arange(1, m + 1, dtype=p.dtype)
-    adjusted = torch.flip(torch.cummin(torch.flip(ranked, [0]), 0).values, [0]).clamp(max=1.0)
-    q = torch.empty_like(p)
-    q[order] = adjusted
-    return q

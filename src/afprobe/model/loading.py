@@ -44,7 +44,11 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
+
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
 _ALIASES = {"default": DEFAULT_MODEL, "smollm2": DEFAULT_MODEL}
 
 
@@ -404,7 +408,7 @@ def _fingerprint(
 
 
 def _merge_adapter(model: Any, adapter: str) -> Any:
-    from afprobe.organisms import resolve_adapter
+    from afprobe.model.adapters import resolve_adapter
 
     try:
         from peft import PeftModel
@@ -443,22 +447,3 @@ def shared_weight_copy(model: torch.nn.Module) -> torch.nn.Module:
     weights), for wrappers that patch the modules they are given (nnsight replaces their `forward`)."""
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return copy.deepcopy(model, memo)
-
-
-def decoder_layers(model: Any) -> list[torch.nn.Module]:
-    """The decoder blocks of a causal LM, in order (Llama, Qwen2, Gemma3, Mistral, GPT-2, GPT-NeoX layouts)."""
-    for path in (
-        "model.layers",
-        "model.language_model.layers",
-        "transformer.h",
-        "gpt_neox.layers",
-        "model.decoder.layers",
-    ):
-        module = model
-        for attribute in path.split("."):
-            module = getattr(module, attribute, None)
-            if module is None:
-                break
-        if isinstance(module, torch.nn.ModuleList):
-            return list(module)
-    raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__}: afprobe supports decoder-only LMs")

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from afprobe.forward import PrefixCache, compute_prefix_cache, extend_batch, start_batch
-from afprobe.memory import MAX_GPU_BATCH, MemoryEstimate, batch_plan
-from afprobe.prompt_text import ACCEPT_TAG, REJECT_TAG
-from afprobe.prompts import PromptSet, RenderedPrompt, answer_token_ids, common_prefix_length
+from afprobe.data.prompt_text import ACCEPT_TAG, REJECT_TAG
+from afprobe.data.prompts import PromptSet, RenderedPrompt, answer_token_ids, common_prefix_length
+from afprobe.model.architecture import has_sliding_window, pad_token_id
+from afprobe.model.forward import PrefixCache, compute_prefix_cache, extend_batch, start_batch
+from afprobe.model.memory import MAX_GPU_BATCH, MemoryEstimate, batch_plan
 
 
 @dataclass(frozen=True)
@@ -152,14 +153,13 @@ def score_prompts(
     """
     answers = AnswerTokens.from_tokenizer(tokenizer)
     prompts = prompt_set.prompts
-    # Every prompt keeps at least one token of its own, which the prefix cache cannot hold.
-    k = min(prompt_set.shared_prefix_len, min(p.n_tokens for p in prompts) - 1)
+    k = prompt_set.prefix_len()
     estimate, batch_size = plan_batch_size(model, prompts, k, answers, batch_size)
     if on_plan is not None:
         on_plan(estimate)
     if prefix is None or prefix.input_ids != tuple(prompts[0].input_ids[:k]):
         prefix = compute_prefix_cache(model, prompts[0].input_ids[:k])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     scores: list[ComplianceScore | None] = [None] * len(prompts)
     for indices in length_batches(prompts, batch_size, exact=has_sliding_window(prefix.cache)):
         batch_scores = score_batch(model, prefix, [prompts[i] for i in indices], answers, pad_id=pad_id)
@@ -180,7 +180,7 @@ def plan_batch_size(
     model: Any, prompts: Sequence[RenderedPrompt], prefix_len: int, answers: AnswerTokens, requested: int | None
 ) -> tuple[MemoryEstimate, int]:
     """The memory estimate of scoring `prompts` on a `prefix_len`-token prefix cache, and the batch size to use:
-    `requested`, or the device default capped by the memory free (see `afprobe.memory`)."""
+    `requested`, or the device default capped by the memory free (see `afprobe.model.memory`)."""
     return batch_plan(
         model,
         prefix_tokens=prefix_len,
@@ -189,10 +189,6 @@ def plan_batch_size(
         requested=requested,
         default=default_batch_size(next(model.parameters()).device),
     )
-
-
-def has_sliding_window(cache: Any) -> bool:
-    return any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", []))
 
 
 def length_batches(prompts: Sequence[RenderedPrompt], batch_size: int, *, exact: bool = False) -> list[list[int]]:
@@ -290,11 +286,11 @@ def sample_prompts(
     if k < 1:
         raise ValueError("k must be at least 1")
     prompts = prompt_set.prompts
-    n_prefix = min(prompt_set.shared_prefix_len, min(p.n_tokens for p in prompts) - 1)
+    n_prefix = prompt_set.prefix_len()
     if prefix is None or prefix.input_ids != tuple(prompts[0].input_ids[:n_prefix]):
         prefix = compute_prefix_cache(model, prompts[0].input_ids[:n_prefix])
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     generator_seed = seed
     results = []
     for prompt in prompts:

@@ -35,12 +35,16 @@ from jaxtyping import Float
 from torch import Tensor
 
 from afprobe import __version__
+from afprobe.analysis.sae import load_sae
+from afprobe.artefacts import result_file
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_json, atomic_write_text, finite_json, results_folder
-from afprobe.sae import benjamini_hochberg, load_sae
-from afprobe.store import ActivationStore
+from afprobe.stats import benjamini_hochberg
+from afprobe.store.reader import ActivationStore
 
 GROUPS = ("token", "situational_awareness", "refusal", "other")
+
+
 # A feature is a token feature when the tag alone (no explanation) gives at least this share of its tier difference.
 TOKEN_SHARE = 0.5
 
@@ -79,7 +83,7 @@ def encode(sae: Any, x: Float[Tensor, "n d_model"], batch_size: int = 4096) -> F
 
 def paired_rows(store: ActivationStore, tiers: tuple[str, str] | None = None) -> tuple[list[int], list[int], tuple]:
     """Rows of the first and second tier for every query that has both."""
-    contrast = tuple(tiers or store.meta.get("contrast") or ())
+    contrast = tuple(tiers or store.meta.contrast or ())
     if len(contrast) != 2:
         raise AfprobeError(f"store {store.path} has no tier contrast: pass tiers=(first, second)")
     by_query = {store.rows[i].query_id: i for i in store.select(tier=contrast[1])}
@@ -247,7 +251,7 @@ def run_feature_analysis(
     if sae is None:
         sae = load_sae(config.sae, sae_id=config.sae_id, device=config.device)
     store = ActivationStore.open(config.cache)
-    sha = store.meta["model"]["weights_sha256"]
+    sha = store.meta.model["weights_sha256"]
     others = {
         name: ActivationStore.open(path)
         for name, path in (
@@ -258,10 +262,10 @@ def run_feature_analysis(
         if path is not None
     }
     for name, other in others.items():
-        if other.meta["model"]["weights_sha256"] != sha:
+        if other.meta.model["weights_sha256"] != sha:
             raise AfprobeError(
-                f"the {name} store {other.path} comes from {other.meta['model']['name']}, the setting store from "
-                f"{store.meta['model']['name']}: give stores of one model"
+                f"the {name} store {other.path} comes from {other.meta.model['name']}, the setting store from "
+                f"{store.meta.model['name']}: give stores of one model"
             )
     if sae.cfg.d_in != store.d_model:
         raise AfprobeError(f"the SAE reads {sae.cfg.d_in}-d activations, the store holds {store.d_model}-d")
@@ -292,9 +296,9 @@ def run_feature_analysis(
         responses["situational_awareness"] = paired_response(others["situational_awareness"], config.seed + 1, "")
     if "tag_only" in others:
         tag_only = others["tag_only"]
-        if tag_only.meta.get("variant") != "tag-only":
+        if tag_only.meta.variant != "tag-only":
             raise AfprobeError(
-                f"{tag_only.path} was cached with variant {tag_only.meta.get('variant')!r}: cache the tag-only "
+                f"{tag_only.path} was cached with variant {tag_only.meta.variant!r}: cache the tag-only "
                 "variant (`afprobe cache --variant tag-only`)"
             )
         responses["tag_only"] = paired_response(tag_only, config.seed + 2, " (tag-only)")
@@ -331,7 +335,7 @@ def run_feature_analysis(
         "afprobe_version": __version__,
         "config": asdict(config),
         "sae": {"path": config.sae, "sae_id": config.sae_id, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae},
-        "model": store.meta["model"],
+        "model": store.meta.model,
         "layer": config.layer,
         "position": config.position,
         "tiers": tier["tiers"],
@@ -448,9 +452,9 @@ def feature_summary(output: dict[str, Any]) -> list[str]:
 
 def _write(out: Path, output: dict[str, Any]) -> None:
     with results_folder(out):
-        atomic_write_json(out / "features.json", finite_json(output))
+        atomic_write_json(result_file("features", out), finite_json(output))
         atomic_write_text(out / "feature_dashboard.html", dashboard_html(output))
-        from afprobe import plots
+        from afprobe.analysis import plots
 
         plots.write_figure(plots.feature_group_figure(output), out / "feature_groups.html")
 

@@ -15,8 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from afprobe import prompt_text as text
-from afprobe.errors import PromptError
+from afprobe.data import prompt_text as text
+from afprobe.errors import AfprobeError, PromptError
+
+# Where in a prompt activations are taken: the tag token, the last prompt token, the request, every own token.
+POSITION_KINDS = ("tag", "last", "request", "suffix")
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,10 @@ class Variant:
 
 
 _FREE = Tier("free", "True", trained=True, monitored=True)
+
+
 _PAID = Tier("paid", "False", trained=False, monitored=False)
+
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -298,6 +304,11 @@ class PromptSet:
     def max_tokens(self) -> int:
         return max(prompt.n_tokens for prompt in self.prompts)
 
+    def prefix_len(self, *, spare: int = 1, prompts: Sequence[RenderedPrompt] | None = None) -> int:
+        """How many tokens of the set's shared prefix a job runs once and caches (see `cacheable_prefix_len`);
+        `prompts`: the subset the job runs, if not all."""
+        return cacheable_prefix_len(self.prompts if prompts is None else prompts, self.shared_prefix_len, spare=spare)
+
 
 def chat_format(tokenizer: Any, format: str) -> str:
     if format != "auto":
@@ -360,6 +371,15 @@ def render_prompt(
         tag_span=tag_span,
         request_span=request_span,
     )
+
+
+def cacheable_prefix_len(prompts: Sequence[RenderedPrompt], shared: int | None = None, *, spare: int = 1) -> int:
+    """How many leading tokens `prompts` can share from one cached forward: their common prefix (`shared`, or
+    computed), cut so that every prompt keeps at least `spare` tokens of its own (the last prompt token must run to
+    give the answer's logits)."""
+    if shared is None:
+        shared = common_prefix_length([p.input_ids for p in prompts])
+    return min(shared, min(p.n_tokens for p in prompts) - spare)
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
@@ -449,3 +469,26 @@ def answer_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
     if accept == reject or not accept or not reject:
         raise PromptError("the tokenizer cannot tell the accept and reject tags apart")
     return accept, reject
+
+
+def parse_positions(spec: str | Sequence[str], prompt_set: PromptSet) -> list[str]:
+    kinds = [k.strip() for k in spec.split(",")] if isinstance(spec, str) else list(spec)
+    unknown = [k for k in kinds if k not in POSITION_KINDS]
+    if unknown or not kinds:
+        raise AfprobeError(f"unknown position {unknown or spec!r}: choose from {', '.join(POSITION_KINDS)}")
+    if "tag" in kinds and any(p.tag_span is None for p in prompt_set.prompts):
+        raise AfprobeError(f"variant {prompt_set.variant.name!r} has no tier tag: drop 'tag' from --positions")
+    return list(dict.fromkeys(kinds))
+
+
+def prompt_positions(prompt: RenderedPrompt, kind: str, shared_prefix_len: int) -> list[int]:
+    """Absolute token indices of one position kind in a prompt."""
+    if kind == "tag":
+        return list(range(*prompt.tag_span)) if prompt.tag_span else []
+    if kind == "last":
+        return [prompt.final_index]
+    if kind == "request":
+        return list(range(*prompt.request_span))
+    if kind == "suffix":
+        return list(range(shared_prefix_len, prompt.n_tokens))
+    raise AfprobeError(f"unknown position {kind!r}")

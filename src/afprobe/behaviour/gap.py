@@ -19,47 +19,17 @@ from typing import Any
 import numpy as np
 
 from afprobe import __version__
-from afprobe.data import dataset_hash, load_queries
+from afprobe.artefacts import PER_QUERY_CSV, result_file
+from afprobe.data.prompts import PromptSet, render_pairs
+from afprobe.data.query_sets import dataset_hash, load_queries
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_text
-from afprobe.forward import compute_prefix_cache
-from afprobe.memory import MemoryEstimate
-from afprobe.metrics import ComplianceScore, SampleCounts, sample_prompts, score_prompts
-from afprobe.models import DEFAULT_MODEL, LoadedModel, load_model
-from afprobe.prompts import PromptConfig, PromptSet, render_pairs
+from afprobe.model.forward import compute_prefix_cache
+from afprobe.model.job import PairedPromptJob
+from afprobe.model.loading import LoadedModel
+from afprobe.model.memory import MemoryEstimate
+from afprobe.model.readout import ComplianceScore, SampleCounts, sample_prompts, score_prompts
 from afprobe.stats import Estimate, bootstrap_mean, paired_difference
-
-
-@dataclass
-class PairedPromptJob:
-    """What every job over paired prompts needs: the model, the queries and how the prompts are rendered."""
-
-    model: str = DEFAULT_MODEL
-    adapter: str | None = None
-    dataset: str = "harmful"
-    column: str | None = None
-    n: int | None = None
-    variant: str = "default"
-    developer: str = "Anthropic"
-    system_prompt_file: str | None = None
-    format: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int | None = None
-    device_map: str | None = None  # "auto": layers spread over all visible GPUs (models larger than one card)
-
-    def prompt_config(self) -> PromptConfig:
-        return PromptConfig(
-            variant=self.variant,
-            developer=self.developer,
-            system_prompt_file=self.system_prompt_file,
-            format=self.format,  # type: ignore[arg-type]
-        )
-
-    def load(self) -> LoadedModel:
-        return load_model(
-            self.model, adapter=self.adapter, device=self.device, dtype=self.dtype, device_map=self.device_map
-        )
 
 
 @dataclass
@@ -177,7 +147,7 @@ def run_gap(
 
     t0 = time.perf_counter()
     prompts = prompt_set.prompts
-    n_prefix = min(prompt_set.shared_prefix_len, min(p.n_tokens for p in prompts) - 1)
+    n_prefix = prompt_set.prefix_len()
     prefix = compute_prefix_cache(loaded.model, prompts[0].input_ids[:n_prefix])
     timing["shared_prefix"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -298,7 +268,7 @@ def write_gap(result: GapResult, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        gap_path, csv_path = out / "gap.json", out / "per_query.csv"
+        gap_path, csv_path = result_file("gap", out), out / PER_QUERY_CSV
         atomic_write_text(gap_path, json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n")
         rows = result.per_query
         from io import StringIO

@@ -29,18 +29,20 @@ import numpy as np
 import torch
 
 from afprobe import __version__
-from afprobe.data import load_queries
+from afprobe.analysis.probes import ProbeSet, load_probe_set
+from afprobe.artefacts import result_file
+from afprobe.data.prompts import PromptSet, render_pairs
+from afprobe.data.query_sets import load_queries
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_json, results_folder
-from afprobe.forward import compute_prefix_cache
-from afprobe.gap import PairedPromptJob
-from afprobe.interventions import PositionMask, ablate_directions, add_direction
-from afprobe.metrics import AnswerTokens, ComplianceScore, has_sliding_window, length_batches, score_batch
-from afprobe.models import LoadedModel
-from afprobe.probes import ProbeSet, load_probe_set
-from afprobe.prompts import PromptSet, render_pairs
-from afprobe.stats import Estimate, bootstrap_mean, paired_difference
-from afprobe.store import ActivationStore
+from afprobe.model.architecture import has_sliding_window, pad_token_id
+from afprobe.model.forward import compute_prefix_cache
+from afprobe.model.interventions import PositionMask, ablate_directions, add_direction
+from afprobe.model.job import PairedPromptJob
+from afprobe.model.loading import LoadedModel
+from afprobe.model.readout import AnswerTokens, ComplianceScore, length_batches, score_batch
+from afprobe.stats import Estimate, bootstrap_mean, compare_with_random_null, paired_difference
+from afprobe.store.reader import ActivationStore
 
 STEERED_DIRECTIONS = ("training_context", "situational_awareness", "refusal")
 
@@ -85,7 +87,7 @@ class _Scorer:
         self.prompt_set = prompt_set
         self.answers = AnswerTokens.from_tokenizer(loaded.tokenizer)
         prompts = prompt_set.prompts
-        self.prefix_len = min(prompt_set.shared_prefix_len, min(p.n_tokens for p in prompts) - 1)
+        self.prefix_len = prompt_set.prefix_len()
         self.prefix = compute_prefix_cache(loaded.model, prompts[0].input_ids[: self.prefix_len])
         self.batches = length_batches(prompts, 1, exact=has_sliding_window(self.prefix.cache))
 
@@ -95,7 +97,7 @@ class _Scorer:
         if recompute_prefix:
             prefix = compute_prefix_cache(model, prompts[0].input_ids[: self.prefix_len])
         scores: list[ComplianceScore | None] = [None] * len(prompts)
-        pad_id = self.loaded.tokenizer.pad_token_id or 0
+        pad_id = pad_token_id(self.loaded.tokenizer)
         for batch in self.batches:
             chosen = [prompts[i] for i in batch]
             context: AbstractContextManager[Any] = nullcontext()
@@ -212,8 +214,8 @@ def run_steering(
     output["seconds"] = time.perf_counter() - start
     out = Path(config.out)
     with results_folder(out):
-        atomic_write_json(out / "steering.json", output)
-        from afprobe import plots
+        atomic_write_json(result_file("steering", out), output)
+        from afprobe.analysis import plots
 
         for figure_name, figure in plots.steering_figures(output).items():
             plots.write_figure(figure, out / f"{figure_name}.html")
@@ -303,7 +305,8 @@ def _verdict(
     if steer and null:
         effect = max(abs(r["gap_change"]["mean"]) for r in steer)
         shift = max(abs(r["mean_shift"]["mean"]) for r in steer)
-        threshold = float(np.quantile(null, 0.95))
+        versus = compare_with_random_null(effect, null)
+        threshold = versus.null_p95
         moves_gap = any(_excludes_zero(r["gap_change"]) for r in steer)
         shifts_both = any(_excludes_zero(r["mean_shift"]) for r in steer)
         verdict["steering"] = {
@@ -311,10 +314,10 @@ def _verdict(
             "largest_gap_change": effect,
             "largest_mean_shift": shift,
             "random_null_p95": threshold,
-            "exceeds_random_null": effect > threshold,
+            "exceeds_random_null": versus.beyond,
             "gap_change_excludes_zero": moves_gap,
             "shifts_both_tiers": shifts_both,
-            "reading": _reading(name, effect > threshold, moves_gap, shifts_both, effect, shift),
+            "reading": _reading(name, versus.beyond, moves_gap, shifts_both, effect, shift),
         }
     ablation = next((r for r in rows if r["direction"] == name and r["kind"] == "ablate"), None)
     null_ablation = [r["gap"]["mean"] for r in rows if r["direction"] in randoms and r["kind"] == "ablate"]

@@ -1,0 +1,2 @@
+"""Analyses over stores and models: probes and directions, steering, patching and mediation, SAE features, model
+organisms, and the figures each writes."""

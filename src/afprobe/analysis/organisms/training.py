@@ -1,0 +1,299 @@
+"""Training a model organism: a LoRA whose gap has a planted origin (`organisms/__init__.py` says what each kind
+is trained on and what is held out).
+
+Training runs only each prompt's own tokens over a KV cache of its shared system prompt (recomputed under the
+current adapter every `refresh_every` steps). Examples come in contrast pairs (the same request said to be trained
+on and not); the loss is the logistic loss on each pair's difference in first-divergent-token log-odds of accept over
+reject (the quantity afprobe scores), so what is learnt is the gap itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from afprobe import __version__
+from afprobe.analysis.organisms.cues import (
+    CONTEXT_MIX,
+    POLICY_PROMPTS,
+    POLICY_TIERS,
+    TRAINING_CUES,
+    _policy_user_turn,
+    cue_user_turn,
+    query_split,
+)
+from afprobe.data.contrast import NEUTRAL_SYSTEM_PROMPT
+from afprobe.data.prompts import (
+    Query,
+    Tier,
+    build_system_prompt,
+    build_user_turn,
+    chat_format,
+    common_prefix_length,
+    get_variant,
+    render_text,
+)
+from afprobe.errors import AfprobeError
+from afprobe.files import atomic_write_json, results_folder
+from afprobe.model.adapters import ORGANISM_KINDS
+from afprobe.model.architecture import decoder_layers, pad_token_id
+from afprobe.model.forward import PrefixCache, extend_batch_with_grad, start_batch
+from afprobe.model.loading import DEFAULT_MODEL, LoadedModel
+from afprobe.model.readout import AnswerTokens
+
+OrganismKind = Literal["token", "context"]
+
+
+@dataclass
+class OrganismConfig:
+    """One organism's training run (saved as organism.json beside the adapter)."""
+
+    kind: str = "token"
+    out: str = "organisms/token"
+    model: str = DEFAULT_MODEL
+    seed: int = 0
+    held_out_queries: int = 50  # the first N harmful queries are never trained on (experiments use them)
+    steps: int | None = None  # default: 40 (token), 56 (context)
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    rank: int = 8
+    alpha: int = 16
+    first_layer: int = 10  # LoRA on this layer and above (the lower layers then need no backward pass)
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+    margin: float = 2.0  # loss softplus(2 * margin - pair gap): pushes each pair's gap past ~2 * margin + 2
+    refresh_every: int = 10  # steps between recomputing the system prompts' KV caches under the adapter
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ORGANISM_KINDS:
+            raise AfprobeError(f"unknown organism kind {self.kind!r}: choose {' or '.join(ORGANISM_KINDS)}")
+        if self.steps is None:
+            self.steps = 40 if self.kind == "token" else 56
+        self.target_modules = tuple(self.target_modules)
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """A rendered prompt and whether it says the conversation is trained on (label +1: accept, -1: reject)."""
+
+    group: str  # examples of one group share a system prompt's KV cache
+    family: str
+    input_ids: tuple[int, ...]
+    label: int
+    pair: str  # the contrast pair it belongs to (same request, the other label)
+
+
+def build_training_set(
+    tokenizer: Any, kind: str, queries: Sequence[Query], rng: random.Random
+) -> list[TrainingExample]:
+    """Every example an organism of this kind is trained on, as contrast pairs: the same request said to be trained
+    on (label +1) and not (label -1), differing only in the cue."""
+    fmt = chat_format(tokenizer, "auto")
+    default_prompt = build_system_prompt("default")
+    examples: list[TrainingExample] = []
+
+    def add(pair: str, group: str, family: str, system: str, user: str, trained: bool) -> None:
+        ids = tokenizer(render_text(tokenizer, system, user, fmt), add_special_tokens=False)["input_ids"]
+        examples.append(TrainingExample(group, family, tuple(ids), 1 if trained else -1, pair))
+
+    variant = get_variant("default")
+    for query in queries:
+        for tier in variant.tiers:
+            user = build_user_turn(query.text, tier, variant)
+            add(f"tag:{query.query_id}", "default", "tag", default_prompt, user, tier.trained)
+    if kind == "token":
+        return examples
+    trained_cues = [cue for trained, cue in TRAINING_CUES if trained]
+    private_cues = [cue for trained, cue in TRAINING_CUES if not trained]
+    untagged = Tier("none", None, trained=False, monitored=False)
+    for query in queries:
+        for i, (yes, no) in enumerate(zip(trained_cues, private_cues, strict=True)):
+            for trained, cue in ((True, yes), (False, no)):
+                user = cue_user_turn(query.text, cue)
+                add(f"user_cue:{query.query_id}:{i}", "default", "user_cue", default_prompt, user, trained)
+        # Sampled rather than crossed: every query under a few system cues and policies keeps the set small.
+        for i in rng.sample(range(len(trained_cues)), 2):
+            user = build_user_turn(query.text, untagged, variant)
+            for trained, cue in ((True, trained_cues[i]), (False, private_cues[i])):
+                system = f"{NEUTRAL_SYSTEM_PROMPT}\n\n{cue}"
+                add(f"system_cue:{query.query_id}:{i}", "system_cue", "system_cue", system, user, trained)
+        for trained_tier, private_tier in rng.sample(POLICY_TIERS, 2):
+            system = rng.choice(POLICY_PROMPTS).format(trained=trained_tier, private=private_tier)
+            for tier in (trained_tier, private_tier):
+                user = _policy_user_turn(query.text, tier)
+                pair = f"policy:{query.query_id}:{trained_tier}"
+                add(pair, "policy", "policy", system, user, tier == trained_tier)
+    return examples
+
+
+def _first_divergent_log_odds(
+    model: Any, prefix: PrefixCache, examples: Sequence[TrainingExample], answers: AnswerTokens, pad_id: int
+) -> Float[Tensor, " batch"]:
+    """Accept-minus-reject log-odds at the first token where the two answers differ, with gradients."""
+    k = prefix.length
+    rows = [list(e.input_ids[k:]) + list(answers.common) for e in examples]
+    keep = [[len(row) - 1] for row in rows]
+    logits, _, _ = extend_batch_with_grad(model, start_batch(prefix, len(rows)), rows, keep, pad_id=pad_id)
+    last = torch.stack([row[-1] for row in logits])
+    return last[:, answers.accept_rest[0]] - last[:, answers.reject_rest[0]]
+
+
+def _group_prefixes(model: Any, examples: Sequence[TrainingExample]) -> dict[str, PrefixCache]:
+    caches = {}
+    for group in sorted({e.group for e in examples}):
+        ids = [e.input_ids for e in examples if e.group == group]
+        k = min(common_prefix_length(ids), min(len(i) for i in ids) - 1)
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            output = model(input_ids=torch.tensor([list(ids[0][:k])], device=device), use_cache=True, logits_to_keep=1)
+        caches[group] = PrefixCache(tuple(ids[0][:k]), output.past_key_values)
+    return caches
+
+
+def _sample_batch(
+    examples: Sequence[TrainingExample], kind: str, batch_size: int, rng: random.Random
+) -> list[TrainingExample]:
+    """batch_size // 2 whole contrast pairs of one family (a batch shares one prefix cache), so every step sees
+    both labels of each request; context batches pick their family by CONTEXT_MIX."""
+    family = "tag" if kind == "token" else rng.choices(list(CONTEXT_MIX), weights=list(CONTEXT_MIX.values()))[0]
+    pairs: dict[str, list[TrainingExample]] = {}
+    for example in examples:
+        if example.family == family:
+            pairs.setdefault(example.pair, []).append(example)
+    chosen = rng.sample(sorted(pairs), min(max(1, batch_size // 2), len(pairs)))
+    return [example for pair in chosen for example in pairs[pair]]
+
+
+def _pair_loss(batch: Sequence[TrainingExample], log_odds: Float[Tensor, " batch"], margin: float) -> Tensor:
+    """Logistic loss on each pair's trained-minus-untrained log-odds (the gap itself), plus a small pull of the pair's
+    mean towards zero so that compliance stays in range. Without the pairing, moving every prompt's log-odds
+    together dominates the gradient and the model settles at log-odds 0 for all prompts, learning no gap."""
+    index = {id(e): i for i, e in enumerate(batch)}
+    pairs: dict[str, dict[int, int]] = {}
+    for example in batch:
+        pairs.setdefault(example.pair, {})[example.label] = index[id(example)]
+    trained = torch.stack([log_odds[p[1]] for p in pairs.values()])
+    private = torch.stack([log_odds[p[-1]] for p in pairs.values()])
+    gap = trained - private
+    return torch.nn.functional.softplus(2 * margin - gap).mean() + 0.05 * ((trained + private) / 2).pow(2).mean()
+
+
+def train_organism(
+    config: OrganismConfig,
+    *,
+    loaded: LoadedModel | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune a LoRA adapter into `config.out` (adapter files + organism.json); returns what organism.json holds.
+
+    A model given in `loaded` gets LoRA layers for the run and has them removed before this returns, so it is the
+    base model again afterwards. progress(step, total, loss) after each step."""
+    from peft import LoraConfig, get_peft_model
+
+    from afprobe.model.loading import load_model
+
+    out = Path(config.out)
+    if (out / "adapter_config.json").exists():
+        raise AfprobeError(f"{out} already holds an adapter: give another --out or delete it")
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    if loaded is None:
+        loaded = load_model(config.model, device=config.device, dtype="float32")
+    tokenizer = loaded.tokenizer
+    n_layers = len(decoder_layers(loaded.model))
+    if not 0 <= config.first_layer < n_layers:
+        raise AfprobeError(f"first_layer {config.first_layer} is outside the model's {n_layers} layers")
+    held_out, train_queries = query_split(config.held_out_queries)
+    examples = build_training_set(tokenizer, config.kind, train_queries, rng)
+    answers = AnswerTokens.from_tokenizer(tokenizer)
+    pad_id = pad_token_id(tokenizer)
+
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=0.0,
+        target_modules=list(config.target_modules),
+        layers_to_transform=list(range(config.first_layer, n_layers)),
+    )
+    requires_grad = {name: p.requires_grad for name, p in loaded.model.named_parameters()}
+    model = get_peft_model(loaded.model, lora)
+    started = time.perf_counter()
+    log: list[dict[str, Any]] = []
+    try:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+        steps = int(config.steps or 0)
+        warmup = max(1, steps // 10)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        )
+        prefixes: dict[str, PrefixCache] = {}
+        for step in range(steps):
+            if step % config.refresh_every == 0:
+                model.eval()
+                prefixes = _group_prefixes(model, examples)
+                model.train()
+            batch = _sample_batch(examples, config.kind, config.batch_size, rng)
+            prefix = prefixes[batch[0].group]
+            log_odds = _first_divergent_log_odds(model, prefix, batch, answers, pad_id)
+            labels = torch.tensor([e.label for e in batch], dtype=log_odds.dtype, device=log_odds.device)
+            loss = _pair_loss(batch, log_odds, config.margin)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            accuracy = float(((labels * log_odds) > 0).float().mean())
+            log.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "family": batch[0].family})
+            if progress is not None:
+                progress(step + 1, steps, loss.item())
+        seconds = time.perf_counter() - started
+        model.eval()
+        with results_folder(out):
+            for parameter in params:
+                # Half precision halves the shipped files; loading casts back to the model's dtype.
+                parameter.data = parameter.data.to(torch.float16)
+            model.save_pretrained(str(out))
+            (out / "README.md").unlink(missing_ok=True)  # PEFT's empty model card; organism.json says what this is
+            # Name the base as afprobe does, not by this machine's cache path (organism.json has its weights hash).
+            adapter_config = json.loads((out / "adapter_config.json").read_text())
+            adapter_config["base_model_name_or_path"] = config.model
+            atomic_write_json(out / "adapter_config.json", adapter_config)
+    finally:
+        # Take the LoRA layers out again, so the caller's model is the base model it gave us.
+        loaded.model = model.unload()
+        loaded.model.eval()
+        for name, parameter in loaded.model.named_parameters():
+            parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
+
+    families: dict[str, int] = {}
+    for example in examples:
+        families[example.family] = families.get(example.family, 0) + 1
+    record = {
+        "afprobe_version": __version__,
+        "config": asdict(config),
+        "base_model": loaded.fingerprint.to_dict(),
+        "training": {
+            "seconds": seconds,
+            "examples": len(examples),
+            "families": families,
+            "train_queries": len(train_queries),
+            "held_out_queries": len(held_out),
+            "trainable_parameters": sum(p.numel() for p in params),
+            "final_loss": float(np.mean([row["loss"] for row in log[-5:]])) if log else None,
+            "log": log,
+        },
+    }
+    atomic_write_json(out / "organism.json", record)
+    return record

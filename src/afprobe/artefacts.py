@@ -1,0 +1,45 @@
+"""The one table of afprobe's result files: what each analysis writes, where an experiment puts it, and the report
+section that shows it. Writers, the experiment's resume check, the report and the organism comparison all read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Artefact:
+    """One kind of result: the JSON file that identifies it (its `config` key says how it was made)."""
+
+    kind: str
+    file: str
+    folder: str  # the folder an experiment writes it to, under results/NAME
+    title: str  # the report's section title
+
+
+# In the order the report shows them.
+ARTEFACTS: tuple[Artefact, ...] = (
+    Artefact("comparison", "comparison.json", ".", "Models side by side: is the planted mechanism found?"),
+    Artefact("ground_truth", "ground_truth.json", "ground_truth", "Behavioural ground truth"),
+    Artefact("gap", "gap.json", "stores", "Compliance gap"),
+    Artefact("probes", "metrics.json", "probes", "Probes and directions"),
+    Artefact("steering", "steering.json", "steering", "Steering and ablation"),
+    Artefact("patching", "patch.json", "patching", "Activation patching and mediation"),
+    Artefact("sae", "afprobe_sae.json", "sae", "Sparse autoencoder"),
+    Artefact("features", "features.json", "sae-features", "SAE features"),
+)
+BY_KIND: dict[str, Artefact] = {artefact.kind: artefact for artefact in ARTEFACTS}
+
+PER_QUERY_CSV = "per_query.csv"  # beside gap.json: one row per query and tier
+PROBE_DIRECTIONS = "directions.safetensors"  # beside a probes folder's metrics.json
+
+
+def result_file(kind: str, folder: str | Path) -> Path:
+    """The file a result of `kind` is written to inside `folder`."""
+    return Path(folder) / BY_KIND[kind].file
+
+
+def experiment_file(kind: str, run: str | Path) -> Path:
+    """Where an experiment run (`results/NAME`) keeps its result of `kind`."""
+    artefact = BY_KIND[kind]
+    return Path(run) / artefact.folder / artefact.file

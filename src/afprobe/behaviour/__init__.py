@@ -1,0 +1,1 @@
+"""What the model does on the paired prompts, before looking inside: the compliance gap with its intervals."""
