@@ -3,9 +3,9 @@
 Both ways patch the residual stream of the free-tier run with the paid-tier run's (and the reverse) at every layer
 and every position after the shared prefix, and read the first-divergent-token log-odds at the decision position:
 
-1. afprobe (`patch_analysis.residual_sweep`): the shared prefix's KV cache computed once; each patch runs only the
-   tokens from the patched position on, from the receiver's cache cropped there, and skips the blocks below the
-   patched layer (their output is the receiver's recorded residual stream);
+1. afprobe (`afprobe.analysis.patching.residual_sweep`): the shared prefix's KV cache computed once; each patch runs
+   only the tokens from the patched position on, from the receiver's cache cropped there, and skips the blocks below
+   the patched layer (their output is the receiver's recorded residual stream);
 2. the naive loop a user writes with TransformerLens: `run_with_cache` on the donor's full prompt once, then for
    every cell `run_with_hooks` on the receiver's full prompt (3,000+ tokens) with a hook that overwrites the cell.
 

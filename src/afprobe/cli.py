@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from afprobe.errors import AfprobeError
 
@@ -56,10 +57,7 @@ def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="afprobe", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _gap_command(commands: Any) -> None:
     gap = commands.add_parser("gap", help="measure the no-CoT compliance gap from the forward pass")
     _add_model_args(gap)
     _add_prompt_args(gap)
@@ -77,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     gap.add_argument("--max-new-tokens", type=int, default=24)
     gap.add_argument("--temperature", type=float, default=1.0)
 
+
+def _cache_command(commands: Any) -> None:
     cache = commands.add_parser("cache", help="store residual-stream activations of the paired prompts")
     _add_model_args(cache)
     _add_prompt_args(cache)
@@ -114,10 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
 
+
+def _merge_command(commands: Any) -> None:
     merge = commands.add_parser("merge", help="join the parts of a sharded `afprobe cache --shard I/N` job")
     merge.add_argument("parts", nargs="+", help="the parts' --out folders")
     merge.add_argument("--out", required=True, help="the joined store (resumes if interrupted)")
 
+
+def _probe_command(commands: Any) -> None:
     probe = commands.add_parser("probe", help="train probes and directions on a store, with nulls and plots")
     probe.add_argument("--cache", required=True, help="the paired-prompt store (activations/RUN)")
     probe.add_argument("--sa-cache", default=None, help="a store of the situational-awareness contrast set")
@@ -133,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--cs", default="0.001,0.01,0.1,1.0", help="inverse regularisation strengths searched")
     probe.add_argument("--control-fpr", type=float, default=0.01, help="false-positive rate for recall at FPR")
 
+
+def _steer_command(commands: Any) -> None:
     steer = commands.add_parser("steer", help="steer along and ablate the saved directions; compare with random ones")
     _add_model_args(steer)
     _add_prompt_args(steer)
@@ -158,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     steer.add_argument("--seed", type=int, default=0)
 
+
+def _patch_command(commands: Any) -> None:
     patch = commands.add_parser(
         "patch", help="activation patching between the tiers (layer x position, heads, MLPs) and subspace mediation"
     )
@@ -200,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     patch.add_argument("--seed", type=int, default=0)
 
+
+def _sae_command(commands: Any) -> None:
     sae = commands.add_parser("sae", help="sparse autoencoders (sae-lens) on cached activations")
     sae_commands = sae.add_subparsers(dest="sae_command", required=True)
     train = sae_commands.add_parser("train", help="train a TopK SAE on one layer of one or more activation stores")
@@ -240,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--n-boot", type=int, default=2000)
     features.add_argument("--seed", type=int, default=0)
 
+
+def _organism_command(commands: Any) -> None:
     organism = commands.add_parser(
         "organism", help="model organisms with a planted gap (token or context), to validate afprobe's verdicts"
     )
@@ -263,20 +275,45 @@ def build_parser() -> argparse.ArgumentParser:
     org_check.add_argument("--seed", type=int, default=0)
     org_check.add_argument("--out", default=None, help="folder for ground_truth.json")
 
+
+def _run_command(commands: Any) -> None:
     run = commands.add_parser("run", help="the whole pipeline from one experiment file (experiments/NAME.toml)")
     run.add_argument("experiment", help="an experiment TOML file, e.g. experiments/quickstart.toml")
 
+
+def _report_command(commands: Any) -> None:
     report = commands.add_parser("report", help="one self-contained HTML report of everything in a results folder")
     report.add_argument("run_dir", help="a folder holding afprobe results (searched recursively)")
     report.add_argument("--out", default=None, help="the HTML file (default RUN_DIR/report.html)")
 
+
+def _variants_command(commands: Any) -> None:
     commands.add_parser("variants", help="list the prompt variants")
 
+
+def _prompt_command(commands: Any) -> None:
     show = commands.add_parser("prompt", help="print one rendered prompt, for inspection")
     _add_model_args(show)
     _add_prompt_args(show)
     show.add_argument("--tier", default=None, help="which tier to show (default: the variant's first)")
     show.add_argument("--tail", type=int, default=0, help="print only the last N characters")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="afprobe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _gap_command(commands)
+    _cache_command(commands)
+    _merge_command(commands)
+    _probe_command(commands)
+    _steer_command(commands)
+    _patch_command(commands)
+    _sae_command(commands)
+    _organism_command(commands)
+    _run_command(commands)
+    _report_command(commands)
+    _variants_command(commands)
+    _prompt_command(commands)
     return parser
 
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from afprobe.data.prompts import PromptSet, RenderedPrompt, cacheable_prefix_len
 from afprobe.data.query_sets import load_queries
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_bytes, atomic_write_json, finite_json, results_folder
+from afprobe.model.architecture import parse_layers
 from afprobe.model.forward import compute_prefix_cache
 from afprobe.model.interventions import orthonormal_basis
 from afprobe.model.job import PairedPromptJob
@@ -381,6 +383,277 @@ def load_feature_sets(config: PatchConfig, loaded: LoadedModel) -> FeatureSets |
     return FeatureSets(sae, int(result["layer"]), str(result["position"]), str(path), names, sets, matches)
 
 
+def patch_effect(patcher: Patcher, receiver: PatchRun, donor: PatchRun, edit: PatchEdit) -> float:
+    """The one generic patch: how much `edit` (the donor's activation at its site) moves the receiver's metric.
+    Every cell of a sweep, a component, a subspace or a feature set is this with another `PatchEdit`."""
+    return patcher.patched_metric(receiver, donor, [edit]) - receiver.metric
+
+
+@dataclass
+class PatchPlan:
+    """What a patching run settles before its first patch: the pairs, the position grid, the layers and the
+    subspaces, heads and feature sets it patches."""
+
+    config: PatchConfig
+    loaded: LoadedModel
+    probe_set: ProbeSet | None
+    prompt_set: PromptSet
+    pairs: list[Pair]
+    patcher: Patcher
+    prefix_seconds: float
+    columns: list[Column]
+    sweep_columns: list[int]
+    layers: list[int]
+    med_layers: list[int]
+    spaces: dict[int, dict[str, torch.Tensor | None]]
+    component_layers: list[int]
+    n_component_columns: int
+    directions: list[str]  # "untrained->trained" (patch the trained run into the untrained one), then the reverse
+    aligned: bool  # the two prompts of a pair have the same length (attribution pairs them position by position)
+    use_attribution: bool
+    feature_sets: FeatureSets | None
+
+    @property
+    def space_names(self) -> list[str]:
+        return list(self.spaces[self.med_layers[0]])
+
+    @property
+    def n_layers(self) -> int:
+        return self.patcher.n_layers
+
+    def sides(self, column: int, i: int, d: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(receiver positions, donor positions) of a column for pair i in direction d."""
+        cell = self.columns[column]
+        return (cell.positions[i], cell.other[i]) if d == 0 else (cell.other[i], cell.positions[i])
+
+    def every_position(self, i: int, d: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Every own position of the grid, receiver and donor side."""
+        sides = [self.sides(c, i, d) for c in range(len(self.columns))]
+        return tuple(p for side in sides for p in side[0]), tuple(p for side in sides for p in side[1])
+
+    def n_steps(self) -> int:
+        n_sets = len(self.feature_sets.sets) if self.feature_sets is not None else 0
+        per_pair = len(self.layers) * len(self.sweep_columns) + len(self.med_layers) * len(self.space_names)
+        per_pair += 2 + 2 * n_sets + int(self.use_attribution)
+        components = len(self.component_layers) * (self.patcher.n_heads + 1) * self.n_component_columns
+        return len(self.pairs) * len(self.directions) * (per_pair + components)
+
+
+@dataclass
+class PatchMeasurements:
+    """Every patch's raw effect (patched minus clean metric), indexed [direction, pair, ...]: what
+    patching.safetensors holds, and what the analysis turns into shares of the gap."""
+
+    receiver_metric: np.ndarray  # [direction, pair]
+    donor_metric: np.ndarray
+    sweep: np.ndarray  # [direction, pair, layer, sweep column]
+    mediation: np.ndarray  # [direction, pair, mediation layer, subspace]
+    attribution: dict[str, np.ndarray]
+    heads: np.ndarray  # [direction, pair, component layer, chosen column, head]
+    mlps: np.ndarray
+    sae_patch: np.ndarray  # [direction, pair, feature set]
+    sae_ablated: np.ndarray  # [pair, feature set, (trained, untrained)]: each run's metric with the set ablated
+    sae_whole: np.ndarray  # [direction, pair]: the whole residual patched where the features are
+    chosen: list[int] = field(default_factory=list)  # the columns whose heads and MLPs were patched
+    self_patch_error: float = 0.0
+    last_layer_error: float = 0.0
+    timing: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("sweep", "attribution", "mediation", "sae", "components", "record"), 0.0)
+    )
+
+    @classmethod
+    def empty(cls, plan: PatchPlan) -> PatchMeasurements:
+        n_pairs, n_cols, n_layers, n_heads = len(plan.pairs), len(plan.columns), plan.n_layers, plan.patcher.n_heads
+        n_sets = len(plan.feature_sets.sets) if plan.feature_sets is not None else 0
+        shape = (len(plan.component_layers), plan.n_component_columns)
+        return cls(
+            receiver_metric=np.zeros((2, n_pairs)),
+            donor_metric=np.zeros((2, n_pairs)),
+            sweep=np.full((2, n_pairs, len(plan.layers), len(plan.sweep_columns)), np.nan),
+            mediation=np.zeros((2, n_pairs, len(plan.med_layers), len(plan.space_names))),
+            attribution={
+                "resid": np.zeros((2, n_pairs, n_layers + 1, n_cols)),
+                "attn_head": np.zeros((2, n_pairs, n_layers, n_cols, n_heads)),
+                "mlp": np.zeros((2, n_pairs, n_layers, n_cols)),
+            },
+            heads=np.full((2, n_pairs, *shape, n_heads), np.nan),
+            mlps=np.full((2, n_pairs, *shape), np.nan),
+            sae_patch=np.zeros((2, n_pairs, n_sets)),
+            sae_ablated=np.zeros((n_pairs, n_sets, 2)),
+            sae_whole=np.zeros((2, n_pairs)),
+        )
+
+    @property
+    def totals(self) -> np.ndarray:
+        """[direction, pair]: donor minus receiver, the whole effect a patch could move."""
+        return self.donor_metric - self.receiver_metric
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timing[part] = self.timing.get(part, 0.0) + time.perf_counter() - start
+
+
+def plan_patching(config: PatchConfig, loaded: LoadedModel, probe_set: ProbeSet | None) -> PatchPlan:
+    """Render the pairs, run the shared prefix once, and fix the grid, layers, subspaces and feature sets."""
+    prompt_set = render_pairs(
+        loaded.tokenizer,
+        load_queries(config.dataset, column=config.column, n=config.n),
+        config.prompt_config(),
+        max_context=loaded.max_context or None,
+    )
+    pairs = make_pairs(prompt_set, _parse_pair(config.pair))
+    prompts = [prompt for pair in pairs for prompt in (pair.trained, pair.untrained)]
+    k = cacheable_prefix_len(prompts)  # the pairs patched may share more than the whole set
+    t0 = time.perf_counter()
+    prefix = compute_prefix_cache(loaded.model, prompts[0].input_ids[:k])
+    prefix_seconds = time.perf_counter() - t0
+    patcher = Patcher(loaded.model, prefix, AnswerTokens.from_tokenizer(loaded.tokenizer))
+    n_layers = patcher.n_layers
+    columns = build_columns(pairs, patcher, loaded.tokenizer)
+    layers = parse_layers(config.layers, n_layers)
+    med_layers = _mediation_layers(config, probe_set, n_layers)
+    embedding = token_embedding_difference(loaded, pairs[0])
+    sweep_columns = list(range(len(columns))) if config.positions == "all" else key_columns(columns)
+    trained_name, untrained_name = pairs[0].trained.tier, pairs[0].untrained.tier
+    aligned = all(len(p.trained.input_ids) == len(p.untrained.input_ids) for p in pairs)
+    feature_sets = load_feature_sets(config, loaded)
+    if feature_sets is not None and not 0 <= feature_sets.layer <= n_layers:
+        raise AfprobeError(f"the SAE reads layer {feature_sets.layer}, outside this model's 0..{n_layers}")
+    return PatchPlan(
+        config=config,
+        loaded=loaded,
+        probe_set=probe_set,
+        prompt_set=prompt_set,
+        pairs=pairs,
+        patcher=patcher,
+        prefix_seconds=prefix_seconds,
+        columns=columns,
+        sweep_columns=sweep_columns,
+        layers=layers,
+        med_layers=med_layers,
+        spaces={layer: _subspaces(config, probe_set, layer, embedding, loaded.d_model) for layer in med_layers},
+        component_layers=[layer for layer in layers if layer < n_layers],
+        n_component_columns=min(config.component_columns, len(sweep_columns)) if config.components else 0,
+        directions=[f"{untrained_name}->{trained_name}", f"{trained_name}->{untrained_name}"],
+        aligned=aligned,
+        use_attribution=config.attribution and aligned,
+        feature_sets=feature_sets,
+    )
+
+
+def _record_pair(plan: PatchPlan, m: PatchMeasurements, i: int) -> list[tuple[PatchRun, PatchRun]]:
+    """(receiver, donor) for each patch direction of pair i."""
+    with m.timed("record"):
+        trained, untrained = plan.patcher.record(plan.pairs[i].trained), plan.patcher.record(plan.pairs[i].untrained)
+    return [(trained, untrained), (untrained, trained)]
+
+
+def _measure_pair(
+    plan: PatchPlan, m: PatchMeasurements, i: int, d: int, receiver: PatchRun, donor: PatchRun, tick: Callable
+) -> None:
+    """The residual sweep, the checks, the mediation subspaces, the SAE feature sets and attribution for pair i,
+    direction d."""
+    patcher = plan.patcher
+    m.receiver_metric[d, i], m.donor_metric[d, i] = receiver.metric, donor.metric
+    every, every_source = plan.every_position(i, d)
+    with m.timed("sweep"):
+        cells = [plan.sides(c, i, d) for c in plan.sweep_columns]
+        m.sweep[d, i] = residual_sweep(
+            patcher, receiver, donor, plan.layers, [c[0] for c in cells], [c[1] for c in cells], tick=tick
+        )
+    # Checks: a run patched with its own activations is unchanged; the last layer at the decision position carries
+    # the whole first-token gap.
+    own = patcher.patched_metric(receiver, receiver, [PatchEdit("resid", plan.med_layers[0], every)])
+    m.self_patch_error = max(m.self_patch_error, abs(own - receiver.metric))
+    last_edit = PatchEdit("resid", plan.n_layers, (receiver.decision,), donor_positions=(donor.decision,))
+    m.last_layer_error = max(
+        m.last_layer_error, abs(patcher.patched_metric(receiver, donor, [last_edit]) - donor.metric)
+    )
+    tick(2)
+    with m.timed("mediation"):
+        for a, layer in enumerate(plan.med_layers):
+            for s, name in enumerate(plan.space_names):
+                edit = PatchEdit("resid", layer, every, basis=plan.spaces[layer][name], donor_positions=every_source)
+                m.mediation[d, i, a, s] = patch_effect(patcher, receiver, donor, edit)
+                tick()
+    if plan.feature_sets is not None:
+        with m.timed("sae"):
+            _measure_feature_sets(plan, m, i, d, receiver, donor, (every, every_source), tick)
+    if plan.use_attribution:
+        with m.timed("attribution"):
+            estimate = patcher.attribution(receiver, donor)
+            for c in range(len(plan.columns)):
+                where = list(plan.sides(c, i, d)[0])
+                m.attribution["resid"][d, i, :, c] = estimate["resid"][:, where].sum(-1).numpy()
+                m.attribution["attn_head"][d, i, :, c] = estimate["attn_head"][:, where].sum(1).numpy()
+                m.attribution["mlp"][d, i, :, c] = estimate["mlp"][:, where].sum(-1).numpy()
+        tick()
+
+
+def _measure_feature_sets(
+    plan: PatchPlan,
+    m: PatchMeasurements,
+    i: int,
+    d: int,
+    receiver: PatchRun,
+    donor: PatchRun,
+    every: tuple[tuple[int, ...], tuple[int, ...]],
+    tick: Callable,
+) -> None:
+    """Each SAE feature set patched from the donor and ablated from the receiver, beside the whole residual there.
+    The features are patched where they were found (the last token, the tag, ...); `suffix` and `request` mean
+    every position after the prefix, paired as in the mediation rows."""
+    from afprobe.data.prompts import prompt_positions
+
+    sets, patcher = plan.feature_sets, plan.patcher
+    assert sets is not None
+
+    def found_at(run: PatchRun) -> tuple[int, ...]:
+        return tuple(p - run.offset for p in prompt_positions(run.prompt, sets.position, run.offset))
+
+    where, source = (found_at(receiver), found_at(donor)) if sets.position in ("last", "tag") else every
+    whole = PatchEdit("resid", sets.layer, where, donor_positions=source)
+    m.sae_whole[d, i] = patch_effect(patcher, receiver, donor, whole)
+    for s, features in enumerate(sets.sets):
+        edit = PatchEdit("resid", sets.layer, where, donor_positions=source, features=FeatureEdit(sets.sae, features))
+        m.sae_patch[d, i, s] = patch_effect(patcher, receiver, donor, edit)
+        # Ablation removes the set from both runs of the pair: once per pair, from each run's side.
+        ablate = PatchEdit("resid", sets.layer, where, features=FeatureEdit(sets.sae, features, "ablate"))
+        m.sae_ablated[i, s, d] = patcher.patched_metric(receiver, receiver, [ablate])
+        tick(2)
+
+
+def _measure_components(
+    plan: PatchPlan, m: PatchMeasurements, sweep_recovery: list[dict[str, np.ndarray]], tick: Callable
+) -> None:
+    """Each head's and MLP's output patched at the columns where the residual sweep recovers most (below the last
+    layer, which only reaches the decision position's own logits)."""
+    if not plan.n_component_columns:
+        return
+    patcher = plan.patcher
+    below = [a for a, layer in enumerate(plan.layers) if layer < plan.n_layers] or list(range(len(plan.layers)))
+    peak = np.nanmax(np.abs(np.nanmean([r["mean"][below] for r in sweep_recovery], axis=0)), axis=0)
+    peak = np.nan_to_num(peak, nan=-1.0)
+    m.chosen = [plan.sweep_columns[b] for b in np.argsort(-peak, kind="stable")[: plan.n_component_columns]]
+    t = time.perf_counter()
+    for i in range(len(plan.pairs)):
+        for d, (receiver, donor) in enumerate(_record_pair(plan, m, i)):
+            for a, layer in enumerate(plan.component_layers):
+                for b, c in enumerate(m.chosen):
+                    where, source = plan.sides(c, i, d)
+                    for h in range(patcher.n_heads):
+                        edit = PatchEdit("attn_head", layer, where, head=h, donor_positions=source)
+                        m.heads[d, i, a, b, h] = patch_effect(patcher, receiver, donor, edit)
+                    edit = PatchEdit("mlp", layer, where, donor_positions=source)
+                    m.mlps[d, i, a, b] = patch_effect(patcher, receiver, donor, edit)
+                    tick(patcher.n_heads + 1)
+    m.timing["components"] = time.perf_counter() - t
+
+
 def run_patching(
     config: PatchConfig, *, loaded: LoadedModel | None = None, progress: Callable[[int, int], None] | None = None
 ) -> dict[str, Any]:
@@ -397,58 +670,9 @@ def run_patching(
             f"the directions in {config.directions} were computed on another model "
             f"({probe_set.metrics['store']['model']['name']}): patch the model they came from"
         )
-    from afprobe.model.architecture import parse_layers
-
-    prompt_set = render_pairs(
-        loaded.tokenizer,
-        load_queries(config.dataset, column=config.column, n=config.n),
-        config.prompt_config(),
-        max_context=loaded.max_context or None,
-    )
-    tiers = _parse_pair(config.pair)
-    pairs = make_pairs(prompt_set, tiers)
-    trained_name, untrained_name = pairs[0].trained.tier, pairs[0].untrained.tier
-    prompts = [prompt for pair in pairs for prompt in (pair.trained, pair.untrained)]
-    k = cacheable_prefix_len(prompts)  # the pairs patched may share more than the whole set
-    t0 = time.perf_counter()
-    prefix = compute_prefix_cache(loaded.model, prompts[0].input_ids[:k])
-    prefix_seconds = time.perf_counter() - t0
-    patcher = Patcher(loaded.model, prefix, AnswerTokens.from_tokenizer(loaded.tokenizer))
-    n_layers = patcher.n_layers
-    columns = build_columns(pairs, patcher, loaded.tokenizer)
-    sweep_columns = list(range(len(columns))) if config.positions == "all" else key_columns(columns)
-    layers = parse_layers(config.layers, n_layers)
-    med_layers = _mediation_layers(config, probe_set, n_layers)
-    embedding = token_embedding_difference(loaded, pairs[0])
-    spaces = {layer: _subspaces(config, probe_set, layer, embedding, loaded.d_model) for layer in med_layers}
-    space_names = list(spaces[med_layers[0]])
-    component_layers = [layer for layer in layers if layer < n_layers]
-    n_component_columns = min(config.component_columns, len(sweep_columns)) if config.components else 0
-    directions = [f"{untrained_name}->{trained_name}", f"{trained_name}->{untrained_name}"]
-    aligned = all(len(p.trained.input_ids) == len(p.untrained.input_ids) for p in pairs)
-    use_attribution = config.attribution and aligned  # attribution compares the runs position by position
-
-    def sides(column: Column, i: int, d: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """(receiver positions, donor positions) of a column for pair i in direction d."""
-        return (column.positions[i], column.other[i]) if d == 0 else (column.other[i], column.positions[i])
-
-    feature_sets = load_feature_sets(config, loaded)
-    if feature_sets is not None and not 0 <= feature_sets.layer <= n_layers:
-        raise AfprobeError(f"the SAE reads layer {feature_sets.layer}, outside this model's 0..{n_layers}")
-    n_sets = len(feature_sets.sets) if feature_sets is not None else 0
-    sae_patch = np.zeros((2, len(pairs), n_sets))
-    sae_ablated = np.zeros((len(pairs), n_sets, 2))  # [pair, set, (trained, untrained)] with the set ablated
-    sae_whole = np.zeros((2, len(pairs)))  # the whole residual patched at the same layer and positions
-
-    def feature_positions(run: PatchRun, kind: str) -> tuple[int, ...]:
-        from afprobe.data.prompts import prompt_positions
-
-        return tuple(p - run.offset for p in prompt_positions(run.prompt, kind, run.offset))
-
-    per_pair_cells = len(layers) * len(sweep_columns) + len(med_layers) * len(space_names) + 2 + 2 * n_sets
-    component_cells = len(component_layers) * (patcher.n_heads + 1) * n_component_columns
-    total_steps = len(pairs) * len(directions) * (per_pair_cells + component_cells + int(use_attribution))
-    done = 0
+    plan = plan_patching(config, loaded, probe_set)
+    m = PatchMeasurements.empty(plan)
+    total_steps, done = plan.n_steps(), 0
 
     def tick(count: int = 1) -> None:
         nonlocal done
@@ -456,155 +680,26 @@ def run_patching(
         if progress is not None:
             progress(done, total_steps)
 
-    n_pairs, n_cols = len(pairs), len(columns)
-    sweep = np.full((2, n_pairs, len(layers), len(sweep_columns)), np.nan)
-    mediation = np.zeros((2, n_pairs, len(med_layers), len(space_names)))
-    attribution = {
-        "resid": np.zeros((2, n_pairs, n_layers + 1, n_cols)),
-        "attn_head": np.zeros((2, n_pairs, n_layers, n_cols, patcher.n_heads)),
-        "mlp": np.zeros((2, n_pairs, n_layers, n_cols)),
-    }
-    receiver_metric, donor_metric = np.zeros((2, n_pairs)), np.zeros((2, n_pairs))
-    self_patch_error, last_layer_error = 0.0, 0.0
-    timing = {"sweep": 0.0, "attribution": 0.0, "mediation": 0.0, "sae": 0.0, "components": 0.0, "record": 0.0}
+    for i in range(len(plan.pairs)):
+        for d, (receiver, donor) in enumerate(_record_pair(plan, m, i)):
+            _measure_pair(plan, m, i, d, receiver, donor, tick)
+    totals = m.totals
+    sweep_recovery = [recovery(m.sweep[d], totals[d], n_boot=config.n_boot, seed=config.seed) for d in range(2)]
+    _measure_components(plan, m, sweep_recovery, tick)
 
-    def runs(i: int) -> dict[str, tuple[PatchRun, PatchRun]]:
-        t = time.perf_counter()
-        trained, untrained = patcher.record(pairs[i].trained), patcher.record(pairs[i].untrained)
-        timing["record"] += time.perf_counter() - t
-        return {directions[0]: (trained, untrained), directions[1]: (untrained, trained)}
-
-    for i in range(n_pairs):
-        for d, (receiver, donor) in enumerate(runs(i).values()):
-            receiver_metric[d, i], donor_metric[d, i] = receiver.metric, donor.metric
-            every = tuple(p for column in columns for p in sides(column, i, d)[0])
-            every_source = tuple(p for column in columns for p in sides(column, i, d)[1])
-            t = time.perf_counter()
-            cells = [sides(columns[c], i, d) for c in sweep_columns]
-            sweep[d, i] = residual_sweep(
-                patcher, receiver, donor, layers, [c[0] for c in cells], [c[1] for c in cells], tick=tick
-            )
-            timing["sweep"] += time.perf_counter() - t
-            # Checks: a run patched with its own activations is unchanged; the last layer at the decision position
-            # carries the whole first-token gap.
-            own = patcher.patched_metric(receiver, receiver, [PatchEdit("resid", med_layers[0], every)])
-            self_patch_error = max(self_patch_error, abs(own - receiver.metric))
-            last_edit = PatchEdit("resid", n_layers, (receiver.decision,), donor_positions=(donor.decision,))
-            last = patcher.patched_metric(receiver, donor, [last_edit])
-            last_layer_error = max(last_layer_error, abs(last - donor.metric))
-            tick(2)
-            t = time.perf_counter()
-            for a, layer in enumerate(med_layers):
-                for s, name in enumerate(space_names):
-                    edit = PatchEdit("resid", layer, every, basis=spaces[layer][name], donor_positions=every_source)
-                    mediation[d, i, a, s] = patcher.patched_metric(receiver, donor, [edit]) - receiver.metric
-                    tick()
-            timing["mediation"] += time.perf_counter() - t
-            if feature_sets is not None:
-                t = time.perf_counter()
-                # The features are patched where they were found (the last token, the tag, ...); `suffix` and
-                # `request` are every position after the prefix, paired as in the mediation rows.
-                kind = feature_sets.position
-                if kind in ("last", "tag"):
-                    where, source = feature_positions(receiver, kind), feature_positions(donor, kind)
-                else:
-                    where, source = every, every_source
-                layer = feature_sets.layer
-                whole = PatchEdit("resid", layer, where, donor_positions=source)
-                sae_whole[d, i] = patcher.patched_metric(receiver, donor, [whole]) - receiver.metric
-                for s, features in enumerate(feature_sets.sets):
-                    patch = FeatureEdit(feature_sets.sae, features)
-                    edit = PatchEdit("resid", layer, where, donor_positions=source, features=patch)
-                    sae_patch[d, i, s] = patcher.patched_metric(receiver, donor, [edit]) - receiver.metric
-                    # Ablation removes the set from both runs of the pair: once per pair, from each run's side.
-                    ablate = FeatureEdit(feature_sets.sae, features, "ablate")
-                    own = PatchEdit("resid", layer, where, features=ablate)
-                    sae_ablated[i, s, d] = patcher.patched_metric(receiver, receiver, [own])
-                    tick(2)
-                timing["sae"] += time.perf_counter() - t
-            if use_attribution:
-                t = time.perf_counter()
-                estimate = patcher.attribution(receiver, donor)
-                for c, column in enumerate(columns):
-                    where = list(sides(column, i, d)[0])
-                    attribution["resid"][d, i, :, c] = estimate["resid"][:, where].sum(-1).numpy()
-                    attribution["attn_head"][d, i, :, c] = estimate["attn_head"][:, where].sum(1).numpy()
-                    attribution["mlp"][d, i, :, c] = estimate["mlp"][:, where].sum(-1).numpy()
-                timing["attribution"] += time.perf_counter() - t
-                tick()
-
-    totals = donor_metric - receiver_metric
-    sweep_recovery = [recovery(sweep[d], totals[d], n_boot=config.n_boot, seed=config.seed) for d in range(2)]
-
-    # Components at the columns where the residual sweep recovers most (below the last layer, which only reaches
-    # the decision position's own logits).
-    heads = np.full((2, n_pairs, len(component_layers), n_component_columns, patcher.n_heads), np.nan)
-    mlps = np.full((2, n_pairs, len(component_layers), n_component_columns), np.nan)
-    chosen: list[int] = []
-    if n_component_columns:
-        below = [a for a, layer in enumerate(layers) if layer < n_layers] or list(range(len(layers)))
-        peak = np.nanmax(np.abs(np.nanmean([r["mean"][below] for r in sweep_recovery], axis=0)), axis=0)
-        peak = np.nan_to_num(peak, nan=-1.0)
-        chosen = [sweep_columns[b] for b in np.argsort(-peak, kind="stable")[:n_component_columns]]
-        t = time.perf_counter()
-        for i in range(n_pairs):
-            for d, (receiver, donor) in enumerate(runs(i).values()):
-                for a, layer in enumerate(component_layers):
-                    for b, c in enumerate(chosen):
-                        where, source = sides(columns[c], i, d)
-                        for h in range(patcher.n_heads):
-                            edit = PatchEdit("attn_head", layer, where, head=h, donor_positions=source)
-                            heads[d, i, a, b, h] = patcher.patched_metric(receiver, donor, [edit]) - receiver.metric
-                        edit = PatchEdit("mlp", layer, where, donor_positions=source)
-                        mlps[d, i, a, b] = patcher.patched_metric(receiver, donor, [edit]) - receiver.metric
-                        tick(patcher.n_heads + 1)
-        timing["components"] = time.perf_counter() - t
-
-    output = _analyse(
-        config=config,
-        loaded=loaded,
-        prompt_set=prompt_set,
-        pairs=pairs,
-        columns=columns,
-        sweep_columns=sweep_columns,
-        layers=layers,
-        directions=directions,
-        totals=totals,
-        receiver_metric=receiver_metric,
-        donor_metric=donor_metric,
-        sweep=sweep,
-        sweep_recovery=sweep_recovery,
-        attribution=attribution if use_attribution else None,
-        component_layers=component_layers,
-        chosen=chosen,
-        heads=heads,
-        mlps=mlps,
-        med_layers=med_layers,
-        space_names=space_names,
-        mediation=mediation,
-        checks={"self_patch_max_abs_change": self_patch_error, "last_layer_decision_max_abs_error": last_layer_error},
-        probe_set=probe_set,
-        aligned=aligned,
-    )
-    if feature_sets is not None:
-        _add_feature_rows(
-            output, feature_sets, sae_patch, sae_ablated, sae_whole, receiver_metric, totals, directions, config
-        )
+    output = _analyse(plan, m, sweep_recovery)
+    if plan.feature_sets is not None:
+        _add_feature_rows(output, plan, m)
     output["timing"] = {
-        **timing,
-        "shared_prefix": prefix_seconds,
+        **m.timing,
+        "shared_prefix": plan.prefix_seconds,
         "total": time.perf_counter() - started,
-        "sweep_cells": int(sweep.size),
-        "sweep_seconds_per_cell": timing["sweep"] / max(1, sweep.size),
+        "sweep_cells": int(m.sweep.size),
+        "sweep_seconds_per_cell": m.timing["sweep"] / max(1, m.sweep.size),
     }
-    if config.attribution and not aligned:
+    if config.attribution and not plan.aligned:
         output["attribution_skipped"] = "the two prompts differ in length, so attribution has no position pairing"
-    arrays = (
-        {"sae_patch_delta": sae_patch, "sae_ablated_metric": sae_ablated, "sae_whole_delta": sae_whole}
-        if feature_sets is not None
-        else {}
-    )
-    _write(Path(config.out), output, sweep, mediation, attribution if use_attribution else None, heads, mlps, arrays)
+    _write(Path(config.out), output, plan, m)
     return output
 
 
@@ -612,106 +707,16 @@ def _rows(estimate: dict[str, np.ndarray]) -> dict[str, list]:
     return {key: np.round(value, 6).tolist() for key, value in estimate.items()}
 
 
-def _analyse(
-    *,
-    config: PatchConfig,
-    loaded: LoadedModel,
-    prompt_set: PromptSet,
-    pairs: list[Pair],
-    columns: list[Column],
-    sweep_columns: list[int],
-    layers: list[int],
-    directions: list[str],
-    totals: np.ndarray,
-    receiver_metric: np.ndarray,
-    donor_metric: np.ndarray,
-    sweep: np.ndarray,
-    sweep_recovery: list[dict[str, np.ndarray]],
-    attribution: dict[str, np.ndarray] | None,
-    component_layers: list[int],
-    chosen: list[int],
-    heads: np.ndarray,
-    mlps: np.ndarray,
-    med_layers: list[int],
-    space_names: list[str],
-    mediation: np.ndarray,
-    checks: dict[str, float],
-    probe_set: ProbeSet | None,
-    aligned: bool,
-) -> dict[str, Any]:
+def _analyse(plan: PatchPlan, m: PatchMeasurements, sweep_recovery: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """patch.json: shares of the gap with intervals, the top cells, components, attribution's agreement with exact
+    patching, the mediation table and the checks."""
     from afprobe.stats import paired_difference
 
-    boot = {"n_boot": config.n_boot, "seed": config.seed}
-    gap = paired_difference(receiver_metric[0], donor_metric[0], n_boot=config.n_boot, n_perm=config.n_boot)
-    tolerance = 1e-3 if loaded.dtype == torch.float32 else 5e-2
-
-    sweep_out = {}
-    for d, name in enumerate(directions):
-        est = sweep_recovery[d]
-        cells = []
-        for a, layer in enumerate(layers):
-            for b, c in enumerate(sweep_columns):
-                if np.isfinite(est["mean"][a, b]):
-                    cells.append((abs(est["mean"][a, b]), layer, c, a, b))
-        top = [
-            {
-                "layer": layer,
-                "column": c,
-                "token": columns[c].label,
-                "recovery": float(est["mean"][a, b]),
-                "ci": [float(est["ci_low"][a, b]), float(est["ci_high"][a, b])],
-            }
-            for _, layer, c, a, b in sorted(cells, reverse=True)[:5]
-        ]
-        sweep_out[name] = {**_rows(est), "mean_delta": np.round(sweep[d].mean(0), 7).tolist(), "top": top}
-
-    attribution_out: dict[str, Any] | None = None
-    if attribution is not None:
-        attribution_out = {"spearman": {}}
-        layer_index = layers
-        for d, name in enumerate(directions):
-            exact = sweep[d].mean(0)
-            approx = attribution["resid"][d].mean(0)[layer_index][:, sweep_columns]
-            row = {"resid": _spearman(exact.ravel(), approx.ravel())}
-            if chosen:
-                exact_heads = heads[d].mean(0)
-                approx_heads = attribution["attn_head"][d].mean(0)[component_layers][:, chosen]
-                row["attn_head"] = _spearman(exact_heads.ravel(), approx_heads.ravel())
-                row["mlp"] = _spearman(
-                    mlps[d].mean(0).ravel(), attribution["mlp"][d].mean(0)[component_layers][:, chosen].ravel()
-                )
-            attribution_out["spearman"][name] = row
-            with np.errstate(divide="ignore", invalid="ignore"):
-                attribution_out.setdefault("recovery", {})[name] = np.round(
-                    attribution["resid"][d].mean(0) / totals[d].mean(), 6
-                ).tolist()
-
-    components_out: dict[str, Any] | None = None
-    if chosen:
-        components_out = {"layers": component_layers, "columns": chosen, "tokens": [columns[c].label for c in chosen]}
-        for d, name in enumerate(directions):
-            components_out[name] = {
-                "attn_head": _rows(recovery(heads[d], totals[d], **boot)),
-                "mlp": _rows(recovery(mlps[d], totals[d], **boot)),
-            }
-
-    table, readings = _mediation_table(mediation, totals, med_layers, space_names, directions, config)
-    full = space_names.index("full")
-    empty = space_names.index("empty")
-    full_error = float(np.abs(mediation[:, :, :, full] - totals[:, :, None]).max())
-    empty_change = float(np.abs(mediation[:, :, :, empty]).max())
-    check_rows = {
-        "self_patch_changes_nothing": {"max_abs_change": checks["self_patch_max_abs_change"]},
-        "last_layer_decision_recovers_gap": {"max_abs_error": checks["last_layer_decision_max_abs_error"]},
-        "empty_subspace_changes_nothing": {"max_abs_change": empty_change},
-    }
-    if aligned:
-        # With prompts of different lengths the unpaired tag line stays in the receiver's context, so the full
-        # patch need not recover everything there; it is reported in the table, not checked.
-        check_rows["full_subspace_recovers_gap"] = {"max_abs_error": full_error}
-    for row in check_rows.values():
-        row["tolerance"] = tolerance
-        row["passed"] = bool(next(iter(row.values())) <= tolerance)
+    config, prompt_set, pairs, directions = plan.config, plan.prompt_set, plan.pairs, plan.directions
+    gap = paired_difference(m.receiver_metric[0], m.donor_metric[0], n_boot=config.n_boot, n_perm=config.n_boot)
+    sweep_out = _sweep_section(plan, m, sweep_recovery)
+    table, readings = _mediation_table(m.mediation, m.totals, plan.med_layers, plan.space_names, directions, config)
+    check_rows = _check_rows(plan, m)
 
     no_gap = not gap.excludes_zero()
     summary = [
@@ -734,8 +739,8 @@ def _analyse(
     return {
         "afprobe_version": __version__,
         "config": asdict(config),
-        "model": loaded.fingerprint.to_dict(),
-        "directions_from": str(probe_set.path) if probe_set is not None else None,
+        "model": plan.loaded.fingerprint.to_dict(),
+        "directions_from": str(plan.probe_set.path) if plan.probe_set is not None else None,
         "prompt_hash": prompt_set.prompt_hash,
         "variant": prompt_set.variant.name,
         "contrast": [pairs[0].trained.tier, pairs[0].untrained.tier],
@@ -745,16 +750,106 @@ def _analyse(
         "patch_directions": directions,
         "gap": gap.to_dict(),
         "no_gap": no_gap,
-        "columns": [{"label": c.label, "kind": c.kind} for c in columns],
-        "layers": layers,
-        "sweep_columns": sweep_columns,
+        "columns": [{"label": c.label, "kind": c.kind} for c in plan.columns],
+        "layers": plan.layers,
+        "sweep_columns": plan.sweep_columns,
         "sweep": sweep_out,
-        "attribution": attribution_out,
-        "components": components_out,
-        "mediation": {"layers": med_layers, "rows": table},
+        "attribution": _attribution_section(plan, m),
+        "components": _components_section(plan, m),
+        "mediation": {"layers": plan.med_layers, "rows": table},
         "checks": check_rows,
         "summary": summary,
     }
+
+
+def _sweep_section(
+    plan: PatchPlan, m: PatchMeasurements, sweep_recovery: list[dict[str, np.ndarray]]
+) -> dict[str, Any]:
+    """Per patch direction: recovery per layer and column with intervals, and the five largest cells."""
+    sweep_out = {}
+    for d, name in enumerate(plan.directions):
+        est = sweep_recovery[d]
+        cells = []
+        for a, layer in enumerate(plan.layers):
+            for b, c in enumerate(plan.sweep_columns):
+                if np.isfinite(est["mean"][a, b]):
+                    cells.append((abs(est["mean"][a, b]), layer, c, a, b))
+        top = [
+            {
+                "layer": layer,
+                "column": c,
+                "token": plan.columns[c].label,
+                "recovery": float(est["mean"][a, b]),
+                "ci": [float(est["ci_low"][a, b]), float(est["ci_high"][a, b])],
+            }
+            for _, layer, c, a, b in sorted(cells, reverse=True)[:5]
+        ]
+        sweep_out[name] = {**_rows(est), "mean_delta": np.round(m.sweep[d].mean(0), 7).tolist(), "top": top}
+    return sweep_out
+
+
+def _attribution_section(plan: PatchPlan, m: PatchMeasurements) -> dict[str, Any] | None:
+    """Attribution's estimates as shares of the gap, and their rank correlation with the exact patches."""
+    if not plan.use_attribution:
+        return None
+    attribution, totals, chosen = m.attribution, m.totals, m.chosen
+    out: dict[str, Any] = {"spearman": {}}
+    for d, name in enumerate(plan.directions):
+        exact = m.sweep[d].mean(0)
+        approx = attribution["resid"][d].mean(0)[plan.layers][:, plan.sweep_columns]
+        row = {"resid": _spearman(exact.ravel(), approx.ravel())}
+        if chosen:
+            exact_heads = m.heads[d].mean(0)
+            approx_heads = attribution["attn_head"][d].mean(0)[plan.component_layers][:, chosen]
+            row["attn_head"] = _spearman(exact_heads.ravel(), approx_heads.ravel())
+            row["mlp"] = _spearman(
+                m.mlps[d].mean(0).ravel(), attribution["mlp"][d].mean(0)[plan.component_layers][:, chosen].ravel()
+            )
+        out["spearman"][name] = row
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out.setdefault("recovery", {})[name] = np.round(
+                attribution["resid"][d].mean(0) / totals[d].mean(), 6
+            ).tolist()
+    return out
+
+
+def _components_section(plan: PatchPlan, m: PatchMeasurements) -> dict[str, Any] | None:
+    """Each head's and MLP's share of the gap at the chosen columns, with intervals."""
+    if not m.chosen:
+        return None
+    boot = {"n_boot": plan.config.n_boot, "seed": plan.config.seed}
+    out: dict[str, Any] = {
+        "layers": plan.component_layers,
+        "columns": m.chosen,
+        "tokens": [plan.columns[c].label for c in m.chosen],
+    }
+    for d, name in enumerate(plan.directions):
+        out[name] = {
+            "attn_head": _rows(recovery(m.heads[d], m.totals[d], **boot)),
+            "mlp": _rows(recovery(m.mlps[d], m.totals[d], **boot)),
+        }
+    return out
+
+
+def _check_rows(plan: PatchPlan, m: PatchMeasurements) -> dict[str, dict[str, Any]]:
+    """What must hold whatever the model: measured error, tolerance for the dtype, passed."""
+    tolerance = 1e-3 if plan.loaded.dtype == torch.float32 else 5e-2
+    mediation, totals, space_names = m.mediation, m.totals, plan.space_names
+    full_error = float(np.abs(mediation[:, :, :, space_names.index("full")] - totals[:, :, None]).max())
+    empty_change = float(np.abs(mediation[:, :, :, space_names.index("empty")]).max())
+    rows: dict[str, dict[str, Any]] = {
+        "self_patch_changes_nothing": {"max_abs_change": m.self_patch_error},
+        "last_layer_decision_recovers_gap": {"max_abs_error": m.last_layer_error},
+        "empty_subspace_changes_nothing": {"max_abs_change": empty_change},
+    }
+    if plan.aligned:
+        # With prompts of different lengths the unpaired tag line stays in the receiver's context, so the full
+        # patch need not recover everything there; it is reported in the table, not checked.
+        rows["full_subspace_recovers_gap"] = {"max_abs_error": full_error}
+    for row in rows.values():
+        row["tolerance"] = tolerance
+        row["passed"] = bool(next(iter(row.values())) <= tolerance)
+    return rows
 
 
 def _mediation_table(
@@ -814,20 +909,19 @@ def _mediation_table(
     return rows, readings
 
 
-def _add_feature_rows(
-    output: dict[str, Any],
-    feature_sets: FeatureSets,
-    sae_patch: np.ndarray,
-    sae_ablated: np.ndarray,
-    sae_whole: np.ndarray,
-    receiver_metric: np.ndarray,
-    totals: np.ndarray,
-    directions: list[str],
-    config: PatchConfig,
-) -> None:
+def _add_feature_rows(output: dict[str, Any], plan: PatchPlan, m: PatchMeasurements) -> None:
     """SAE feature-set rows of the mediation table: patching each set (per direction) and ablating it from both runs
     (the share of the gap removed), each beside random sets of live features of the same size; plus a check that
     the empty set changes nothing."""
+    feature_sets, config, directions = plan.feature_sets, plan.config, plan.directions
+    assert feature_sets is not None
+    sae_patch, sae_ablated, sae_whole, receiver_metric, totals = (
+        m.sae_patch,
+        m.sae_ablated,
+        m.sae_whole,
+        m.receiver_metric,
+        m.totals,
+    )
     boot = {"n_boot": config.n_boot, "seed": config.seed}
     gap = totals[1]  # trained minus untrained, per pair
     # Ablating a set from both runs: how much of the gap goes away.
@@ -902,22 +996,14 @@ def _add_feature_rows(
     summary[-1] = "checks: " + ("all passed" if not failed else "FAILED " + ", ".join(failed))
 
 
-def _write(
-    out: Path,
-    output: dict[str, Any],
-    sweep: np.ndarray,
-    mediation: np.ndarray,
-    attribution: dict[str, np.ndarray] | None,
-    heads: np.ndarray,
-    mlps: np.ndarray,
-    extra: dict[str, np.ndarray] | None = None,
-) -> None:
+def _write(out: Path, output: dict[str, Any], plan: PatchPlan, m: PatchMeasurements) -> None:
     from safetensors.numpy import save
 
-    arrays = {"sweep_delta": sweep, "mediation_delta": mediation, "heads_delta": heads, "mlp_delta": mlps}
-    arrays.update(extra or {})
-    for name, value in (attribution or {}).items():
-        arrays[f"attribution_{name}"] = value
+    arrays = {"sweep_delta": m.sweep, "mediation_delta": m.mediation, "heads_delta": m.heads, "mlp_delta": m.mlps}
+    if plan.feature_sets is not None:
+        arrays.update(sae_patch_delta=m.sae_patch, sae_ablated_metric=m.sae_ablated, sae_whole_delta=m.sae_whole)
+    if plan.use_attribution:
+        arrays.update({f"attribution_{name}": value for name, value in m.attribution.items()})
     with results_folder(out):
         atomic_write_bytes(
             out / "patching.safetensors", save({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()})

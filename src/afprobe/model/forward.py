@@ -146,7 +146,7 @@ def extend_batch_with_grad(
     return logits, new_state, output
 
 
-# Scoring, caching and patching never need gradients; fine-tuning over a prefix cache (organisms.py) does.
+# Scoring, caching and patching never need gradients; training an organism over a prefix cache does.
 extend_batch = torch.inference_mode()(extend_batch_with_grad)
 
 

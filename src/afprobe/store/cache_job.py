@@ -119,6 +119,150 @@ def build_prompt_set(config: CacheConfig, loaded: LoadedModel) -> PromptSet:
     return render_pairs(loaded.tokenizer, queries, config.prompt_config(), max_context=loaded.max_context or None)
 
 
+@dataclass
+class CachePlan:
+    """What a cache job settles before its first forward: the prompts, which positions and layers it records, how
+    much of the shared prefix it caches once, and the store's meta.json."""
+
+    config: CacheConfig
+    prompt_set: PromptSet
+    kinds: list[str]
+    kind_layers: dict[str, list[int]]  # kind -> the layers kept for it
+    recorded: list[int]  # every layer any kind keeps
+    positions: list[dict[str, list[int]]]  # per prompt: kind -> absolute token indices
+    prefix_len: int
+    part: JobPart | None
+    meta: StoreMeta
+
+    @property
+    def prompts(self) -> list[RenderedPrompt]:
+        return self.prompt_set.prompts
+
+    @property
+    def n_shards(self) -> int:
+        return (len(self.prompts) + self.config.shard_size - 1) // self.config.shard_size
+
+    def owned_shards(self) -> list[int]:
+        return [shard for shard in range(self.n_shards) if self.part is None or self.part.owns(shard)]
+
+    def shard_rows(self, shard: int) -> list[int]:
+        size = self.config.shard_size
+        return list(range(shard * size, min(len(self.prompts), (shard + 1) * size)))
+
+
+def plan_cache(config: CacheConfig, loaded: LoadedModel) -> CachePlan:
+    prompt_set = build_prompt_set(config, loaded)
+    layers = parse_layers(config.layers, loaded.n_layers)
+    kinds = parse_positions(config.positions, prompt_set)
+    kind_layers = {kind: layers for kind in kinds}
+    if config.suffix_layers is not None:
+        if "suffix" not in kinds:
+            raise AfprobeError("--suffix-layers needs suffix in --positions")
+        kind_layers["suffix"] = parse_layers(config.suffix_layers, loaded.n_layers)
+    prompts = prompt_set.prompts
+    shared = prompt_set.shared_prefix_len
+    positions = [{kind: prompt_positions(p, kind, shared) for kind in kinds} for p in prompts]
+    # The prefix cache must also stop before every recorded position.
+    first_recorded = min((min(idx) for row in positions for idx in row.values() if idx), default=shared)
+    prefix_len = min(prompt_set.prefix_len(), first_recorded)
+    part = JobPart.parse(config.part) if config.part else None
+    variant = prompt_set.variant
+    meta = StoreMeta(
+        afprobe_version=__version__,
+        model=loaded.fingerprint.to_dict(),
+        prompt_hash=prompt_set.prompt_hash,
+        dataset_hash=dataset_hash(prompt_set.queries),
+        layers=layers,
+        hook_names=[hook_name(layer, loaded.n_layers) for layer in layers],
+        positions=kinds,
+        position_layers={k: v for k, v in kind_layers.items() if v != layers},
+        dtype=config.store_dtype,
+        shard_size=config.shard_size,
+        n_prompts=len(prompts),
+        n_queries=len(prompt_set.queries),
+        variant=variant.name,
+        tiers=variant.tier_names,
+        contrast=list(variant.contrast) if variant.contrast else None,
+        shared_prefix_tokens=shared,
+        prefix_tail=[loaded.tokenizer.decode([t]) for t in prompts[0].input_ids[max(0, prefix_len - 32) : prefix_len]],
+        config=asdict(config),
+        part={"index": part.index, "count": part.count} if part is not None else None,
+    )
+    recorded = sorted({layer for chosen in kind_layers.values() for layer in chosen})
+    return CachePlan(config, prompt_set, kinds, kind_layers, recorded, positions, prefix_len, part, meta)
+
+
+ShardActivations = tuple[dict[int, ComplianceScore], dict[int, dict[str, Tensor]]]
+
+
+class _PrefixSharedPass:
+    """The fast path: each prompt's own tokens on a fork of the shared prefix's KV cache, in length-sorted
+    batches, the residual stream recorded by hooks in the same forward that scores compliance."""
+
+    def __init__(self, plan: CachePlan, loaded: LoadedModel, on_plan: Callable[[MemoryEstimate], None] | None):
+        self.plan, self.loaded = plan, loaded
+        self.answers = AnswerTokens.from_tokenizer(loaded.tokenizer)
+        self.recorder = ResidualRecorder(loaded.model, plan.recorded, plan.kind_layers)
+        self.pad_id = pad_token_id(loaded.tokenizer)
+        self.prefix: PrefixCache | None = None  # computed when the first shard needs it (not at all on a resume)
+        self.prefix_seconds = 0.0
+        self.estimate, self.batch_size = plan_batch_size(
+            loaded.model, plan.prompts, plan.prefix_len, self.answers, plan.config.batch_size
+        )
+        if on_plan is not None:
+            on_plan(self.estimate)
+
+    def run(self, indices: list[int], advance: Callable[[int], None]) -> ShardActivations:
+        plan, prompts, kinds = self.plan, self.plan.prompts, self.plan.kinds
+        if self.prefix is None:
+            t0 = time.perf_counter()
+            self.prefix = compute_prefix_cache(self.loaded.model, prompts[0].input_ids[: plan.prefix_len])
+            self.prefix_seconds = time.perf_counter() - t0
+        scores: dict[int, ComplianceScore] = {}
+        acts: dict[int, dict[str, Tensor]] = {}
+        exact = has_sliding_window(self.prefix.cache)
+        for batch in length_batches([prompts[i] for i in indices], self.batch_size, exact=exact):
+            rows = [indices[b] for b in batch]
+            relative = [{k: [j - plan.prefix_len for j in plan.positions[i][k]] for k in kinds} for i in rows]
+            record = self.recorder.empty_record(relative)
+            # Hooks live only around the forward of the prompts' own tokens, not the answer tokens after it.
+            batch_scores = score_batch(
+                self.loaded.model,
+                self.prefix,
+                [prompts[i] for i in rows],
+                self.answers,
+                pad_id=self.pad_id,
+                stage1_context=self.recorder.recording(relative, record),
+            )
+            for position, i in enumerate(rows):
+                scores[i] = batch_scores[position]
+                acts[i] = {k: stack_record(record[k][position], plan.kind_layers[k]) for k in kinds}
+            advance(len(rows))
+        return scores, acts
+
+
+class _FullForwardPass:
+    """The naive path (TransformerLens, nnsight, NDIF): each prompt whole, once with each answer."""
+
+    prefix_seconds = 0.0
+    estimate = None
+
+    def __init__(self, plan: CachePlan, loaded: LoadedModel):
+        self.plan = plan
+        self.answers = AnswerTokens.from_tokenizer(loaded.tokenizer)
+        self.backend = make_backend(plan.config.backend, loaded, plan.recorded, remote=plan.config.remote)
+
+    def run(self, indices: list[int], advance: Callable[[int], None]) -> ShardActivations:
+        plan = self.plan
+        scores: dict[int, ComplianceScore] = {}
+        acts: dict[int, dict[str, Tensor]] = {}
+        for i in indices:
+            scores[i], full = full_forward_row(self.backend, plan.prompts[i], self.answers, plan.positions[i])
+            acts[i] = {k: full[k][:, [plan.recorded.index(layer) for layer in plan.kind_layers[k]]] for k in plan.kinds}
+            advance(1)
+        return scores, acts
+
+
 def run_cache(
     config: CacheConfig,
     *,
@@ -141,137 +285,49 @@ def run_cache(
         raise AfprobeError("--shard-size must be at least 1")
     if loaded is None:
         loaded = load_remote_model(config.model, remote=config.remote) if config.remote else config.load()
-    prompt_set = build_prompt_set(config, loaded)
-    queries = prompt_set.queries
-    layers = parse_layers(config.layers, loaded.n_layers)
-    kinds = parse_positions(config.positions, prompt_set)
-    kind_layers = {kind: layers for kind in kinds}
-    if config.suffix_layers is not None:
-        if "suffix" not in kinds:
-            raise AfprobeError("--suffix-layers needs suffix in --positions")
-        kind_layers["suffix"] = parse_layers(config.suffix_layers, loaded.n_layers)
-    recorded = sorted({layer for chosen in kind_layers.values() for layer in chosen})
-    prompts = prompt_set.prompts
-    shared = prompt_set.shared_prefix_len
-    positions = [{kind: prompt_positions(p, kind, shared) for kind in kinds} for p in prompts]
-    # The prefix cache must also stop before every recorded position.
-    first_recorded = min((min(idx) for row in positions for idx in row.values() if idx), default=shared)
-    prefix_len = min(prompt_set.prefix_len(), first_recorded)
-
-    out = Path(config.out)
-    part = JobPart.parse(config.part) if config.part else None
-    meta = StoreMeta(
-        afprobe_version=__version__,
-        model=loaded.fingerprint.to_dict(),
-        prompt_hash=prompt_set.prompt_hash,
-        dataset_hash=dataset_hash(queries),
-        layers=layers,
-        hook_names=[hook_name(layer, loaded.n_layers) for layer in layers],
-        positions=kinds,
-        position_layers={k: v for k, v in kind_layers.items() if v != layers},
-        dtype=config.store_dtype,
-        shard_size=config.shard_size,
-        n_prompts=len(prompts),
-        n_queries=len(queries),
-        variant=prompt_set.variant.name,
-        tiers=prompt_set.variant.tier_names,
-        contrast=list(prompt_set.variant.contrast) if prompt_set.variant.contrast else None,
-        shared_prefix_tokens=shared,
-        prefix_tail=[loaded.tokenizer.decode([t]) for t in prompts[0].input_ids[max(0, prefix_len - 32) : prefix_len]],
-        config=asdict(config),
-        part={"index": part.index, "count": part.count} if part is not None else None,
-    )
-    writer = StoreWriter.open(out, meta)
-
-    n_shards = (len(prompts) + config.shard_size - 1) // config.shard_size
-    answers = AnswerTokens.from_tokenizer(loaded.tokenizer)
-    dtype = STORE_DTYPES[config.store_dtype]
-    categories = {q.query_id: q for q in queries}
-    written = skipped = done = 0
-    prefix: PrefixCache | None = None
-    prefix_seconds = 0.0
+    plan = plan_cache(config, loaded)
+    writer = StoreWriter.open(config.out, plan.meta)
     full_forward = config.backend != "hooks" or bool(config.remote)
-    recorder = None if full_forward else ResidualRecorder(loaded.model, recorded, kind_layers)
-    backend = make_backend(config.backend, loaded, recorded, remote=config.remote) if full_forward else None
-    pad_id = pad_token_id(loaded.tokenizer)
-    estimate: MemoryEstimate | None = None
-    batch_size = 1
-    if recorder is not None:
-        estimate, batch_size = plan_batch_size(loaded.model, prompts, prefix_len, answers, config.batch_size)
-        if on_plan is not None:
-            on_plan(estimate)
+    forward = _FullForwardPass(plan, loaded) if full_forward else _PrefixSharedPass(plan, loaded, on_plan)
 
-    owned = [shard for shard in range(n_shards) if part is None or part.owns(shard)]
-    total = sum(len(_shard_rows(shard, config.shard_size, len(prompts))) for shard in owned)
+    owned = plan.owned_shards()
+    total = sum(len(plan.shard_rows(shard)) for shard in owned)
+    written = skipped = done = 0
+
+    def advance(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(done, total)
+
     for shard in owned:
-        indices = _shard_rows(shard, config.shard_size, len(prompts))
+        indices = plan.shard_rows(shard)
         if writer.has_shard(shard):
             skipped += 1
-            done += len(indices)
-            if progress is not None:
-                progress(done, total)
+            advance(len(indices))
             continue
         if stop_after_shards is not None and written >= stop_after_shards:
             break
-        scores: dict[int, ComplianceScore] = {}
-        acts: dict[int, dict[str, Tensor]] = {}
-        if recorder is not None:
-            if prefix is None:
-                t0 = time.perf_counter()
-                prefix = compute_prefix_cache(loaded.model, prompts[0].input_ids[:prefix_len])
-                prefix_seconds = time.perf_counter() - t0
-            exact = has_sliding_window(prefix.cache)
-            for batch in length_batches([prompts[i] for i in indices], batch_size, exact=exact):
-                rows = [indices[b] for b in batch]
-                relative = [{k: [j - prefix_len for j in positions[i][k]] for k in kinds} for i in rows]
-                record = recorder.empty_record(relative)
-                # Hooks live only around the forward of the prompts' own tokens, not the answer tokens after it.
-                batch_scores = score_batch(
-                    loaded.model,
-                    prefix,
-                    [prompts[i] for i in rows],
-                    answers,
-                    pad_id=pad_id,
-                    stage1_context=recorder.recording(relative, record),
-                )
-                for position, i in enumerate(rows):
-                    scores[i] = batch_scores[position]
-                    acts[i] = {k: stack_record(record[k][position], kind_layers[k]) for k in kinds}
-                done += len(rows)
-                if progress is not None:
-                    progress(done, total)
-        else:
-            for i in indices:
-                scores[i], full = full_forward_row(backend, prompts[i], answers, positions[i])
-                acts[i] = {k: full[k][:, [recorded.index(layer) for layer in kind_layers[k]]] for k in kinds}
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-        tensors, shard_rows = _shard_contents(
-            shard, indices, prompts, positions, kinds, scores, acts, dtype, categories, config, prefix_len, loaded
-        )
-        writer.write_shard(shard, tensors, shard_rows)
+        scores, acts = forward.run(indices, advance)
+        tensors, rows = _shard_contents(plan, loaded, shard, indices, scores, acts)
+        writer.write_shard(shard, tensors, rows)
         written += 1
 
     summary = CacheSummary(
-        path=out,
-        n_prompts=len(prompts),
-        n_shards=n_shards,
+        path=Path(config.out),
+        n_prompts=len(plan.prompts),
+        n_shards=plan.n_shards,
         shards_written=written,
         shards_skipped=skipped,
         seconds=time.perf_counter() - start,
-        prefix_seconds=prefix_seconds,
-        part=part,
-        part_shards=len(owned) if part is not None else None,
-        memory=estimate,
+        prefix_seconds=forward.prefix_seconds,
+        part=plan.part,
+        part_shards=len(owned) if plan.part is not None else None,
+        memory=forward.estimate,
     )
-    if summary.complete and part is None:
-        summary.gap = finish_store(writer, config, loaded, prompt_set, prefix_len)
+    if summary.complete and plan.part is None:
+        summary.gap = finish_store(writer, config, loaded, plan.prompt_set, plan.prefix_len)
     return summary
-
-
-def _shard_rows(shard: int, shard_size: int, n_prompts: int) -> list[int]:
-    return list(range(shard * shard_size, min(n_prompts, (shard + 1) * shard_size)))
 
 
 def finish_store(
@@ -300,20 +356,23 @@ def _gap_from_rows(
 
 
 def _shard_contents(
+    plan: CachePlan,
+    loaded: LoadedModel,
     shard: int,
     indices: list[int],
-    prompts: list[RenderedPrompt],
-    positions: list[dict[str, list[int]]],
-    kinds: list[str],
     scores: dict[int, ComplianceScore],
     acts: dict[int, dict[str, Tensor]],
-    dtype: torch.dtype,
-    queries: dict[str, Any],
-    config: CacheConfig,
-    own_start: int,
-    loaded: LoadedModel,
 ) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
     """A shard's tensors (`resid.<kind>`, rows' tokens in row order) and its rows."""
+    prompts, positions, kinds, config, own_start = (
+        plan.prompts,
+        plan.positions,
+        plan.kinds,
+        plan.config,
+        plan.prefix_len,
+    )
+    queries = {q.query_id: q for q in plan.prompt_set.queries}
+    dtype = STORE_DTYPES[config.store_dtype]
     tensors: dict[str, Tensor] = {}
     rows: list[dict[str, Any]] = []
     offsets = {kind: 0 for kind in kinds}
