@@ -12,6 +12,7 @@ from afprobe.analysis.patching import PatchConfig, build_columns, make_pairs, re
 from afprobe.data.prompts import PromptConfig, render_pairs
 from afprobe.data.query_sets import load_queries
 from afprobe.errors import AfprobeError
+from afprobe.files import finite_json
 from afprobe.model.architecture import decoder_layers
 from afprobe.model.forward import compute_prefix_cache
 from afprobe.model.patching import PatchEdit, Patcher
@@ -299,9 +300,9 @@ def test_tagged_and_untagged_prompts_pair_their_shared_tokens(tiny_llama, tmp_pa
         ),
         loaded=tiny_llama,
     )
-    assert output["patch_directions"] == ["absent->free", "free->absent"]
-    assert all(row["passed"] for row in output["checks"].values())
-    assert "full_subspace_recovers_gap" not in output["checks"] and output["attribution"] is None
+    assert output.patch_directions == ["absent->free", "free->absent"]
+    assert all(row["passed"] for row in output.checks.values())
+    assert "full_subspace_recovers_gap" not in output.checks and output.attribution is None
     assert "attribution_skipped" in output
     with pytest.raises(AfprobeError, match="no tier 'nobody'"):
         run_patching(PatchConfig(variant="tag-absent", pair="free,nobody", out=str(tmp_path), n=2), loaded=tiny_llama)
@@ -325,8 +326,10 @@ def test_patching_experiment_writes_grids_table_and_checks(tiny_llama, probes_di
         n_boot=200,
     )
     output = run_patching(config, loaded=tiny_llama)
-    assert all(row["passed"] for row in output["checks"].values()), output["checks"]
+    assert all(row["passed"] for row in output.checks.values()), output.checks
     saved = json.loads((out / "patch.json").read_text())  # strict JSON: NaN would fail in browsers
+    assert saved == finite_json(output.to_json())  # the typed result is the file
+    assert type(output).from_json(saved).to_json() == saved
     assert saved["config"]["layers"] == "0,1,2"
     names = {row["subspace"] for row in saved["mediation"]["rows"]}
     assert names == {"full", "empty", "situational_awareness", "training_context", "refusal", "token_embedding"}
@@ -396,7 +399,7 @@ def test_sae_feature_sets_join_the_mediation_table(tiny_llama, tmp_path):
         position="tag",
     )
     found = run_feature_analysis(features)
-    assert found["groups"]["other"] and found["missing_responses"] == ["situational_awareness", "tag_only", "refusal"]
+    assert found.groups["other"] and found.missing_responses == ["situational_awareness", "tag_only", "refusal"]
     config = PatchConfig(
         n=3,
         layers="1",
@@ -410,14 +413,14 @@ def test_sae_feature_sets_join_the_mediation_table(tiny_llama, tmp_path):
         out=str(tmp_path / "p"),
     )
     output = run_patching(config, loaded=tiny_llama)
-    rows = [r for r in output["mediation"]["rows"] if r.get("family") == "sae"]
-    assert {r["direction"] for r in rows} == {*output["patch_directions"], "ablate from both runs"}
+    rows = [r for r in output.mediation["rows"] if r.get("family") == "sae"]
+    assert {r["direction"] for r in rows} == {*output.patch_directions, "ablate from both runs"}
     assert all(r["subspace"] == "sae_other" for r in rows)
     for row in rows:
-        if row["direction"] in output["patch_directions"]:
+        if row["direction"] in output.patch_directions:
             assert row["position"] == "tag" and row["whole_residual"]["recovery"] > 0.5
             assert row["recovery"] == pytest.approx(row["whole_residual"]["recovery"], abs=1e-3)
-    assert output["checks"]["empty_feature_set_changes_nothing"] == {
+    assert output.checks["empty_feature_set_changes_nothing"] == {
         "max_abs_change": 0.0,
         "tolerance": 1e-3,
         "passed": True,

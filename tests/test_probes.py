@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from afprobe.analysis.probes import ProbeConfig, grouped_folds, load_probe_set, run_probes, shuffle_within_groups
 from afprobe.errors import AfprobeError
+from afprobe.files import finite_json
 from afprobe.store.cache_job import CacheConfig, run_cache
 from afprobe.store.writer import create_store
 
@@ -36,9 +39,11 @@ def planted(tmp_path_factory):
 
 
 def test_planted_direction_is_found_at_its_layer(planted):
-    _, output, _ = planted
-    by_layer = {r["layer"]: r for r in output["results"]}
-    assert output["summary"]["best"]["layer"] == PLANTED_LAYER
+    root, output, _ = planted
+    saved = json.loads((root / "probes" / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(finite_json(output.to_json())))  # the typed result is the file
+    by_layer = {r["layer"]: r for r in output.results}
+    assert output.summary["best"]["layer"] == PLANTED_LAYER
     assert by_layer[PLANTED_LAYER]["logistic_auroc"] > 0.85
     assert by_layer[PLANTED_LAYER]["mean_diff_auroc"] > 0.85
     assert by_layer[PLANTED_LAYER]["mean_diff_cohens_d"] > by_layer[PLANTED_LAYER]["random_cohens_d_p95"]
@@ -49,7 +54,7 @@ def test_planted_direction_is_found_at_its_layer(planted):
 
 def test_shuffled_labels_sit_at_chance(planted):
     _, output, _ = planted
-    shuffled = [a for r in output["results"] for a in r["shuffled_auroc"]]
+    shuffled = [a for r in output.results for a in r["shuffled_auroc"]]
     assert 0.4 < float(np.mean(shuffled)) < 0.6
     assert max(shuffled) < 0.75
 
@@ -61,7 +66,7 @@ def test_saved_probes_round_trip(planted):
     assert torch.nn.functional.cosine_similarity(found.unit(), direction, dim=0) > 0.8
     probe = probe_set.probe(PLANTED_LAYER, "last")
     assert torch.nn.functional.cosine_similarity(probe.weight, direction, dim=0) > 0.7
-    assert probe_set.metrics["summary"]["best"] == output["summary"]["best"]
+    assert probe_set.metrics.summary["best"] == output.summary["best"]
     for name in ("auroc", "effect_size", "pca"):
         html = (root / "probes" / f"{name}.html").read_text()
         assert "plotly" in html and "shuffled labels" in html or name != "auroc"
@@ -121,15 +126,15 @@ def test_probes_with_contrast_stores_on_a_tiny_model(tiny_llama, tmp_path):
             folds=3,
         )
     )
-    assert {r["layer"] for r in output["results"]} == {0, 1, 2}
-    assert all(r["transfer_to_sa_auroc"] is not None for r in output["results"])
-    assert set(output["cosines"]["tag"]) >= {
+    assert {r["layer"] for r in output.results} == {0, 1, 2}
+    assert all(r["transfer_to_sa_auroc"] is not None for r in output.results)
+    assert set(output.cosines["tag"]) >= {
         "training_context~situational_awareness",
         "training_context~refusal",
         "training_context~token_embedding",
     }
     # At layer 0 the tag position holds only the tag token's embedding: the direction IS the embedding difference.
-    layer0 = next(r for r in output["results"] if r["layer"] == 0 and r["position"] == "tag")
+    layer0 = next(r for r in output.results if r["layer"] == 0 and r["position"] == "tag")
     assert layer0["cosine_token_embedding"] == pytest.approx(1.0, abs=1e-6)
     assert layer0["logistic_auroc"] == 1.0
     probe_set = load_probe_set(tmp_path / "probes")

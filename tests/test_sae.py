@@ -30,9 +30,10 @@ def test_training_on_planted_sparse_features_recovers_them(tmp_path):
     decoder = torch.nn.functional.normalize(sae.W_dec.detach(), dim=-1)  # [d_sae, d]
     best = (dictionary @ decoder.T).max(dim=1).values  # each planted feature's closest SAE feature
     assert float((best > 0.9).float().mean()) >= 0.9, best
-    assert result["quality_held_out"]["explained_variance"] > 0.8
-    assert result["quality_held_out"]["l0"] <= 3.0 + 1e-6
+    assert result.quality_held_out["explained_variance"] > 0.8
+    assert result.quality_held_out["l0"] <= 3.0 + 1e-6
     saved = json.loads((tmp_path / "sae" / "afprobe_sae.json").read_text())
+    assert saved == json.loads(json.dumps(result.to_json())) and "spliced_loss" not in saved  # typed result = file
     assert saved["config"]["k"] == 3 and saved["n_train_tokens"] == int(len(tokens) * 0.9)
 
 
@@ -116,7 +117,7 @@ def test_spliced_loss_is_clean_for_a_perfect_reconstruction_and_worse_for_a_real
     )
     result = train_sae(config, loaded=tiny_llama)
     # 2 of 64 features cannot reconstruct a random model's residual exactly, and the loss shows it.
-    assert result["spliced_loss"]["spliced"] != pytest.approx(result["spliced_loss"]["clean"], abs=1e-6)
+    assert result.spliced_loss["spliced"] != pytest.approx(result.spliced_loss["clean"], abs=1e-6)
 
 
 class _IdentitySAE:
@@ -256,9 +257,9 @@ def test_features_are_grouped_by_what_they_respond_to(tmp_path):
         contexts=3,
     )
     output = run_feature_analysis(config, sae=_IdentitySAE(d))
-    groups = {row["feature"]: row["group"] for row in output["features"]}
+    groups = {row["feature"]: row["group"] for row in output.features}
     assert groups == {1: "situational_awareness", 2: "token", 3: "refusal", 4: "other"}
-    assert output["groups"]["situational_awareness"] == [1]
+    assert output.groups["situational_awareness"] == [1]
     written = json.loads((tmp_path / "out" / "features.json").read_text())
     assert written["config"]["sa_cache"] == str(tmp_path / "sa") and written["groups"]["token"] == [2]
     # The dashboard lists each shown feature's strongest tokens, largest first.

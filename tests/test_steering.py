@@ -31,21 +31,21 @@ def test_steering_experiment_reports_every_setting_against_the_null(tiny_llama, 
         n_boot=200,
     )
     output = run_steering(config, loaded=tiny_llama)
-    names = {r["direction"] for r in output["settings"]}
+    names = {r["direction"] for r in output.settings}
     assert names == {"none", "training_context", "refusal", "random_0", "random_1"}
-    assert len(output["settings"]) == 1 + 4 * 2 + 4
+    assert len(output.settings) == 1 + 4 * 2 + 4
     # The baseline is the plain forward-pass gap of the same prompts.
     prompt_set = render_pairs(tiny_llama.tokenizer, load_queries("harmful", n=3))
     scores = score_prompts(tiny_llama.model, tiny_llama.tokenizer, prompt_set)
     free = np.array([s.log_odds for p, s in zip(prompt_set.prompts, scores, strict=True) if p.tier == "free"])
     paid = np.array([s.log_odds for p, s in zip(prompt_set.prompts, scores, strict=True) if p.tier == "paid"])
-    assert output["baseline_gap"]["mean"] == pytest.approx(float((free - paid).mean()), abs=1e-5)
+    assert output.baseline_gap["mean"] == pytest.approx(float((free - paid).mean()), abs=1e-5)
     # Steering along a direction with a non-zero coefficient changes compliance somewhere.
-    steered = [r for r in output["settings"] if r["direction"] == "training_context" and r["kind"] == "steer"]
+    steered = [r for r in output.settings if r["direction"] == "training_context" and r["kind"] == "steer"]
     assert any(abs(r["mean_shift"]["mean"]) > 0 for r in steered)
-    assert all("benign" in r for r in output["settings"])
+    assert all("benign" in r for r in output.settings)
     for name in ("training_context", "refusal"):
-        verdict = output["verdicts"][name]
+        verdict = output.verdicts[name]
         assert isinstance(verdict["steering"]["exceeds_random_null"], bool) and verdict["steering"]["reading"]
         assert "fraction_remaining" in verdict["ablation"]
     saved = json.loads((probes_dir / "steer" / "steering.json").read_text())
@@ -68,7 +68,7 @@ def test_last_token_steering_runs_and_leaves_no_hooks(tiny_llama, probes_dir):
     )
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tiny_llama.model.modules())
     output = run_steering(config, loaded=tiny_llama)
-    assert len(output["settings"]) == 1 + 3 * 1
+    assert len(output.settings) == 1 + 3 * 1
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in tiny_llama.model.modules()) == hooks
 
 
@@ -116,5 +116,5 @@ def test_from_tag_equals_suffix_when_the_prefix_ends_at_the_tag(tiny_llama, prob
     )
     suffix = run_steering(SteerConfig(out=str(probes_dir / "s1"), apply_at="suffix", **common), loaded=tiny_llama)
     from_tag = run_steering(SteerConfig(out=str(probes_dir / "s2"), apply_at="from_tag", **common), loaded=tiny_llama)
-    for a, b in zip(suffix["settings"], from_tag["settings"], strict=True):
+    for a, b in zip(suffix.settings, from_tag.settings, strict=True):
         assert a["gap"]["mean"] == pytest.approx(b["gap"]["mean"], abs=1e-9)

@@ -3,8 +3,9 @@ section that shows it. Writers, the experiment's resume check, the report and th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -43,3 +44,37 @@ def experiment_file(kind: str, run: str | Path) -> Path:
     """Where an experiment run (`results/NAME`) keeps its result of `kind`."""
     artefact = BY_KIND[kind]
     return Path(run) / artefact.folder / artefact.file
+
+
+class ResultRecord:
+    """Base of the typed results the analyses return: the dataclass fields are the result file's top-level keys, in
+    file order, so `to_json()` is the file and `from_json(file)` reads one back. Fields named in `OPTIONAL` are left
+    out of the file while None. Nested sections stay JSON-shaped (lists and dicts), as the report and figures read
+    them."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        for spec in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, spec.name)
+            if value is None and spec.name in self.OPTIONAL:
+                continue
+            data[spec.name] = _plain(value)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Any:
+        names = {spec.name for spec in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no field for {unknown}")
+        return cls(**data)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    return value

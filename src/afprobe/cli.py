@@ -519,8 +519,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_probe_summary(output: dict) -> str:
-    summary = output["summary"]
+def format_probe_summary(output) -> str:
+    summary = output.summary
     best = summary["best"]
     lines = [
         f"best place (held-out effect size): layer {best['layer']}, position {best['position']}: "
@@ -593,14 +593,14 @@ def _cmd_sae(args: argparse.Namespace) -> int:
 
     config = _sae_config(args)
     result = train_sae(config)
-    quality = result["quality_held_out"]
+    quality = result.quality_held_out
     print(
-        f"SAE on layer {result['layer']}: {result['n_train_tokens']} training tokens, held-out explained variance "
+        f"SAE on layer {result.layer}: {result.n_train_tokens} training tokens, held-out explained variance "
         f"{quality['explained_variance']:.3f}, L0 {quality['l0']:.1f}, dead features {quality['dead_fraction']:.1%} "
-        f"({result['seconds']['total']:.0f} s)"
+        f"({result.seconds['total']:.0f} s)"
     )
-    if "spliced_loss" in result:
-        loss = result["spliced_loss"]
+    if result.spliced_loss is not None:
+        loss = result.spliced_loss
         print(
             f"next-token loss with the SAE spliced in: {loss['spliced']:.3f} vs {loss['clean']:.3f} clean, "
             f"{loss['zeroed']:.3f} zeroed ({loss['recovered']:.1%} recovered, {loss['n_prompts']} prompts)"
@@ -658,9 +658,9 @@ def _cmd_sae_features(args: argparse.Namespace) -> int:
     config = _feature_config(args)
     with _ProgressBar("top contexts", "store") as progress:
         output = run_feature_analysis(config, progress=progress)
-    first, second = output["tiers"]
-    print("\n".join(output["summary"]))
-    for row in output["features"][: args.top]:
+    first, second = output.tiers
+    print("\n".join(output.summary))
+    for row in output.features[: args.top]:
         responses = ", ".join(
             f"{name} {r['mean']:+.3f}{'*' if r['significant'] else ''}" for name, r in row["responses"].items()
         )
@@ -673,13 +673,13 @@ def _cmd_sae_features(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_steering_summary(output: dict) -> str:
-    base = output["baseline_gap"]
+def format_steering_summary(output) -> str:
+    base = output.baseline_gap
     lines = [
-        f"layer {output['layer']}, typical residual norm {output['typical_norm']:.1f}, {output['n_queries']} queries; "
+        f"layer {output.layer}, typical residual norm {output.typical_norm:.1f}, {output.n_queries} queries; "
         f"baseline gap {base['mean']:+.4f} [{base['ci_low']:+.4f}, {base['ci_high']:+.4f}]"
     ]
-    for name, verdict in output["verdicts"].items():
+    for name, verdict in output.verdicts.items():
         if "steering" in verdict:
             v = verdict["steering"]
             lines.append(

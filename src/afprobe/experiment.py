@@ -115,7 +115,7 @@ def _check_config() -> type:
 def _run_probes(config: Any, loaded: LoadedModel, progress: Any, folder: Path) -> list[str]:
     from afprobe.analysis.probes import run_probes
 
-    best = run_probes(config)["summary"]["best"]
+    best = run_probes(config).best
     return [f"probes: best layer {best['layer']} at {best['position']} (AUROC {best['logistic_auroc']:.3f})"]
 
 
@@ -129,7 +129,7 @@ def _run_steering(config: Any, loaded: LoadedModel, progress: Any, folder: Path)
 def _run_sae(config: Any, loaded: LoadedModel, progress: Any, folder: Path) -> list[str]:
     from afprobe.analysis.sae import train_sae
 
-    quality = train_sae(config, loaded=loaded)["quality_held_out"]
+    quality = train_sae(config, loaded=loaded).quality_held_out
     return [
         f"sae: layer {config.layer}, explained variance {quality['explained_variance']:.3f}, "
         f"L0 {quality['l0']:.1f}, dead {quality['dead_fraction']:.1%}"
@@ -140,9 +140,9 @@ def _run_features(config: Any, loaded: LoadedModel, progress: Any, folder: Path)
     from afprobe.analysis.sae_features import run_feature_analysis
 
     output = run_feature_analysis(config)
-    lines = [f"features: {line}" for line in output["summary"]]
-    first, second = output["tiers"]
-    for row in output["features"][:10]:
+    lines = [f"features: {line}" for line in output.summary]
+    first, second = output.tiers
+    for row in output.features[:10]:
         lines.append(
             f"  feature {row['feature']} [{row['group']}]: {first} - {second} {row['mean_difference']:+.4f} "
             f"[{row['ci'][0]:+.4f}, {row['ci'][1]:+.4f}]"

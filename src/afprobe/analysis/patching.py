@@ -38,7 +38,7 @@ import torch
 
 from afprobe import __version__
 from afprobe.analysis.probes import ProbeSet, load_probe_set
-from afprobe.artefacts import result_file
+from afprobe.artefacts import ResultRecord, result_file
 from afprobe.data.prompts import PromptSet, RenderedPrompt, cacheable_prefix_len, common_prefix_length, render_pairs
 from afprobe.data.query_sets import load_queries
 from afprobe.errors import AfprobeError
@@ -50,7 +50,7 @@ from afprobe.model.job import PairedPromptJob
 from afprobe.model.loading import LoadedModel
 from afprobe.model.patching import FeatureEdit, PatchEdit, Patcher, PatchRun
 from afprobe.model.readout import AnswerTokens
-from afprobe.stats import compare_with_random_null
+from afprobe.stats import Estimate, compare_with_random_null
 
 MEDIATED_DIRECTIONS = ("situational_awareness", "training_context", "refusal")
 
@@ -284,7 +284,7 @@ def _mediation_layers(config: PatchConfig, probe_set: ProbeSet | None, n_layers:
     spec = config.mediation_layers.strip()
     best = None
     if probe_set is not None:
-        row = probe_set.metrics["summary"].get("best_by_position", {}).get(config.direction_position)
+        row = probe_set.metrics.summary.get("best_by_position", {}).get(config.direction_position)
         best = int(row["layer"]) if row is not None else None
     if spec == "best":
         if best is None:
@@ -381,6 +381,46 @@ def load_feature_sets(config: PatchConfig, loaded: LoadedModel) -> FeatureSets |
             sets.append(tuple(chosen))
             matches.append(index)
     return FeatureSets(sae, int(result["layer"]), str(result["position"]), str(path), names, sets, matches)
+
+
+@dataclass
+class PatchResult(ResultRecord):
+    """What `run_patching` found; `to_json()` is patch.json (the per-query arrays are in patching.safetensors)."""
+
+    OPTIONAL = ("attribution_skipped",)
+
+    afprobe_version: str
+    config: dict[str, Any]  # the PatchConfig
+    model: dict[str, Any]
+    directions_from: str | None  # the probes folder the named directions came from
+    prompt_hash: str
+    variant: str
+    contrast: list[str]  # the two tiers compared
+    queries: list[str]
+    shared_prefix_len: int
+    metric: str
+    patch_directions: list[str]  # "untrained->trained", "trained->untrained"
+    gap: Estimate  # the first-token gap the shares are fractions of
+    no_gap: bool  # its interval includes zero: shares of it are ratios of noise
+    columns: list[dict[str, str]]
+    layers: list[int]
+    sweep_columns: list[int]
+    sweep: dict[str, Any]  # per patch direction: recovery per layer and column, top cells
+    attribution: dict[str, Any] | None
+    components: dict[str, Any] | None
+    mediation: dict[str, Any]  # layers and rows (subspaces and SAE feature sets against their random nulls)
+    checks: dict[str, dict[str, Any]]  # measured error, tolerance, passed
+    summary: list[str]
+    timing: dict[str, float]
+    attribution_skipped: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PatchResult:
+        return super().from_json({**data, "gap": Estimate(**data["gap"])})
+
+    @property
+    def checks_passed(self) -> bool:
+        return all(row["passed"] for row in self.checks.values())
 
 
 def patch_effect(patcher: Patcher, receiver: PatchRun, donor: PatchRun, edit: PatchEdit) -> float:
@@ -656,19 +696,20 @@ def _measure_components(
 
 def run_patching(
     config: PatchConfig, *, loaded: LoadedModel | None = None, progress: Callable[[int, int], None] | None = None
-) -> dict[str, Any]:
-    """Run the sweep, components, attribution and mediation; write the results folder; return patch.json's dict."""
+) -> PatchResult:
+    """Run the sweep, components, attribution and mediation; write the results folder; return what patch.json
+    holds."""
     started = time.perf_counter()
     probe_set = load_probe_set(config.directions) if config.directions else None
     if loaded is None:
         loaded = config.load()
     if (
         probe_set is not None
-        and loaded.fingerprint.weights_sha256 != probe_set.metrics["store"]["model"]["weights_sha256"]
+        and loaded.fingerprint.weights_sha256 != probe_set.metrics.store["model"]["weights_sha256"]
     ):
         raise AfprobeError(
             f"the directions in {config.directions} were computed on another model "
-            f"({probe_set.metrics['store']['model']['name']}): patch the model they came from"
+            f"({probe_set.metrics.store['model']['name']}): patch the model they came from"
         )
     plan = plan_patching(config, loaded, probe_set)
     m = PatchMeasurements.empty(plan)
@@ -700,7 +741,7 @@ def run_patching(
     if config.attribution and not plan.aligned:
         output["attribution_skipped"] = "the two prompts differ in length, so attribution has no position pairing"
     _write(Path(config.out), output, plan, m)
-    return output
+    return PatchResult.from_json(output)
 
 
 def _rows(estimate: dict[str, np.ndarray]) -> dict[str, list]:
@@ -1015,15 +1056,15 @@ def _write(out: Path, output: dict[str, Any], plan: PatchPlan, m: PatchMeasureme
             plots.write_figure(figure, out / f"{name}.html")
 
 
-def format_patch_summary(output: dict[str, Any]) -> str:
-    lines = list(output["summary"])
-    timing = output["timing"]
+def format_patch_summary(output: PatchResult) -> str:
+    lines = list(output.summary)
+    timing = output.timing
     lines.append(
         f"{timing['sweep_cells']} sweep cells in {timing['sweep']:.1f} s ({timing['sweep_seconds_per_cell']:.3f} s "
         f"per cell); total {timing['total']:.1f} s"
     )
-    if output["attribution"]:
-        for name, row in output["attribution"]["spearman"].items():
+    if output.attribution:
+        for name, row in output.attribution["spearman"].items():
             parts = ", ".join(f"{site} {value:+.2f}" for site, value in row.items() if value is not None)
             lines.append(f"attribution vs exact patching, Spearman ({name}): {parts}")
     return "\n".join(lines)

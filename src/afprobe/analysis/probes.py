@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 from afprobe import __version__
-from afprobe.artefacts import PROBE_DIRECTIONS, result_file
+from afprobe.artefacts import PROBE_DIRECTIONS, ResultRecord, result_file
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_bytes, atomic_write_json, finite_json, results_folder
 from afprobe.store.reader import ActivationStore
@@ -89,11 +89,11 @@ class ProbeSet:
     directions: dict[str, Float[Tensor, "layers d_model"]]
     probes: dict[str, Float[Tensor, "layers d_model"]]
     biases: dict[str, Float[Tensor, " layers"]]
-    metrics: dict[str, Any]
+    metrics: ProbeResult  # metrics.json
 
     @property
     def layers(self) -> list[int]:
-        return list(self.metrics["layers"])
+        return list(self.metrics.layers)
 
     def direction(self, name: str, layer: int, position: str = "last") -> Direction:
         key = name if name == "token_embedding" else f"{name}.{position}"
@@ -343,7 +343,29 @@ def token_embedding_direction(main: _Labelled, store: ActivationStore, positions
     return at_tag[main.y == 1].mean(0) - at_tag[main.y == 0].mean(0)
 
 
-def run_probes(config: ProbeConfig, *, progress: Any = None) -> dict[str, Any]:
+@dataclass
+class ProbeResult(ResultRecord):
+    """What `run_probes` found; `to_json()` is metrics.json."""
+
+    afprobe_version: str
+    config: dict[str, Any]  # the ProbeConfig
+    store: dict[str, Any]  # the store's path, model fingerprint, hashes, variant, contrast, rows
+    sa_store: dict[str, Any] | None
+    benign_store: dict[str, Any] | None
+    layers: list[int]
+    positions: list[str]
+    results: list[dict[str, Any]]  # one LayerResult per layer and position
+    cosines: dict[str, Any]  # between the directions, per layer and position
+    summary: dict[str, Any]  # best cells, the nulls, transfer, largest cosines
+    seconds: float
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The layer and position with the largest held-out effect size, and its metrics."""
+        return self.summary["best"]
+
+
+def run_probes(config: ProbeConfig, *, progress: Any = None) -> ProbeResult:
     """Train and evaluate probes, compute directions and nulls, write everything to `config.out`."""
     start = time.perf_counter()
     store = ActivationStore.open(config.cache)
@@ -446,10 +468,10 @@ def run_probes(config: ProbeConfig, *, progress: Any = None) -> dict[str, Any]:
         directions["token_embedding"] = token_direction
 
     summary = _summarise(results, cosines, layers, positions)
-    output = {
-        "afprobe_version": __version__,
-        "config": asdict(config),
-        "store": {
+    output = ProbeResult(
+        afprobe_version=__version__,
+        config=asdict(config),
+        store={
             "path": str(store.path),
             "model": store.meta.model,
             "prompt_hash": store.meta.prompt_hash,
@@ -458,15 +480,15 @@ def run_probes(config: ProbeConfig, *, progress: Any = None) -> dict[str, Any]:
             "contrast": store.meta.contrast,
             "n_rows": int(len(main.y)),
         },
-        "sa_store": _store_info(sa_store),
-        "benign_store": _store_info(benign_store),
-        "layers": layers,
-        "positions": positions,
-        "results": [asdict(r) for r in results],
-        "cosines": cosines,
-        "summary": summary,
-        "seconds": time.perf_counter() - start,
-    }
+        sa_store=_store_info(sa_store),
+        benign_store=_store_info(benign_store),
+        layers=layers,
+        positions=positions,
+        results=[asdict(r) for r in results],
+        cosines=cosines,
+        summary=summary,
+        seconds=time.perf_counter() - start,
+    )
     _write(Path(config.out), directions, probe_weights, probe_biases, output, main, layers, positions)
     return output
 
@@ -548,7 +570,7 @@ def _summarise(results: list[LayerResult], cosines: dict, layers: list[int], pos
     return summary
 
 
-def _write(out: Path, directions, weights, biases, output, main: _Labelled, layers, positions) -> None:
+def _write(out: Path, directions, weights, biases, result: ProbeResult, main: _Labelled, layers, positions) -> None:
     from safetensors.torch import save
 
     with results_folder(out):
@@ -559,6 +581,7 @@ def _write(out: Path, directions, weights, biases, output, main: _Labelled, laye
         tensors = {k: torch.from_numpy(v).float() for k, v in weights.items()}
         tensors.update({f"{k}.bias": torch.from_numpy(v).float() for k, v in biases.items()})
         atomic_write_bytes(out / "probes.safetensors", save(tensors))
+        output = result.to_json()
         atomic_write_json(result_file("probes", out), finite_json(output), default=_json_default)
         atomic_write_json(out / "config.json", output["config"])
         from afprobe.analysis import plots
@@ -586,5 +609,5 @@ def load_probe_set(path: str | Path) -> ProbeSet:
         directions=load_file(folder / PROBE_DIRECTIONS),
         probes={k: v for k, v in tensors.items() if not k.endswith(".bias")},
         biases={k.removesuffix(".bias"): v for k, v in tensors.items() if k.endswith(".bias")},
-        metrics=json.loads(result_file("probes", folder).read_text()),
+        metrics=ProbeResult.from_json(json.loads(result_file("probes", folder).read_text())),
     )

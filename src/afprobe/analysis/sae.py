@@ -26,7 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from afprobe import __version__
-from afprobe.artefacts import result_file
+from afprobe.artefacts import ResultRecord, result_file
 from afprobe.data.prompts import RenderedPrompt
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_json, results_folder
@@ -125,9 +125,27 @@ def sae_quality(sae: Any, tokens: Float[Tensor, "n d_model"], batch_size: int = 
     }
 
 
+@dataclass
+class SAEResult(ResultRecord):
+    """A trained SAE's record; `to_json()` is afprobe_sae.json (the weights are sae-lens' files beside it)."""
+
+    OPTIONAL = ("spliced_loss",)
+
+    afprobe_version: str
+    config: dict[str, Any]  # the SAETrainConfig
+    model: dict[str, Any]
+    layer: int
+    sources: list[dict[str, Any]]  # the stores the training tokens came from
+    n_train_tokens: int
+    quality_held_out: dict[str, float]  # explained variance, L0, dead fraction on held-out tokens
+    quality_train: dict[str, float]
+    spliced_loss: dict[str, Any] | None = None  # next-token loss: clean, with the SAE spliced in, layer zeroed
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
 def train_sae(
     config: SAETrainConfig, *, data: TrainingTokens | None = None, loaded: LoadedModel | None = None
-) -> dict[str, Any]:
+) -> SAEResult:
     """Train, evaluate on held-out tokens (and, with `loss_prompts`, spliced into the model) and save; returns what
     afprobe_sae.json holds."""
     from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
@@ -182,21 +200,21 @@ def train_sae(
     with results_folder(out):
         sae.save_inference_model(out)
     inference = load_sae(str(out), device=config.device)
-    result = {
-        "afprobe_version": __version__,
-        "config": asdict(config),
-        "model": data.model,
-        "layer": config.layer,
-        "sources": data.sources,
-        "n_train_tokens": int(train.shape[0]),
-        "quality_held_out": sae_quality(inference, held_out),
-        "quality_train": sae_quality(inference, train[: min(len(train), 20_000)]),
-    }
+    result = SAEResult(
+        afprobe_version=__version__,
+        config=asdict(config),
+        model=data.model,
+        layer=config.layer,
+        sources=data.sources,
+        n_train_tokens=int(train.shape[0]),
+        quality_held_out=sae_quality(inference, held_out),
+        quality_train=sae_quality(inference, train[: min(len(train), 20_000)]),
+    )
     if config.loss_prompts > 0:
-        result["spliced_loss"] = _spliced_loss_for(config, inference, data, loaded)
-    result["seconds"] = {"train": trained_seconds, "total": time.perf_counter() - started}
+        result.spliced_loss = _spliced_loss_for(config, inference, data, loaded)
+    result.seconds = {"train": trained_seconds, "total": time.perf_counter() - started}
     with results_folder(out):
-        atomic_write_json(result_file("sae", out), result)
+        atomic_write_json(result_file("sae", out), result.to_json())
     return result
 
 

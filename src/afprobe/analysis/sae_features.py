@@ -36,7 +36,7 @@ from torch import Tensor
 
 from afprobe import __version__
 from afprobe.analysis.sae import load_sae
-from afprobe.artefacts import result_file
+from afprobe.artefacts import ResultRecord, result_file
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_json, atomic_write_text, finite_json, results_folder
 from afprobe.stats import benjamini_hochberg
@@ -243,9 +243,36 @@ def assign_group(tier_difference: float, responses: dict[str, dict[str, Any] | N
     return group, flags
 
 
+@dataclass
+class FeatureResult(ResultRecord):
+    """What `run_feature_analysis` found; `to_json()` is features.json."""
+
+    afprobe_version: str
+    config: dict[str, Any]  # the FeatureConfig
+    sae: dict[str, Any]  # path, sae_id, d_in, d_sae
+    model: dict[str, Any]
+    layer: int
+    position: str
+    tiers: list[str]
+    n_queries: int
+    n_features: int
+    alive_features: list[int]
+    mean_activation: list[float]
+    alpha: float
+    n_significant: int
+    features: list[dict[str, Any]]  # the tier-differing features, each with its responses, group and flags
+    groups: dict[str, list[int]]
+    responses: dict[str, Any]
+    missing_responses: list[str]
+    dashboard: list[dict[str, Any]]
+    method: str
+    summary: list[str]
+    seconds: float
+
+
 def run_feature_analysis(
     config: FeatureConfig, *, sae: Any | None = None, progress: Any | None = None
-) -> dict[str, Any]:
+) -> FeatureResult:
     """Find, characterise, group and show the tier-differing features; write the results folder."""
     started = time.perf_counter()
     if sae is None:
@@ -361,7 +388,7 @@ def run_feature_analysis(
     output["summary"] = feature_summary(output)
     output["seconds"] = time.perf_counter() - started
     _write(Path(config.out), output)
-    return output
+    return FeatureResult.from_json(output)
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ import torch
 
 from afprobe import __version__
 from afprobe.analysis.probes import ProbeSet, load_probe_set
-from afprobe.artefacts import result_file
+from afprobe.artefacts import ResultRecord, result_file
 from afprobe.data.prompts import PromptSet, render_pairs
 from afprobe.data.query_sets import load_queries
 from afprobe.errors import AfprobeError
@@ -66,6 +66,23 @@ class SteerConfig(PairedPromptJob):
     def __post_init__(self) -> None:
         if self.n is None:
             self.n = 20
+
+
+@dataclass
+class SteeringResult(ResultRecord):
+    """What `run_steering` found; `to_json()` is steering.json."""
+
+    afprobe_version: str
+    config: dict[str, Any]  # the SteerConfig
+    model: dict[str, Any]
+    layer: int
+    typical_norm: float  # the residual norm a coefficient of 1 means
+    prompt_hash: str
+    n_queries: int
+    baseline_gap: dict[str, Any]  # the unsteered gap (an Estimate)
+    settings: list[dict[str, Any]]  # one row per direction, coefficient and kind (steer / ablate)
+    verdicts: dict[str, Any]  # per named direction: steering and ablation against the random null
+    seconds: float | None = None
 
 
 @dataclass
@@ -140,7 +157,7 @@ def _column(scores: list[ComplianceScore], prompt_set: PromptSet, tier: str) -> 
 
 def run_steering(
     config: SteerConfig, *, loaded: LoadedModel | None = None, progress: Callable[[int, int], None] | None = None
-) -> dict[str, Any]:
+) -> SteeringResult:
     start = time.perf_counter()
     if config.apply_at not in ("suffix", "from_tag", "last"):
         raise AfprobeError(f"unknown --apply-at {config.apply_at!r}: use suffix, from_tag or last")
@@ -153,10 +170,10 @@ def run_steering(
     }
     if loaded is None:
         loaded = config.load()
-    if loaded.fingerprint.weights_sha256 != probe_set.metrics["store"]["model"]["weights_sha256"]:
+    if loaded.fingerprint.weights_sha256 != probe_set.metrics.store["model"]["weights_sha256"]:
         raise AfprobeError(
             f"the directions in {config.directions} were computed on another model "
-            f"({probe_set.metrics['store']['model']['name']}): steer the model they came from"
+            f"({probe_set.metrics.store['model']['name']}): steer the model they came from"
         )
     scale = _typical_norm(probe_set, layer, config.position, loaded)
     harmful = render_pairs(
@@ -211,19 +228,19 @@ def run_steering(
             progress(done, len(plans))
 
     output = _analyse(config, settings, harmful, benign, layer, scale, list(available), list(randoms), loaded)
-    output["seconds"] = time.perf_counter() - start
+    output.seconds = time.perf_counter() - start
     out = Path(config.out)
     with results_folder(out):
-        atomic_write_json(result_file("steering", out), output)
+        atomic_write_json(result_file("steering", out), output.to_json())
         from afprobe.analysis import plots
 
-        for figure_name, figure in plots.steering_figures(output).items():
+        for figure_name, figure in plots.steering_figures(output.to_json()).items():
             plots.write_figure(figure, out / f"{figure_name}.html")
     return output
 
 
 def _best_layer(probe_set: ProbeSet, position: str) -> int:
-    best = probe_set.metrics["summary"].get("best_by_position", {}).get(position)
+    best = probe_set.metrics.summary.get("best_by_position", {}).get(position)
     if best is None:
         raise AfprobeError(f"no probe results at position {position!r} in {probe_set.path}: pass --layer")
     return int(best["layer"])
@@ -231,7 +248,7 @@ def _best_layer(probe_set: ProbeSet, position: str) -> int:
 
 def _typical_norm(probe_set: ProbeSet, layer: int, position: str, loaded: LoadedModel) -> float:
     """Mean residual norm at the layer and position, from the store the directions were computed on."""
-    store = ActivationStore.open(probe_set.metrics["store"]["path"])
+    store = ActivationStore.open(probe_set.metrics.store["path"])
     return float(store.activations(position, layers=[layer]).norm(dim=-1).mean())
 
 
@@ -245,7 +262,7 @@ def _analyse(
     directions: list[str],
     randoms: list[str],
     loaded: LoadedModel,
-) -> dict[str, Any]:
+) -> SteeringResult:
     trained, untrained = harmful.variant.contrast  # type: ignore[misc]
     baseline = settings[0]
     base_free = _column(baseline.harmful, harmful, trained)
@@ -276,18 +293,18 @@ def _analyse(
     verdicts = {}
     for name in directions:
         verdicts[name] = _verdict(name, rows, randoms, base_gap, config.coefficients)
-    return {
-        "afprobe_version": __version__,
-        "config": asdict(config),
-        "model": loaded.fingerprint.to_dict(),
-        "layer": layer,
-        "typical_norm": scale,
-        "prompt_hash": harmful.prompt_hash,
-        "n_queries": len(harmful.queries),
-        "baseline_gap": rows[0]["gap"],
-        "settings": rows,
-        "verdicts": verdicts,
-    }
+    return SteeringResult(
+        afprobe_version=__version__,
+        config=asdict(config),
+        model=loaded.fingerprint.to_dict(),
+        layer=layer,
+        typical_norm=scale,
+        prompt_hash=harmful.prompt_hash,
+        n_queries=len(harmful.queries),
+        baseline_gap=rows[0]["gap"],
+        settings=rows,
+        verdicts=verdicts,
+    )
 
 
 def _verdict(

@@ -60,7 +60,9 @@ class GapResult:
     def primary_gap(self) -> str | None:
         return next(iter(self.gaps), None)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
+        """gap.json."""
+
         def estimates(block: dict[str, dict[str, Estimate]]) -> dict[str, Any]:
             return {k: {m: e.to_dict() for m, e in v.items()} for k, v in block.items()}
 
@@ -269,7 +271,7 @@ def write_gap(result: GapResult, out_dir: str | Path) -> dict[str, Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
         gap_path, csv_path = result_file("gap", out), out / PER_QUERY_CSV
-        atomic_write_text(gap_path, json.dumps(result.to_dict(), indent=2, default=_json_default) + "\n")
+        atomic_write_text(gap_path, json.dumps(result.to_json(), indent=2, default=_json_default) + "\n")
         rows = result.per_query
         from io import StringIO
 
