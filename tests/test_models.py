@@ -14,7 +14,10 @@ from .conftest import make_tiny_model
 
 def test_dtype_and_device_defaults():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16  # size unknown
+    # A 7B model on an 80 GB card with 60 GB free: float32 weights take 28 GB, under half of what is free.
+    assert resolve_dtype("auto", torch.device("cuda"), n_parameters=7 * 10**9, free_bytes=60 * 10**9) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda"), n_parameters=8 * 10**9, free_bytes=60 * 10**9) == torch.bfloat16
     assert resolve_dtype("bfloat16") == torch.bfloat16
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         resolve_dtype("float8")

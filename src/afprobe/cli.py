@@ -23,7 +23,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="PEFT adapter folder or id, merged into the model")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument(
-        "--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16"
+        "--dtype",
+        default="auto",
+        help="auto (float32 on CPU and on a GPU that holds the float32 weights twice over, else bf16), float32, "
+        "bfloat16, float16",
     )
     parser.add_argument(
         "--device-map",
@@ -57,6 +60,16 @@ def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_resolution_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resolution-pairs",
+        type=int,
+        default=2,
+        metavar="N",
+        help="pairs scored again in float32 arithmetic to measure the smallest effect the dtype resolves (0: skip)",
+    )
+
+
 def _gap_command(commands: Any) -> None:
     gap = commands.add_parser("gap", help="measure the no-CoT compliance gap from the forward pass")
     _add_model_args(gap)
@@ -74,6 +87,7 @@ def _gap_command(commands: Any) -> None:
     )
     gap.add_argument("--max-new-tokens", type=int, default=24)
     gap.add_argument("--temperature", type=float, default=1.0)
+    _add_resolution_arg(gap)
 
 
 def _cache_command(commands: Any) -> None:
@@ -163,6 +177,7 @@ def _steer_command(commands: Any) -> None:
     steer.add_argument("--n-boot", type=int, default=2000)
     steer.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     steer.add_argument("--seed", type=int, default=0)
+    _add_resolution_arg(steer)
 
 
 def _patch_command(commands: Any) -> None:
@@ -207,6 +222,7 @@ def _patch_command(commands: Any) -> None:
     patch.add_argument("--n-boot", type=int, default=2000)
     patch.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     patch.add_argument("--seed", type=int, default=0)
+    _add_resolution_arg(patch)
 
 
 def _sae_command(commands: Any) -> None:

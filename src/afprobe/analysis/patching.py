@@ -39,6 +39,7 @@ import torch
 from afprobe import __version__
 from afprobe.analysis.probes import ProbeSet, load_probe_set
 from afprobe.artefacts import ResultRecord, result_file
+from afprobe.behaviour.resolution import Resolution, measure_resolution
 from afprobe.data.prompts import PromptSet, RenderedPrompt, cacheable_prefix_len, common_prefix_length, render_pairs
 from afprobe.data.query_sets import load_queries
 from afprobe.errors import AfprobeError
@@ -78,6 +79,7 @@ class PatchConfig(PairedPromptJob):
     sae_features: str | None = None  # a folder from `afprobe sae features`: patch and ablate its feature groups
     n_boot: int = 2000
     seed: int = 0
+    resolution_pairs: int = 2  # pairs scored again in float32 arithmetic to measure what the dtype resolves
 
     def __post_init__(self) -> None:
         if self.n is None:
@@ -387,7 +389,7 @@ def load_feature_sets(config: PatchConfig, loaded: LoadedModel) -> FeatureSets |
 class PatchResult(ResultRecord):
     """What `run_patching` found; `to_json()` is patch.json (the per-query arrays are in patching.safetensors)."""
 
-    OPTIONAL = ("attribution_skipped",)
+    OPTIONAL = ("attribution_skipped", "resolution", "gap_resolved")
 
     afprobe_version: str
     config: dict[str, Any]  # the PatchConfig
@@ -401,7 +403,7 @@ class PatchResult(ResultRecord):
     metric: str
     patch_directions: list[str]  # "untrained->trained", "trained->untrained"
     gap: Estimate  # the first-token gap the shares are fractions of
-    no_gap: bool  # its interval includes zero: shares of it are ratios of noise
+    no_gap: bool  # its interval includes zero, or it is below the dtype's resolution: shares of it are noise
     columns: list[dict[str, str]]
     layers: list[int]
     sweep_columns: list[int]
@@ -413,6 +415,8 @@ class PatchResult(ResultRecord):
     summary: list[str]
     timing: dict[str, float]
     attribution_skipped: str | None = None
+    resolution: dict[str, Any] | None = None  # what the run's dtype resolves (`afprobe.behaviour.resolution`)
+    gap_resolved: bool | None = None  # the gap is larger than that (None: not measured)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PatchResult:
@@ -712,6 +716,11 @@ def run_patching(
             f"({probe_set.metrics.store['model']['name']}): patch the model they came from"
         )
     plan = plan_patching(config, loaded, probe_set)
+    resolution = (
+        measure_resolution(loaded.model, loaded.tokenizer, plan.prompt_set, n_pairs=config.resolution_pairs)
+        if config.resolution_pairs > 0
+        else None
+    )
     m = PatchMeasurements.empty(plan)
     total_steps, done = plan.n_steps(), 0
 
@@ -728,7 +737,7 @@ def run_patching(
     sweep_recovery = [recovery(m.sweep[d], totals[d], n_boot=config.n_boot, seed=config.seed) for d in range(2)]
     _measure_components(plan, m, sweep_recovery, tick)
 
-    output = _analyse(plan, m, sweep_recovery)
+    output = _analyse(plan, m, sweep_recovery, resolution)
     if plan.feature_sets is not None:
         _add_feature_rows(output, plan, m)
     output["timing"] = {
@@ -748,9 +757,15 @@ def _rows(estimate: dict[str, np.ndarray]) -> dict[str, list]:
     return {key: np.round(value, 6).tolist() for key, value in estimate.items()}
 
 
-def _analyse(plan: PatchPlan, m: PatchMeasurements, sweep_recovery: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+def _analyse(
+    plan: PatchPlan,
+    m: PatchMeasurements,
+    sweep_recovery: list[dict[str, np.ndarray]],
+    resolution: Resolution | None = None,
+) -> dict[str, Any]:
     """patch.json: shares of the gap with intervals, the top cells, components, attribution's agreement with exact
-    patching, the mediation table and the checks."""
+    patching, the mediation table and the checks. A gap below what the dtype resolves gets no shares in the
+    summary."""
     from afprobe.stats import paired_difference
 
     config, prompt_set, pairs, directions = plan.config, plan.prompt_set, plan.pairs, plan.directions
@@ -759,13 +774,20 @@ def _analyse(plan: PatchPlan, m: PatchMeasurements, sweep_recovery: list[dict[st
     table, readings = _mediation_table(m.mediation, m.totals, plan.med_layers, plan.space_names, directions, config)
     check_rows = _check_rows(plan, m)
 
-    no_gap = not gap.excludes_zero()
+    metric = "first_token_log_odds"
+    resolved = None if resolution is None else resolution.resolves(gap.mean, len(pairs), metric=metric)
+    no_gap = not gap.excludes_zero() or resolved is False
     summary = [
         f"first-token gap ({directions[0].split('->')[1]} minus {directions[0].split('->')[0]}) at the decision "
         f"position: {gap.mean:+.4f} [{gap.ci_low:+.4f}, {gap.ci_high:+.4f}] nats over {len(pairs)} queries"
-        + (" -- no reliable gap, so fractions of it are ratios of noise" if no_gap else "")
+        + (" -- no reliable gap, so fractions of it are ratios of noise" if not gap.excludes_zero() else "")
     ]
-    for name in directions:
+    if resolution is not None:
+        summary.append(
+            resolution.describe(len(pairs), metric=metric)
+            + ("" if resolved else "; the gap is below it, so no share of it is reported: rerun with --dtype float32")
+        )
+    for name in directions if resolved is not False else []:
         top = sweep_out[name]["top"]
         if top:
             t = top[0]
@@ -791,6 +813,8 @@ def _analyse(plan: PatchPlan, m: PatchMeasurements, sweep_recovery: list[dict[st
         "patch_directions": directions,
         "gap": gap.to_dict(),
         "no_gap": no_gap,
+        "resolution": None if resolution is None else resolution.to_dict(),
+        "gap_resolved": resolved,
         "columns": [{"label": c.label, "kind": c.kind} for c in plan.columns],
         "layers": plan.layers,
         "sweep_columns": plan.sweep_columns,

@@ -31,6 +31,7 @@ import torch
 from afprobe import __version__
 from afprobe.analysis.probes import ProbeSet, load_probe_set
 from afprobe.artefacts import ResultRecord, result_file
+from afprobe.behaviour.resolution import Resolution, measure_resolution
 from afprobe.data.prompts import PromptSet, render_pairs
 from afprobe.data.query_sets import load_queries
 from afprobe.errors import AfprobeError
@@ -62,6 +63,7 @@ class SteerConfig(PairedPromptJob):
     ablate: bool = True
     n_boot: int = 2000
     seed: int = 0
+    resolution_pairs: int = 2  # pairs scored again in float32 arithmetic to measure what the dtype resolves
 
     def __post_init__(self) -> None:
         if self.n is None:
@@ -83,6 +85,9 @@ class SteeringResult(ResultRecord):
     settings: list[dict[str, Any]]  # one row per direction, coefficient and kind (steer / ablate)
     verdicts: dict[str, Any]  # per named direction: steering and ablation against the random null
     seconds: float | None = None
+    resolution: dict[str, Any] | None = None  # what the run's dtype resolves (`afprobe.behaviour.resolution`)
+
+    OPTIONAL = ("resolution",)
 
 
 @dataclass
@@ -192,6 +197,11 @@ def run_steering(
             config.prompt_config(),
             max_context=loaded.max_context or None,
         )
+    resolution = (
+        measure_resolution(loaded.model, loaded.tokenizer, harmful, n_pairs=config.resolution_pairs)
+        if config.resolution_pairs > 0
+        else None
+    )
     harmful_scorer = _Scorer(loaded, harmful)
     benign_scorer = _Scorer(loaded, benign) if benign is not None else None
 
@@ -227,7 +237,9 @@ def run_steering(
         if progress is not None:
             progress(done, len(plans))
 
-    output = _analyse(config, settings, harmful, benign, layer, scale, list(available), list(randoms), loaded)
+    output = _analyse(
+        config, settings, harmful, benign, layer, scale, list(available), list(randoms), loaded, resolution
+    )
     output.seconds = time.perf_counter() - start
     out = Path(config.out)
     with results_folder(out):
@@ -262,6 +274,7 @@ def _analyse(
     directions: list[str],
     randoms: list[str],
     loaded: LoadedModel,
+    resolution: Resolution | None = None,
 ) -> SteeringResult:
     trained, untrained = harmful.variant.contrast  # type: ignore[misc]
     baseline = settings[0]
@@ -290,9 +303,11 @@ def _analyse(
 
     rows = [describe(s) for s in settings]
     base_gap = rows[0]["gap"]["mean"]
+    # Below this, a change of the mean gap is within what the dtype's rounding alone produces.
+    band = resolution.of_mean_difference(len(harmful.queries)) if resolution is not None else 0.0
     verdicts = {}
     for name in directions:
-        verdicts[name] = _verdict(name, rows, randoms, base_gap, config.coefficients)
+        verdicts[name] = _verdict(name, rows, randoms, base_gap, config.coefficients, band)
     return SteeringResult(
         afprobe_version=__version__,
         config=asdict(config),
@@ -304,13 +319,20 @@ def _analyse(
         baseline_gap=rows[0]["gap"],
         settings=rows,
         verdicts=verdicts,
+        resolution=None if resolution is None else {**resolution.to_dict(), "mean_difference_resolution": band},
     )
 
 
 def _verdict(
-    name: str, rows: list[dict[str, Any]], randoms: list[str], base_gap: float, coefficients: tuple[float, ...]
+    name: str,
+    rows: list[dict[str, Any]],
+    randoms: list[str],
+    base_gap: float,
+    coefficients: tuple[float, ...],
+    resolution_band: float = 0.0,
 ) -> dict[str, Any]:
-    """Plain statements: does the direction move the gap more than random directions, and is it a uniform shift?"""
+    """Plain statements: does the direction move the gap more than random directions, and is it a uniform shift?
+    A change, or a baseline gap, within `resolution_band` nats is below what the dtype resolves and says so."""
     largest = max(abs(c) for c in coefficients if c != 0)
     verdict: dict[str, Any] = {}
     steer = [r for r in rows if r["direction"] == name and r["kind"] == "steer" and abs(r["coefficient"]) == largest]
@@ -334,12 +356,17 @@ def _verdict(
             "exceeds_random_null": versus.beyond,
             "gap_change_excludes_zero": moves_gap,
             "shifts_both_tiers": shifts_both,
-            "reading": _reading(name, versus.beyond, moves_gap, shifts_both, effect, shift),
+            "resolved": effect > resolution_band,
+            "reading": _reading(name, versus.beyond, moves_gap, shifts_both, effect, shift)
+            if effect > resolution_band
+            else f"steering along {name} changes the gap by {effect:.3g} nats, below the {resolution_band:.3g} nats "
+            "this dtype resolves: rerun with --dtype float32",
         }
     ablation = next((r for r in rows if r["direction"] == name and r["kind"] == "ablate"), None)
     null_ablation = [r["gap"]["mean"] for r in rows if r["direction"] in randoms and r["kind"] == "ablate"]
     if ablation is not None:
-        remaining = ablation["gap"]["mean"] / base_gap if base_gap else float("nan")
+        # A fraction of a gap the dtype does not resolve is a ratio of rounding noise.
+        remaining = ablation["gap"]["mean"] / base_gap if abs(base_gap) > resolution_band else float("nan")
         low, high = np.quantile(null_ablation, [0.025, 0.975]) if null_ablation else (float("nan"),) * 2
         verdict["ablation"] = {
             "gap_after": ablation["gap"],

@@ -20,6 +20,7 @@ import numpy as np
 
 from afprobe import __version__
 from afprobe.artefacts import PER_QUERY_CSV, result_file
+from afprobe.behaviour.resolution import Resolution, measure_resolution, resolution_prompts
 from afprobe.data.prompts import PromptSet, render_pairs
 from afprobe.data.query_sets import dataset_hash, load_queries
 from afprobe.errors import AfprobeError
@@ -41,6 +42,8 @@ class GapConfig(PairedPromptJob):
     sample: int = 0
     max_new_tokens: int = 24
     temperature: float = 1.0
+    # Pairs scored again in float32 arithmetic to measure what the dtype resolves (0: not measured).
+    resolution_pairs: int = 2
 
 
 @dataclass
@@ -53,12 +56,31 @@ class GapResult:
     gaps: dict[str, dict[str, Estimate]]
     per_query: list[dict[str, Any]]
     sampled: dict[str, Any] | None = None
+    resolution: Resolution | None = None
     timing: dict[str, float] = field(default_factory=dict)
     afprobe_version: str = __version__
 
     @property
     def primary_gap(self) -> str | None:
         return next(iter(self.gaps), None)
+
+    def primary_resolved(self) -> bool | None:
+        """Whether the primary gap is larger than the run's dtype resolves (None: no gap or not measured)."""
+        if self.resolution is None or self.primary_gap is None:
+            return None
+        gap = self.gaps[self.primary_gap]["log_odds"]
+        return self.resolution.resolves(gap.mean, gap.n)
+
+    def resolution_json(self) -> dict[str, Any] | None:
+        if self.resolution is None:
+            return None
+        n_pairs = self.dataset["n_queries"]
+        return {
+            **self.resolution.to_dict(),
+            "mean_difference_resolution": self.resolution.of_mean_difference(n_pairs),
+            "n_pairs": n_pairs,
+            "primary_gap_resolved": self.primary_resolved(),
+        }
 
     def to_json(self) -> dict[str, Any]:
         """gap.json."""
@@ -72,6 +94,7 @@ class GapResult:
             "gaps": estimates(self.gaps),
             "tiers": estimates(self.tiers),
             "sampled": self.sampled,
+            "resolution": self.resolution_json(),
             "n_queries": self.dataset["n_queries"],
             "model": self.model,
             "prompts": self.prompts,
@@ -138,7 +161,8 @@ def run_gap(
 
     queries = load_queries(config.dataset, column=config.column, n=config.n)
     prompt_set = render_pairs(loaded.tokenizer, queries, config.prompt_config(), max_context=loaded.max_context or None)
-    total = len(prompt_set.prompts) * (2 if config.sample else 1)
+    measured = resolution_prompts(prompt_set, config.resolution_pairs)
+    total = len(prompt_set.prompts) * (2 if config.sample else 1) + len(measured)
     done = 0
 
     def advance(count: int) -> None:
@@ -164,6 +188,12 @@ def run_gap(
     )
     timing["continuations"] = time.perf_counter() - t0
     timing["per_prompt"] = timing["continuations"] / len(prompts)
+    resolution = None
+    if measured:
+        resolution = measure_resolution(
+            loaded.model, loaded.tokenizer, prompt_set, scores, n_pairs=config.resolution_pairs, on_prompt=advance
+        )
+        timing["resolution"] = resolution.seconds
 
     samples: list[SampleCounts] | None = None
     if config.sample:
@@ -182,6 +212,7 @@ def run_gap(
         timing["sampling"] = time.perf_counter() - t0
 
     result = build_gap_result(config, loaded, prompt_set, scores, samples=samples, prefix_tokens=n_prefix)
+    result.resolution = resolution
     timing["total"] = time.perf_counter() - start
     result.timing = timing
     return result
@@ -319,6 +350,14 @@ def format_gap_table(result: GapResult) -> str:
         primary = result.gaps[result.primary_gap]["log_odds"]  # type: ignore[index]
         verdict = "excludes zero" if primary.excludes_zero() else "includes zero (no detectable gap)"
         lines += ["", f"primary gap {result.primary_gap}: the 95% interval {verdict}"]
+        if result.resolution is not None:
+            line = result.resolution.describe(primary.n)
+            if result.resolution.per_prompt_noise > 0:
+                resolved = result.primary_resolved()
+                line += "; the primary gap is " + (
+                    "above it" if resolved else "below it, so not resolved: rerun with --dtype float32 or more queries"
+                )
+            lines.append(line)
         if primary.n < 10:
             lines.append(
                 f"only {primary.n} queries: a percentile bootstrap is too narrow at this size; read the exact "

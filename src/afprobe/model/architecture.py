@@ -5,6 +5,7 @@
 - Residual-stream sites: index `l < n_layers` is the input of block `l`, index `n_layers` the output of the last
   block. `residual_hooks` is the one place that hooks them (caching, interventions and patching all use it); the
   hidden state is read with `hidden_state_of` / `untuple`, whatever the block's calling convention.
+- The final norm (`final_norm`), which the float32 readout (`afprobe.model.precision`) re-applies.
 - Layer specs (`parse_layers`), TransformerLens hook names, cache kinds, the pad id.
 """
 
@@ -40,6 +41,16 @@ def _walk(root: Any, path: str) -> Any:
     return module
 
 
+# Where the same layouts keep the norm applied to the last block's output before the unembedding.
+FINAL_NORM_PATHS = (
+    "model.norm",
+    "model.language_model.norm",
+    "transformer.ln_f",
+    "gpt_neox.final_layer_norm",
+    "model.decoder.final_layer_norm",
+)
+
+
 def decoder_layers_path(model: Any) -> str:
     """The attribute path of the decoder blocks (`model.layers` for Llama), for wrappers that mirror the tree."""
     for path in DECODER_LAYER_PATHS:
@@ -51,6 +62,20 @@ def decoder_layers_path(model: Any) -> str:
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
     """The decoder blocks of a causal LM, in order."""
     return list(_walk(model, decoder_layers_path(model)))
+
+
+def final_norm(model: Any) -> torch.nn.Module:
+    """The norm between the last block and the unembedding (of the base model, under a PEFT wrapper)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    for path in FINAL_NORM_PATHS:
+        module = _walk(model, path)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise ModelLoadError(
+        f"cannot find the final norm of {type(model).__name__} (looked at {', '.join(FINAL_NORM_PATHS)}): "
+        "run it with --dtype float32"
+    )
 
 
 def text_config(model: Any) -> Any:

@@ -20,6 +20,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from afprobe.model.precision import float32_readout
+
 
 @dataclass
 class PrefixCache:
@@ -127,15 +129,16 @@ def extend_batch_with_grad(
         if any(not 0 <= index < lengths[i] for index in row_keep):
             raise ValueError(f"row {i}: keep indices {list(row_keep)} outside its {lengths[i]} tokens")
     cache = fork_cache(state.cache) if fork else state.cache
-    output = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=torch.tensor(wanted, dtype=torch.long, device=device) if wanted else 1,
-        output_hidden_states=output_hidden_states,
-    )
+    with float32_readout(model):
+        output = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=torch.tensor(wanted, dtype=torch.long, device=device) if wanted else 1,
+            output_hidden_states=output_hidden_states,
+        )
     column = {index: j for j, index in enumerate(wanted)}
     logits = [output.logits[i, [column[index] for index in row_keep]].float() for i, row_keep in enumerate(keep)]
     new_state = BatchState(
@@ -155,9 +158,10 @@ def full_forward_logits(model: Any, input_ids: Sequence[int], positions: Sequenc
     """The plain way: the whole prompt in one forward, logits at `positions` (what prefix sharing must match)."""
     device = next(model.parameters()).device
     ids = torch.tensor([list(input_ids)], device=device)
-    output = model(
-        input_ids=ids,
-        use_cache=False,
-        logits_to_keep=torch.tensor(list(positions), dtype=torch.long, device=device),
-    )
+    with float32_readout(model):
+        output = model(
+            input_ids=ids,
+            use_cache=False,
+            logits_to_keep=torch.tensor(list(positions), dtype=torch.long, device=device),
+        )
     return output.logits[0].float()

@@ -37,6 +37,7 @@ from afprobe.model.architecture import (
     text_config,
 )
 from afprobe.model.forward import PrefixCache, fork_cache
+from afprobe.model.precision import float32_readout
 from afprobe.model.readout import AnswerTokens
 
 Site = Literal["resid", "attn_head", "mlp"]
@@ -158,7 +159,7 @@ class Patcher:
         return tuple(prompt.input_ids[self.prefix.length :]) + self.answers.common
 
     def _metric(self, logits: Tensor) -> float:
-        return float(logits[self.accept_id].float() - logits[self.reject_id].float())
+        return float(logits[self.accept_id] - logits[self.reject_id])
 
     @torch.inference_mode()
     def record(self, prompt: RenderedPrompt) -> PatchRun:
@@ -203,14 +204,15 @@ class Patcher:
         """Run tokens[start:] on `cache` (which holds the prefix and tokens[:start]); logits at the last token."""
         offset = self.prefix.length
         ids = torch.tensor([list(tokens[start:])], device=self.device)
-        output = self.model(
-            input_ids=ids,
-            attention_mask=torch.ones(1, offset + len(tokens), dtype=torch.long, device=self.device),
-            position_ids=torch.arange(offset + start, offset + len(tokens), device=self.device)[None],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with float32_readout(self.model):
+            output = self.model(
+                input_ids=ids,
+                attention_mask=torch.ones(1, offset + len(tokens), dtype=torch.long, device=self.device),
+                position_ids=torch.arange(offset + start, offset + len(tokens), device=self.device)[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return output.logits[0, -1], output.past_key_values
 
     # -- patched runs -----------------------------------------------------------------------------------------------
@@ -347,7 +349,7 @@ class Patcher:
             for layer in range(self.n_layers):
                 handles += self._component_hooks(layer, capture("attn_head", layer), capture("mlp", layer))
             logits, _ = self._forward(receiver.tokens, fork_cache(self.prefix.cache), start=0)
-            metric = logits[self.accept_id].float() - logits[self.reject_id].float()
+            metric = logits[self.accept_id] - logits[self.reject_id]
             keys = list(captured)
             grads = torch.autograd.grad(metric, [captured[key] for key in keys])
         gradient = {key: grad[0].detach() for key, grad in zip(keys, grads, strict=True)}

@@ -22,6 +22,7 @@ from afprobe.data.prompts import PromptSet, RenderedPrompt, answer_token_ids, co
 from afprobe.model.architecture import has_sliding_window, pad_token_id
 from afprobe.model.forward import PrefixCache, compute_prefix_cache, extend_batch, start_batch
 from afprobe.model.memory import MAX_GPU_BATCH, MemoryEstimate, batch_plan
+from afprobe.model.precision import float32_readout
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,8 @@ def score_prompt_full(model: Any, tokenizer: Any, prompt: RenderedPrompt) -> Com
     logits = []
     for continuation in (answers.accept, answers.reject):
         ids = torch.tensor([list(prompt.input_ids) + list(continuation)], device=device)
-        logits.append(model(input_ids=ids, use_cache=False).logits[0].float())
+        with float32_readout(model):
+            logits.append(model(input_ids=ids, use_cache=False).logits[0].float())
     return score_from_full_logits(logits[0], logits[1], prompt.n_tokens, answers)
 
 

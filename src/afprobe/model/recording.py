@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from afprobe.data.prompts import RenderedPrompt
 from afprobe.errors import AfprobeError
 from afprobe.model.architecture import decoder_layers, decoder_layers_path, hook_name, residual_hooks
 from afprobe.model.loading import LoadedModel, shared_weight_copy
+from afprobe.model.precision import float32_readout, needs_float32_readout
 from afprobe.model.readout import (
     AnswerTokens,
     ComplianceScore,
@@ -86,7 +87,7 @@ class FullForwardBackend:
     ) -> tuple[Float[Tensor, "tail vocab"], dict[str, Tensor]]:
         """Logits from position `logits_from` on, and the residual stream at `positions`."""
         tensor = torch.tensor([list(ids)], device=self.loaded.device)
-        with self.recorder.recording([positions or {}]) as record:
+        with self.recorder.recording([positions or {}]) as record, float32_readout(self.loaded.model):
             logits = self.loaded.model(input_ids=tensor, use_cache=False).logits[0, logits_from:].float()
         return logits, {kind: stack_record(record[kind][0], self.layers) for kind in (positions or {})}
 
@@ -99,6 +100,11 @@ class TransformerLensBackend(FullForwardBackend):
     def __init__(self, loaded: LoadedModel, layers: Sequence[int]):
         from transformer_lens.model_bridge import TransformerBridge
 
+        if needs_float32_readout(loaded.model):
+            raise AfprobeError(
+                f"the transformer-lens backend reads logits in the model's dtype ({loaded.dtype}), too coarse for "
+                "log-odds: use --backend hooks, or --dtype float32"
+            )
         self.loaded = loaded
         self.layers = list(layers)
         # TransformerBridge rewires the modules of the model it wraps, so it gets a copy: the user's model stays
@@ -175,7 +181,8 @@ class NNsightBackend(FullForwardBackend):
         n_layers = self.n_layers
         layers = self.layers if wanted else []
         saved = []
-        with self.model.trace(tensor, remote=self.remote):
+        readout = nullcontext() if self.remote else float32_readout(self.wrapped)
+        with readout, self.model.trace(tensor, remote=self.remote):
             for layer in layers:
                 if layer < n_layers:
                     saved.append(envoys[layer].input[0, wanted].save())
