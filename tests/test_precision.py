@@ -19,6 +19,7 @@ from afprobe.model.forward import full_forward_logits
 from afprobe.model.loading import load_model, wrap_model
 from afprobe.model.patching import Patcher
 from afprobe.model.readout import AnswerTokens
+from afprobe.report import build_report
 
 from .conftest import make_tiny_model
 
@@ -142,6 +143,8 @@ def test_resolution_goes_into_gap_json_and_summary(twin_models, tmp_path):
     assert block["mean_difference_resolution"] == pytest.approx(Resolution.from_dict(block).of_mean_difference(3))
     assert isinstance(block["primary_gap_resolved"], bool)
     assert "bfloat16 resolves a mean difference" in format_gap_table(result)
+    page, _ = build_report(tmp_path)
+    assert "bfloat16 run: rounding adds" in page and "the primary gap" in page
     skipped = run_gap(GapConfig(n=2, n_boot=200, resolution_pairs=0), loaded=bf16)
     assert skipped.resolution is None and skipped.to_json()["resolution"] is None
 
@@ -192,3 +195,31 @@ def test_embedded_model_bf16_gap_within_resolution_of_float32():
     assert abs(gap_read - gap_exact) <= read.resolution.of_mean_difference(12, z=Z_TEST)
     values = first_token_values(read)
     assert len(set(values.round(6))) == len(values) and not on_bf16_grid(values)
+
+
+def test_a_loss_on_log_odds_trains_through_the_float32_readout(tokenizer):
+    """Organism training computes its loss from these logits: in bf16 they are float32 and gradients reach the
+    weights, the final norm and the unembedding included."""
+    from afprobe.model.forward import compute_prefix_cache, extend_batch_with_grad, start_batch
+
+    model = copy.deepcopy(make_tiny_model("llama", tokenizer, seed=4).model).to(torch.bfloat16)
+    prefix = compute_prefix_cache(model, list(range(100, 140)))
+    logits, _, _ = extend_batch_with_grad(model, start_batch(prefix, 2), [[5, 6, 7], [8, 9]], [[2], [1]])
+    assert all(row.dtype == torch.float32 and row.requires_grad for row in logits)
+    log_odds = torch.stack([row[-1, 11] - row[-1, 12] for row in logits])
+    torch.nn.functional.softplus(-log_odds).mean().backward()
+    for weight in (model.lm_head.weight, model.model.norm.weight, model.model.layers[1].mlp.down_proj.weight):
+        assert weight.grad is not None and weight.grad.abs().sum() > 0 and weight.grad.dtype == torch.bfloat16
+
+
+def test_cache_backends_read_float32_or_refuse(twin_models):
+    from afprobe.model.recording import make_backend
+
+    bf16, _ = twin_models
+    ids = list(range(100, 160))
+    hooks, _ = make_backend("hooks-full", bf16, [0, 1]).forward(ids, {"last": [59]}, 50)
+    nnsight, _ = make_backend("nnsight", bf16, [0, 1]).forward(ids, {"last": [59]}, 50)
+    assert hooks.dtype == nnsight.dtype == torch.float32
+    assert torch.equal(hooks, nnsight)
+    with pytest.raises(AfprobeError, match="transformer-lens backend reads logits"):
+        make_backend("transformer-lens", bf16, [0, 1])

@@ -152,6 +152,15 @@ def _gap_section(path: Path, root: Path, figure: _Figures) -> str:
     parts.append(
         _table(["contrast", "log-odds (95% CI)", "p", "P(accept) (95% CI)", "first-token log-odds (95% CI)"], rows)
     )
+    resolution = gap.get("resolution")
+    if resolution and resolution.get("per_prompt_noise"):
+        verdict = "resolves" if resolution.get("primary_gap_resolved") else "does NOT resolve"
+        parts.append(
+            f"<p>{html.escape(str(resolution['dtype']))} run: rounding adds {resolution['per_prompt_noise']:.3g} "
+            f"nats to each prompt's log-odds (measured on {resolution['n_prompts']} prompts against float32 "
+            f"arithmetic), so a mean over {resolution['n_pairs']} queries is resolved beyond "
+            f"&plusmn;{resolution['mean_difference_resolution']:.3g} nats: this run {verdict} the primary gap.</p>"
+        )
     per_query = path.parent / PER_QUERY_CSV
     if per_query.is_file():
         parts.append(figure(_per_query_figure(per_query, gap), height=380))
