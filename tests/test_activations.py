@@ -267,7 +267,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tiny_llama, tmp_path):
 def test_unwritable_store_folder(tiny_llama, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(StoreError, match="cannot create store.*writable --out"):
+    with pytest.raises(AfprobeError, match="cannot write to .*store.*choose a writable folder"):
         run_cache(CacheConfig(out=str(blocker / "store"), n=1), loaded=tiny_llama)
     assert blocker.read_text() == "not a folder"
 

@@ -8,6 +8,7 @@ import pytest
 
 from afprobe.behaviour.gap import GapConfig, format_gap_table, run_gap, write_gap
 from afprobe.cli import main
+from afprobe.files import verify_folder
 from afprobe.model import loading as models
 
 from .conftest import make_tiny_model
@@ -138,7 +139,8 @@ def test_full_disk_keeps_earlier_results(tiny_llama, tmp_path, monkeypatch):
     with pytest.raises(AfprobeError, match="No space left on device.*free disk space"):
         write_gap(result, out)
     assert paths["gap"].read_text() == before
-    assert sorted(p.name for p in out.iterdir()) == ["gap.json", "per_query.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["SHA256SUMS", "gap.json", "per_query.csv"]
+    assert verify_folder(out) == []  # the earlier results, still as they were sealed
 
 
 @pytest.mark.embedded

@@ -210,8 +210,10 @@ def test_features_are_grouped_by_what_they_respond_to(tmp_path):
     def noise():
         return 0.3 * torch.randn(n, d, generator=g)
 
-    def paired(name, first_shift, contrast, variant="default", harmful=True):
+    def paired(name, first_shift, contrast, variant="default", harmful=True, both_shift=None):
         base = 2.0 + torch.randn(n, d, generator=g)
+        for feature, shift in (both_shift or {}).items():
+            base[:, feature] += shift
         first, second = base + noise(), base + noise()
         for feature, shift in first_shift.items():
             first[:, feature] += shift
@@ -234,15 +236,9 @@ def test_features_are_grouped_by_what_they_respond_to(tmp_path):
     setting = paired("setting", {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}, ("free", "paid"))
     paired("sa", {1: 1.0}, ("monitored", "unmonitored"))
     paired("tag", {2: 1.0}, ("free", "paid"), variant="tag-only")
-    # Harmless requests carry the same tags, so the same tier differences.
-    benign = paired("benign", {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}, ("free", "paid"), harmful=False)
-    # Lower feature 3 on harmless requests (both tiers): it tracks harmfulness.
-    shard = benign.path / "shards" / "shard-00000.safetensors"
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(shard)
-    tensors["resid.last"][:, 0, 3] -= 1.5
-    save_file(tensors, shard)
+    # Harmless requests carry the same tags, so the same tier differences; feature 3 is lower on them (both tiers):
+    # it tracks harmfulness.
+    benign = paired("benign", {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}, ("free", "paid"), harmful=False, both_shift={3: -1.5})
 
     config = FeatureConfig(
         sae="identity",

@@ -6,10 +6,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from afprobe.errors import AfprobeError
+from afprobe.files import folder_lock
 
 BATCH_HELP = "prompts per forward (default: 1 on CPU; on GPU the largest up to 64 that fits its memory)"
 
@@ -303,6 +305,13 @@ def _report_command(commands: Any) -> None:
     report.add_argument("--out", default=None, help="the HTML file (default RUN_DIR/report.html)")
 
 
+def _verify_command(commands: Any) -> None:
+    verify = commands.add_parser(
+        "verify", help="check every store and results folder under a folder against its checksums"
+    )
+    verify.add_argument("folder", help="a store, a results folder, or any folder above them")
+
+
 def _variants_command(commands: Any) -> None:
     commands.add_parser("variants", help="list the prompt variants")
 
@@ -328,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _organism_command(commands)
     _run_command(commands)
     _report_command(commands)
+    _verify_command(commands)
     _variants_command(commands)
     _prompt_command(commands)
     return parser
@@ -493,6 +503,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
         print(format_gap_table(summary.gap) + "\n")
     resumed = f", {summary.shards_skipped} already there" if summary.shards_skipped else ""
+    if summary.shards_repaired:
+        resumed += f"; {summary.shards_repaired} written over damaged ones whose checksum failed"
     if summary.part is not None:
         state = "finished" if summary.complete else "not finished (rerun the same command to resume)"
         print(
@@ -668,6 +680,32 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from afprobe.store.integrity import verify_tree
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise AfprobeError(f"{folder} is not a folder: give a store or results folder")
+    report = verify_tree(folder)
+    for damage in report.damage:
+        print(f"DAMAGED {damage.describe()}")
+    for unsealed in report.unsealed:
+        print(f"unchecked {unsealed}: results written before afprobe recorded checksums (rerun to seal them)")
+    if not report.stores and not report.sealed:
+        raise AfprobeError(f"nothing under {folder} carries afprobe checksums: give a store or results folder")
+    print(
+        f"{len(report.stores)} stores and {len(report.sealed)} results folders, {report.files_checked} files "
+        f"checked: {'all intact' if report.ok else f'{len(report.damage)} damaged'}"
+    )
+    if not report.ok:
+        print(
+            "a damaged store shard is rewritten by rerunning the `afprobe cache` command that made it; rerun the "
+            "job that wrote any other damaged file",
+            file=sys.stderr,
+        )
+    return 0 if report.ok else 1
+
+
 def _cmd_sae_features(args: argparse.Namespace) -> int:
     from afprobe.analysis.sae_features import run_feature_analysis
 
@@ -794,13 +832,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "patch": _cmd_patch,
         "sae": _cmd_sae,
         "report": _cmd_report,
+        "verify": _cmd_verify,
         "run": _cmd_run,
         "organism": _cmd_organism,
         "variants": _cmd_variants,
         "prompt": _cmd_prompt,
     }
+    # One writer per output folder: `report --out` names a file, and `run` locks its results folder itself.
+    out = getattr(args, "out", None) if args.command not in ("report", "run") else None
     try:
-        return handlers[args.command](args)
+        with folder_lock(Path(out), f"afprobe {args.command}") if out else nullcontext():
+            return handlers[args.command](args)
     except AfprobeError as exc:
         print(f"afprobe: error: {exc}", file=sys.stderr)
         return 2

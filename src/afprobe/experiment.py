@@ -51,7 +51,7 @@ from typing import Any
 from afprobe import __version__
 from afprobe.artefacts import BY_KIND, PER_QUERY_CSV, experiment_file
 from afprobe.errors import AfprobeError
-from afprobe.files import atomic_write_json, atomic_write_text, results_folder
+from afprobe.files import atomic_write_json, atomic_write_text, folder_lock, results_folder, verify_folder
 from afprobe.model.job import PairedPromptJob
 from afprobe.model.loading import LoadedModel
 from afprobe.store.cache_job import CacheConfig, run_cache
@@ -293,8 +293,9 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
 
 
 def _already_done(path: Path, config: Any) -> bool:
-    """True when `path` exists and was written with this exact config (so the step need not run again)."""
-    if not path.is_file():
+    """True when `path` exists, was written with this exact config and its folder is intact (so the step need not
+    run again; a step whose files fail their checksums runs again)."""
+    if not path.is_file() or verify_folder(path.parent):
         return False
     try:
         saved = json.loads(path.read_text()).get("config")
@@ -419,7 +420,18 @@ def run_experiment(
     With a [models] table, the whole pipeline runs once per model into `out/NAME/` (stores in
     `activations-NAME`), then `comparison.json` sets the models side by side (`afprobe.analysis.organisms`)
     and one report covers them all. progress(step, done, total) reports long steps; log(line) one line per step
-    (the CLI prints them)."""
+    (the CLI prints them). The results folder is locked for the whole run: a second run into it is refused."""
+    with folder_lock(Path(config.out), f"afprobe run {config.name}"):
+        return _run_locked(config, loaded=loaded, progress=progress, log=log)
+
+
+def _run_locked(
+    config: ExperimentConfig,
+    *,
+    loaded: LoadedModel | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     if config.models is None:
         return _run_one(config, loaded=loaded, progress=progress, log=log)
     from afprobe.analysis.organisms.comparison import write_comparison

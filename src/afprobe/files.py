@@ -1,13 +1,18 @@
-"""Writing result files so that a crash, a kill or a full disk never leaves a half-written file in place."""
+"""Files on disk: written so that a crash, a kill or a full disk never leaves a half-written file in place;
+sealed with their SHA-256 so that damage afterwards is found (`seal_folder`, `verify_folder`); and written by one
+process at a time (`folder_lock`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
+        stat = path.stat()
+        _WRITTEN[path.resolve()] = (stat.st_size, stat.st_mtime_ns, bytes_sha256(data))
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -59,11 +66,163 @@ def _umask() -> int:
 @contextmanager
 def results_folder(out: Path) -> Iterator[Path]:
     """Create `out` and turn any failed write inside (full disk, no permission) into one error naming the fix;
-    files written before the failure stay as they were (every write is atomic)."""
+    files written before the failure stay as they were (every write is atomic). On success the folder is sealed
+    (`SHA256SUMS`, see `seal_folder`) with what it now holds."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         yield out
+        seal_folder(out)
     except OSError as exc:
         raise AfprobeError(
             f"could not write to {out} ({exc.strerror or exc}): free disk space or change --out"
         ) from exc
+
+
+# -- checksums ------------------------------------------------------------------------------------------------------
+
+# Each sealed folder lists its files' SHA-256 here, in `sha256sum` format (`sha256sum -c SHA256SUMS` checks it too).
+CHECKSUMS = "SHA256SUMS"
+LOCK_FILE = ".afprobe.lock"
+
+# (size, mtime, digest) of the bytes this process wrote, so sealing a folder records what was meant to be written
+# rather than whatever is on disk by then (a file since replaced by other means no longer matches size and mtime).
+_WRITTEN: dict[Path, tuple[int, int, str]] = {}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bytes_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sealed_files(folder: Path) -> list[Path]:
+    """The files a seal of `folder` covers: every file below it, except hidden ones (temporaries, the lock) and the
+    files of subfolders that carry their own seal."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            if not (path / CHECKSUMS).is_file():
+                found += _sealed_files(path)
+        elif path.is_file() and path.name != CHECKSUMS:
+            found.append(path)
+    return found
+
+
+def seal_folder(folder: Path) -> Path:
+    """Write `folder/SHA256SUMS` for every file the seal covers."""
+    lines = []
+    for path in _sealed_files(folder):
+        stat = path.stat()
+        size, mtime, digest = _WRITTEN.get(path.resolve(), (-1, -1, ""))
+        if (size, mtime) != (stat.st_size, stat.st_mtime_ns):
+            digest = file_sha256(path)
+        lines.append(f"{digest}  {path.relative_to(folder).as_posix()}\n")
+    target = folder / CHECKSUMS
+    atomic_write_text(target, "".join(lines))
+    return target
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One file that is not what was written."""
+
+    path: Path
+    problem: str  # "changed", "missing", "unreadable"
+
+    def describe(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+def read_checksums(folder: Path) -> dict[str, str]:
+    """`name -> sha256` from `folder/SHA256SUMS` (empty when the folder is not sealed)."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return {}
+    listed = {}
+    for line in path.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        if name:
+            listed[name] = digest
+    return listed
+
+
+def verify_folder(folder: Path) -> list[Damage]:
+    """Every file listed in `folder/SHA256SUMS` that is missing or differs from its checksum."""
+    damage = []
+    for name, digest in read_checksums(folder).items():
+        path = folder / name
+        if not path.is_file():
+            damage.append(Damage(path, "missing"))
+            continue
+        try:
+            if file_sha256(path) != digest:
+                damage.append(Damage(path, "changed since it was written (checksum differs)"))
+        except OSError as exc:
+            damage.append(Damage(path, f"unreadable ({exc.strerror or exc})"))
+    return damage
+
+
+# -- one writer per folder ------------------------------------------------------------------------------------------
+
+
+_HELD: set[Path] = set()
+
+
+class FolderLocked(AfprobeError):
+    """Another process is writing the folder."""
+
+
+@contextmanager
+def folder_lock(folder: Path, what: str = "afprobe") -> Iterator[Path]:
+    """Hold `folder`'s writer lock while inside; another process asking for it gets a `FolderLocked` naming the
+    holder. The lock is the operating system's (`flock`), so a killed holder releases it at once and the next job
+    takes it over; the lock file itself stays (hidden) and says who held it last."""
+    import fcntl
+    import socket
+
+    key = folder.resolve()
+    if key in _HELD:  # this process holds it already (a command that calls a job which locks the same folder)
+        yield folder / LOCK_FILE
+        return
+    path = folder / LOCK_FILE
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+")
+    except OSError as exc:
+        raise AfprobeError(f"cannot write to {folder} ({exc.strerror or exc}): choose a writable folder") from exc
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise FolderLocked(
+                f"{folder} is being written by {holder}: wait for that job to finish, or write to another folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} ({what}, since {started})\n")
+        handle.flush()
+        _HELD.add(key)
+        try:
+            yield path
+        except BaseException:
+            # A job that fails before writing anything leaves no folder behind.
+            if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                path.unlink()
+                folder.rmdir()
+            raise
+        finally:
+            _HELD.discard(key)
+    finally:
+        handle.close()  # closing the descriptor releases the lock

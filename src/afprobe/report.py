@@ -27,7 +27,7 @@ import plotly.graph_objects as go
 from afprobe import __version__
 from afprobe.artefacts import ARTEFACTS, PER_QUERY_CSV, PROBE_DIRECTIONS
 from afprobe.errors import AfprobeError
-from afprobe.files import atomic_write_text
+from afprobe.files import CHECKSUMS, atomic_write_text, seal_folder
 
 SECTION_TITLES = {artefact.kind: artefact.title for artefact in ARTEFACTS}
 
@@ -520,6 +520,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> tuple[Pa
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
     try:
         atomic_write_text(path, page)
+        if (path.parent / CHECKSUMS).is_file():  # a sealed folder stays sealed with its new report
+            seal_folder(path.parent)
     except OSError as exc:
         raise AfprobeError(f"could not write {path} ({exc.strerror or exc}): free disk space or choose --out") from exc
     summary["bytes"] = path.stat().st_size

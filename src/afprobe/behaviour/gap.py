@@ -24,7 +24,7 @@ from afprobe.behaviour.resolution import Resolution, measure_resolution, resolut
 from afprobe.data.prompts import PromptSet, render_pairs
 from afprobe.data.query_sets import dataset_hash, load_queries
 from afprobe.errors import AfprobeError
-from afprobe.files import atomic_write_text
+from afprobe.files import atomic_write_text, seal_folder
 from afprobe.model.forward import compute_prefix_cache
 from afprobe.model.job import PairedPromptJob
 from afprobe.model.loading import LoadedModel
@@ -311,6 +311,8 @@ def write_gap(result: GapResult, out_dir: str | Path) -> dict[str, Path]:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(csv_path, buffer.getvalue())
+        if not (out / "meta.json").is_file():  # a store is sealed by its writer, once all of it is in
+            seal_folder(out)
     except OSError as exc:
         raise AfprobeError(
             f"could not write results to {out} ({exc.strerror or exc}): free disk space or choose another --out"

@@ -27,6 +27,7 @@ from afprobe.data.contrast import CONTRAST_SETS, load_situational_awareness, ren
 from afprobe.data.prompts import PromptSet, RenderedPrompt, parse_positions, prompt_positions, render_pairs
 from afprobe.data.query_sets import dataset_hash, load_queries
 from afprobe.errors import AfprobeError
+from afprobe.files import CHECKSUMS, folder_lock
 from afprobe.model.architecture import has_sliding_window, hook_name, pad_token_id, parse_layers
 from afprobe.model.forward import PrefixCache, compute_prefix_cache
 from afprobe.model.job import PairedPromptJob
@@ -69,6 +70,7 @@ class CacheSummary:
     seconds: float
     prefix_seconds: float
     gap: GapResult | None = None
+    shards_repaired: int = 0  # finished shards found damaged (checksum) and written again, among shards_written
 
     part: JobPart | None = None
     part_shards: int | None = None  # store shards this part is responsible for
@@ -286,13 +288,26 @@ def run_cache(
     if loaded is None:
         loaded = load_remote_model(config.model, remote=config.remote) if config.remote else config.load()
     plan = plan_cache(config, loaded)
+    with folder_lock(Path(config.out), "afprobe cache"):
+        return _fill_store(config, plan, loaded, progress, stop_after_shards, on_plan, start)
+
+
+def _fill_store(
+    config: CacheConfig,
+    plan: CachePlan,
+    loaded: LoadedModel,
+    progress: Callable[[int, int], None] | None,
+    stop_after_shards: int | None,
+    on_plan: Callable[[MemoryEstimate], None] | None,
+    start: float,
+) -> CacheSummary:
     writer = StoreWriter.open(config.out, plan.meta)
     full_forward = config.backend != "hooks" or bool(config.remote)
     forward = _FullForwardPass(plan, loaded) if full_forward else _PrefixSharedPass(plan, loaded, on_plan)
 
     owned = plan.owned_shards()
     total = sum(len(plan.shard_rows(shard)) for shard in owned)
-    written = skipped = done = 0
+    written = skipped = repaired = done = 0
 
     def advance(count: int) -> None:
         nonlocal done
@@ -302,7 +317,8 @@ def run_cache(
 
     for shard in owned:
         indices = plan.shard_rows(shard)
-        if writer.has_shard(shard):
+        state = writer.check_shard(shard)
+        if state == "done":
             skipped += 1
             advance(len(indices))
             continue
@@ -312,6 +328,7 @@ def run_cache(
         tensors, rows = _shard_contents(plan, loaded, shard, indices, scores, acts)
         writer.write_shard(shard, tensors, rows)
         written += 1
+        repaired += state == "damaged"
 
     summary = CacheSummary(
         path=Path(config.out),
@@ -319,6 +336,7 @@ def run_cache(
         n_shards=plan.n_shards,
         shards_written=written,
         shards_skipped=skipped,
+        shards_repaired=repaired,
         seconds=time.perf_counter() - start,
         prefix_seconds=forward.prefix_seconds,
         part=plan.part,
@@ -327,7 +345,19 @@ def run_cache(
     )
     if summary.complete and plan.part is None:
         summary.gap = finish_store(writer, config, loaded, plan.prompt_set, plan.prefix_len)
+    else:
+        _seal(writer)
     return summary
+
+
+def _seal(writer: StoreWriter) -> None:
+    try:
+        writer.seal()
+    except OSError as exc:
+        raise StoreError(
+            f"could not write {writer.folder / CHECKSUMS} ({exc.strerror}): free disk space and rerun the same "
+            "command (the shards are intact)"
+        ) from exc
 
 
 def finish_store(
@@ -341,6 +371,7 @@ def finish_store(
         write_gap(gap, out)
     except OSError as exc:
         raise StoreError(f"could not write {out / 'manifest.csv'} ({exc.strerror}): free disk space and rerun") from exc
+    _seal(writer)
     return gap
 
 

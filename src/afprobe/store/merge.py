@@ -9,11 +9,12 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from afprobe.behaviour.gap import GapResult
+from afprobe.files import folder_lock
 from afprobe.model.loading import LoadedModel, load_tokenizer_only
 from afprobe.store.cache_job import CacheConfig, build_prompt_set, finish_store
-from afprobe.store.format import IDENTITY_FIELDS, StoreError, StoreMeta
+from afprobe.store.format import IDENTITY_FIELDS, StoreError, StoreMeta, shard_name
 from afprobe.store.reader import ActivationStore
-from afprobe.store.writer import StoreWriter, short_repr
+from afprobe.store.writer import StoreWriter, shard_intact, short_repr
 
 
 @dataclass
@@ -91,12 +92,37 @@ def merge_stores(
             "run or finish those parts (rerunning a part resumes it), then merge again"
         )
 
+    damaged = [
+        source[shard] / shard_name(shard)
+        for shard in range(n_shards)
+        if not shard_intact(source[shard] / shard_name(shard))
+    ]
+    if damaged:
+        raise StoreError(
+            f"{len(damaged)} shard(s) of the parts are damaged (checksum differs), first {damaged[0]}: rerun the "
+            "part that wrote each (it rewrites damaged shards), then merge again"
+        )
+
     out_path = Path(out)
     merged_meta = replace(metas[0], part=None, config={**metas[0].config, "out": str(out_path), "part": None})
+    with folder_lock(out_path, "afprobe merge"):
+        return _merge_into(out_path, merged_meta, source, n_prompts, n_shards, loaded, progress, start)
+
+
+def _merge_into(
+    out_path: Path,
+    merged_meta: StoreMeta,
+    source: dict[int, Path],
+    n_prompts: int,
+    n_shards: int,
+    loaded: LoadedModel | None,
+    progress: Callable[[int, int], None] | None,
+    start: float,
+) -> MergeSummary:
     writer = StoreWriter.open(out_path, merged_meta)
     copied = present = 0
     for shard in range(n_shards):
-        if writer.has_shard(shard):
+        if writer.check_shard(shard) == "done":
             present += 1
         else:
             writer.copy_shard(shard, source[shard].parent)

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from afprobe.files import file_sha256
 from afprobe.model.architecture import hook_name
 from afprobe.store.format import StoreError, StoreMeta, StoreRow, flat_row, shard_name
 
@@ -34,6 +35,9 @@ class _MappedShard:
     def __init__(self, path: Path):
         self.path = path
         self.data_start, self.header = _read_safetensors_header(path)
+        end = max((info["data_offsets"][1] for key, info in self.header.items() if key != "__metadata__"), default=0)
+        if path.stat().st_size < self.data_start + end:
+            raise ValueError(f"truncated: {path.stat().st_size} bytes of {self.data_start + end}")
         with path.open("rb") as handle:
             self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
 
@@ -60,22 +64,50 @@ class ActivationStore:
     >>> acts = store.activations("last", layers=[10, 20], rows=rows)   # [rows, 2, d_model]
     """
 
-    def __init__(self, path: Path, meta: StoreMeta, rows: list[StoreRow]):
+    def __init__(
+        self,
+        path: Path,
+        meta: StoreMeta,
+        rows: list[StoreRow],
+        checksums: dict[int, str] | None = None,
+        *,
+        verify: bool = True,
+    ):
         self.path = path
         self.meta = meta
         self.rows = rows
+        self.checksums = checksums or {}  # shard -> SHA-256 of its tensors, recorded when it was written
+        self.verify = verify
         self._shards: dict[int, _MappedShard] = {}
 
     @classmethod
-    def open(cls, path: str | Path, *, allow_incomplete: bool = False) -> ActivationStore:
+    def open(cls, path: str | Path, *, allow_incomplete: bool = False, verify: bool = True) -> ActivationStore:
+        """verify: check each shard against its recorded checksum the first time it is read (one read of the file,
+        about as long as reading its tensors once; `afprobe verify` checks a whole store up front)."""
         folder = Path(path)
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
             raise StoreError(f"{folder} is not an activation store (no meta.json): run `afprobe cache --out {folder}`")
-        meta = StoreMeta.from_json(json.loads(meta_path.read_text()))
+        try:
+            meta = StoreMeta.from_json(json.loads(meta_path.read_text()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(
+                f"{meta_path} is damaged ({type(exc).__name__}): run `afprobe verify {folder}`, then recreate the "
+                "store with the same `afprobe cache` command into a new folder"
+            ) from exc
         rows: list[StoreRow] = []
+        checksums: dict[int, str] = {}
         for shard_json in sorted((folder / "shards").glob("shard-*.json")):
-            rows.extend(StoreRow(**row) for row in json.loads(shard_json.read_text())["rows"])
+            try:
+                content = json.loads(shard_json.read_text())
+                rows.extend(StoreRow(**row) for row in content["rows"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreError(
+                    f"{shard_json} is damaged ({type(exc).__name__}): rerun the same `afprobe cache` command to "
+                    "rewrite it"
+                ) from exc
+            if content.get("sha256"):
+                checksums[int(content["shard"])] = content["sha256"]
         rows.sort(key=lambda r: r.row)
         if not allow_incomplete and meta.part:
             part = meta.part
@@ -88,7 +120,7 @@ class ActivationStore:
                 f"store {folder} is incomplete ({len(rows)} of {meta.n_prompts} prompts): "
                 "rerun the same `afprobe cache` command to finish it"
             )
-        return cls(folder, meta, rows)
+        return cls(folder, meta, rows, checksums, verify=verify)
 
     # -- what is in it ------------------------------------------------------------------------------------------
     @property
@@ -156,7 +188,14 @@ class ActivationStore:
     # -- tensors ------------------------------------------------------------------------------------------------
     def _shard(self, index: int) -> _MappedShard:
         if index not in self._shards:
-            self._shards[index] = _MappedShard(self.path / "shards" / f"{shard_name(index)}.safetensors")
+            path = self.path / "shards" / f"{shard_name(index)}.safetensors"
+            fix = f"rerun the same `afprobe cache` command to rewrite it (`afprobe verify {self.path}` lists all)"
+            try:
+                if self.verify and index in self.checksums and file_sha256(path) != self.checksums[index]:
+                    raise StoreError(f"{path} is damaged (its checksum differs from the one recorded): {fix}")
+                self._shards[index] = _MappedShard(path)
+            except (OSError, ValueError, struct.error) as exc:
+                raise StoreError(f"{path} cannot be read ({type(exc).__name__}): {fix}") from exc
         return self._shards[index]
 
     def _layer_columns(self, layers: Sequence[int] | None, kind: str | None = None) -> list[int]:

@@ -1,6 +1,7 @@
 """The one writer of an activation store: meta.json first (or the check that an existing store is this job's), then
-shards (tensors first, rows last, each file atomic), then manifest.csv. The cache job, the merge of parts and
-`create_store` (activations from elsewhere) all write through `StoreWriter`."""
+shards (tensors first, then rows with the tensors' SHA-256, each file atomic), then manifest.csv and SHA256SUMS.
+The cache job, the merge of parts and `create_store` (activations from elsewhere) all write through `StoreWriter`;
+the jobs hold the store's writer lock (`afprobe.files.folder_lock`) while they write."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
-from afprobe.files import atomic_write_bytes, atomic_write_json
+from afprobe.files import atomic_write_bytes, atomic_write_json, bytes_sha256, file_sha256, seal_folder
 from afprobe.model.architecture import hook_name
 from afprobe.store.format import IDENTITY_FIELDS, StoreError, StoreMeta, StoreRow, flat_row, shard_name
 from afprobe.store.reader import ActivationStore
@@ -48,6 +49,18 @@ class StoreWriter:
         """A shard is finished once its row file exists (it is written last)."""
         return self._base(index).with_suffix(".json").is_file()
 
+    def check_shard(self, index: int) -> str:
+        """`done`, `missing`, or `damaged`: finished, but its tensors no longer match the checksum in its row file
+        (or either file is unreadable). A damaged shard's files are removed, so that the job writes it again."""
+        base = self._base(index)
+        if not self.has_shard(index):
+            return "missing"
+        if shard_intact(base):
+            return "done"
+        base.with_suffix(".json").unlink(missing_ok=True)
+        base.with_suffix(".safetensors").unlink(missing_ok=True)
+        return "damaged"
+
     def finished_shards(self) -> int:
         return len(list((self.folder / "shards").glob("shard-*.json")))
 
@@ -57,9 +70,12 @@ class StoreWriter:
         from safetensors.torch import save
 
         base = self._base(index)
+        blob = save(tensors, metadata={"shard": str(index)})
         try:
-            atomic_write_bytes(base.with_suffix(".safetensors"), save(tensors, metadata={"shard": str(index)}))
-            atomic_write_json(base.with_suffix(".json"), {"shard": index, "rows": list(rows)})
+            atomic_write_bytes(base.with_suffix(".safetensors"), blob)
+            atomic_write_json(
+                base.with_suffix(".json"), {"shard": index, "sha256": bytes_sha256(blob), "rows": list(rows)}
+            )
         except OSError as exc:
             base.with_suffix(".safetensors").unlink(missing_ok=True)
             raise StoreError(
@@ -86,6 +102,20 @@ class StoreWriter:
         write_manifest_csv(self.folder, rows)
         return rows
 
+    def seal(self) -> None:
+        """SHA256SUMS over every file of the store (meta.json, manifest, shards, gap files)."""
+        seal_folder(self.folder)
+
+
+def shard_intact(base: Path) -> bool:
+    """Whether a finished shard's row file reads and its tensors match the checksum recorded there (shards written
+    before checksums were recorded only need to read)."""
+    try:
+        recorded = json.loads(base.with_suffix(".json").read_text()).get("sha256")
+        return recorded is None or file_sha256(base.with_suffix(".safetensors")) == recorded
+    except (OSError, ValueError):
+        return False
+
 
 def _check_or_write_meta(out: Path, meta: StoreMeta) -> None:
     meta_path = out / "meta.json"
@@ -105,7 +135,7 @@ def _check_or_write_meta(out: Path, meta: StoreMeta) -> None:
                 "give each --shard its own --out folder"
             )
         return
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(not path.name.startswith(".") for path in out.iterdir()):
         raise StoreError(f"{out} exists and is not an activation store: choose an empty or new --out folder")
     (out / "shards").mkdir(parents=True, exist_ok=True)
     atomic_write_json(meta_path, meta.to_json())
@@ -220,4 +250,5 @@ def create_store(
     ]
     writer = StoreWriter.open(folder, meta)
     writer.write_shard(0, {f"resid.{k}": v.float().contiguous() for k, v in activations.items()}, rows)
+    writer.seal()
     return ActivationStore.open(folder)

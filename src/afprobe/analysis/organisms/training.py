@@ -295,5 +295,6 @@ def train_organism(
             "log": log,
         },
     }
-    atomic_write_json(out / "organism.json", record)
+    with results_folder(out):
+        atomic_write_json(out / "organism.json", record)
     return record

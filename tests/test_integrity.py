@@ -1,0 +1,300 @@
+"""Nothing silently wrong on disk: checksummed stores and results folders, `afprobe verify`, one writer per folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from afprobe.behaviour.gap import GapConfig, run_gap, write_gap
+from afprobe.cli import main
+from afprobe.files import CHECKSUMS, LOCK_FILE, FolderLocked, folder_lock, read_checksums
+from afprobe.store.cache_job import CacheConfig, run_cache
+from afprobe.store.format import StoreError
+from afprobe.store.integrity import verify_tree
+from afprobe.store.merge import merge_stores
+from afprobe.store.reader import ActivationStore
+
+JOB = dict(n=4, shard_size=2, layers="0,1,2", positions="tag,last")
+
+
+def flip_bytes(path, count: int = 1000) -> None:
+    """Invert `count` bytes in the middle of a file (inside a shard's tensor data, past its header)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, min(middle + count, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture()
+def store(tiny_llama, tmp_path):
+    out = tmp_path / "store"
+    summary = run_cache(CacheConfig(out=str(out), **JOB), loaded=tiny_llama)
+    assert summary.complete
+    return out
+
+
+def test_a_finished_store_is_sealed_and_verifies(store):
+    listed = read_checksums(store)
+    expected = {"meta.json", "manifest.csv", "gap.json", "shards/shard-00000.safetensors", "shards/shard-00001.json"}
+    assert expected <= set(listed)
+    report = verify_tree(store)
+    assert report.ok and report.stores == [store] and report.files_checked >= len(listed)
+
+
+def test_flipped_bytes_are_refused_named_and_repaired_by_rerunning(tiny_llama, store, capsys):
+    shard = store / "shards" / "shard-00001.safetensors"
+    original = ActivationStore.open(store).activations("last")
+    flip_bytes(shard)
+
+    # Reading the damaged shard fails with what to do; the undamaged one still reads.
+    opened = ActivationStore.open(store)
+    assert opened.row_tokens(0, "last").shape[0] == 1
+    with pytest.raises(StoreError, match="shard-00001.safetensors is damaged.*rerun the same `afprobe cache`"):
+        opened.activations("last")
+    # verify names exactly that file and exits non-zero.
+    report = verify_tree(store)
+    assert [d.path for d in report.damage] == [shard]
+    assert main(["verify", str(store)]) == 1
+    printed = capsys.readouterr().out
+    assert f"DAMAGED {shard}" in printed and "1 damaged" in printed
+
+    # The same cache command rewrites the damaged shard (and only it); the store is then what it was.
+    summary = run_cache(CacheConfig(out=str(store), **JOB), loaded=tiny_llama)
+    assert summary.shards_repaired == 1 and summary.shards_written == 1 and summary.shards_skipped == 3
+    assert torch.equal(ActivationStore.open(store).activations("last"), original)
+    assert verify_tree(store).ok and main(["verify", str(store)]) == 0
+
+
+def test_truncated_missing_and_changed_files_are_named(store, tiny_llama, tmp_path):
+    results = tmp_path / "results" / "gap"
+    write_gap(run_gap(GapConfig(n=2, n_boot=100, resolution_pairs=0), loaded=tiny_llama), results)
+    assert set(read_checksums(results)) == {"gap.json", "per_query.csv"}
+    assert verify_tree(tmp_path).ok
+
+    per_query = results / "per_query.csv"
+    per_query.write_bytes(per_query.read_bytes()[:40])  # truncated
+    (results / "gap.json").unlink()  # missing
+    (store / "meta.json").write_text((store / "meta.json").read_text().replace('"tag"', '"tak"'))  # changed
+    (store / "shards" / "shard-00000.safetensors").unlink()  # a store's shard missing
+    report = verify_tree(tmp_path)
+    problems = {d.path.name: d.problem for d in report.damage}
+    assert problems["per_query.csv"].startswith("changed") and problems["gap.json"] == "missing"
+    assert problems["meta.json"].startswith("changed") and problems["shard-00000.safetensors"] == "missing"
+    assert len(report.damage) == 4 and len(report.stores) == 1 and len(report.sealed) == 1
+    with pytest.raises(StoreError, match="shard-00000.safetensors cannot be read"):
+        ActivationStore.open(store).activations("last")
+
+
+def test_merge_refuses_a_damaged_part(tiny_llama, tmp_path):
+    parts = []
+    for index in range(2):
+        out = tmp_path / f"part{index}"
+        run_cache(CacheConfig(out=str(out), part=f"{index}/2", **JOB), loaded=tiny_llama)
+        parts.append(out)
+    flip_bytes(parts[1] / "shards" / "shard-00001.safetensors")
+    with pytest.raises(StoreError, match="damaged.*part1/shards/shard-00001.*rerun the part"):
+        merge_stores(parts, tmp_path / "merged", loaded=tiny_llama)
+    assert not (tmp_path / "merged").exists()
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from afprobe.files import folder_lock
+with folder_lock(Path(sys.argv[1]), "afprobe cache (test holder)"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_one_writer_per_folder_and_a_killed_writer_is_taken_over(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "store"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderLocked, match=rf"being written by process {holder.pid} .*test holder.*wait"):
+            run_cache(CacheConfig(out=str(out), **JOB), loaded=tiny_llama)
+        assert not (out / "meta.json").exists()  # nothing was written by the refused job
+        # Two `afprobe run`s of one experiment: the second stops before it loads anything.
+        experiment = tmp_path / "exp.toml"
+        experiment.write_text(f'name = "x"\nout = "{out}"\n[job]\nmodel = "no-such-model"\n')
+        assert main(["run", str(experiment)]) == 2
+        assert f"being written by process {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The killed holder's lock file is still there, but its lock died with it: the next job takes over.
+    assert (out / LOCK_FILE).is_file()
+    assert run_cache(CacheConfig(out=str(out), **JOB), loaded=tiny_llama).complete
+    assert f"process {os.getpid()} " in (out / LOCK_FILE).read_text()
+
+
+def test_the_lock_is_reentrant_in_one_process_and_released_on_error(tmp_path):
+    with folder_lock(tmp_path / "x"), folder_lock(tmp_path / "x"):
+        pass
+    with pytest.raises(RuntimeError), folder_lock(tmp_path / "x"):
+        raise RuntimeError("job failed")
+    with folder_lock(tmp_path / "x"):  # released by the failure above
+        pass
+
+
+def test_a_sealed_folder_covers_its_unsealed_subfolders(tmp_path, store):
+    target = tmp_path / "copy"
+    shutil.copytree(store, target / "inner")
+    (target / "inner" / CHECKSUMS).unlink()
+    (target / "run.json").write_text("{}")
+    from afprobe.files import seal_folder
+
+    seal_folder(target)
+    report = verify_tree(target)
+    assert report.ok and report.unsealed == [] and report.sealed == [target]
+
+
+EXPERIMENT = """
+name = "killed"
+out = "{base}/results"
+activations = "{base}/store"
+[job]
+model = "{model}"
+n = 3
+[cache]
+layers = "0,1,2"
+positions = "tag,last"
+stores = ["benign"]
+shard_size = 2
+[probes]
+folds = 3
+n_random = 2
+n_shuffles = 1
+[steering]
+n = 2
+coefficients = [1.0]
+n_random = 2
+benign_n = 1
+n_boot = 100
+[patching]
+n = 2
+layers = "0,2"
+positions = "key"
+components = false
+mediation_layers = "1"
+n_random = 2
+n_boot = 100
+"""
+
+
+def _experiment(tmp_path, name: str, model) -> list[str]:
+    base = tmp_path / name
+    base.mkdir()
+    (base / "experiment.toml").write_text(EXPERIMENT.format(base=base, model=model))
+    return [sys.executable, "-m", "afprobe.cli", "run", str(base / "experiment.toml")]
+
+
+def _results_without_timing(base) -> dict[str, object]:
+    """The step results, without timings and with the run's own folder written as BASE."""
+    import json
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if "second" not in k and k != "timing"}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value.replace(str(base), "BASE") if isinstance(value, str) else value
+
+    files = ("probes/metrics.json", "steering/steering.json", "patching/patch.json", "stores/store/gap.json")
+    return {name: clean(json.loads((base / "results" / name).read_text())) for name in files}
+
+
+def test_afprobe_run_killed_inside_and_between_steps_resumes_to_the_uninterrupted_result(tiny_llama, tmp_path):
+    folder = tmp_path / "model"
+    tiny_llama.model.save_pretrained(folder)
+    tiny_llama.tokenizer.save_pretrained(folder)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = _experiment(tmp_path, "killed", folder)
+    # Killed while the main store is being cached, then again once the probes are written (in the steering step).
+    for marker in ("killed/store/shards/shard-00001.json", "killed/results/probes/metrics.json"):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and not (tmp_path / marker).exists() and process.poll() is None:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "killed" / "results" / "patching" / "patch.json").exists()
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    assert verify_tree(tmp_path / "killed").ok
+
+    assert subprocess.run(_experiment(tmp_path, "fresh", folder), env=env, capture_output=True).returncode == 0
+    assert _results_without_timing(tmp_path / "killed") == _results_without_timing(tmp_path / "fresh")
+
+
+@pytest.fixture(scope="module")
+def analysis_inputs(tiny_llama, tmp_path_factory):
+    from .conftest import make_probes
+
+    return make_probes(tiny_llama, tmp_path_factory.mktemp("inputs"))
+
+
+def _analysis(kind: str, inputs, out):
+    from afprobe.analysis.patching import PatchConfig, run_patching
+    from afprobe.analysis.probes import ProbeConfig, run_probes
+    from afprobe.analysis.steering import SteerConfig, run_steering
+
+    directions = str(inputs / "probes")
+    if kind == "probes":
+        return lambda loaded: run_probes(
+            ProbeConfig(cache=str(inputs / "main"), out=str(out), folds=3, n_random=2, n_shuffles=1)
+        )
+    if kind == "steering":
+        config = SteerConfig(
+            directions=directions, out=str(out), n=2, coefficients=(1.0,), n_random=1, ablate=False, n_boot=100
+        )
+        return lambda loaded: run_steering(config, loaded=loaded)
+    config = PatchConfig(
+        directions=directions,
+        out=str(out),
+        n=2,
+        layers="0,2",
+        positions="key",
+        components=False,
+        attribution=False,
+        mediation_layers="1",
+        n_random=2,
+        n_boot=100,
+    )
+    return lambda loaded: run_patching(config, loaded=loaded)
+
+
+@pytest.mark.parametrize("kind", ["probes", "steering", "patching"])
+def test_a_full_disk_during_a_results_writer_keeps_the_earlier_results(
+    kind, tiny_llama, analysis_inputs, tmp_path, monkeypatch
+):
+    import errno
+
+    import afprobe.files as files_module
+    from afprobe.errors import AfprobeError
+    from afprobe.files import verify_folder
+
+    out = tmp_path / kind
+    run = _analysis(kind, analysis_inputs, out)
+    run(tiny_llama)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert CHECKSUMS in before and verify_folder(out) == []
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files_module.os, "fsync", disk_full)
+    with pytest.raises(AfprobeError, match="No space left on device.*free disk space") as info:
+        run(tiny_llama)
+    assert "\n" not in str(info.value)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert verify_folder(out) == []
