@@ -298,3 +298,70 @@ def test_a_full_disk_during_a_results_writer_keeps_the_earlier_results(
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert verify_folder(out) == []
+
+
+def _job_commands(inputs, model_folder, out) -> dict[str, list[str]]:
+    cli = [sys.executable, "-m", "afprobe.cli"]
+    return {
+        "patch": [
+            *cli, "patch", "--model", str(model_folder), "--directions", str(inputs / "probes"), "--n", "3",
+            "--layers", "all", "--positions", "key", "--mediation-layers", "1", "--n-random", "2", "--n-boot", "100",
+            "--out", str(out),
+        ],
+        "sae train": [
+            *cli, "sae", "train", "--cache", str(inputs / "main"), "--layer", "1", "--d-sae", "64", "--k", "4",
+            "--epochs", "40", "--batch-size", "8", "--loss-prompts", "0", "--out", str(out),
+        ],
+        "organism train": [
+            *cli, "organism", "train", "--kind", "token", "--model", str(model_folder), "--steps", "6",
+            "--batch-size", "2", "--check-n", "0", "--out", str(out),
+        ],
+    }  # fmt: skip
+
+
+def _job_outputs(out) -> dict[str, object]:
+    """Every file a job wrote, JSON without timings; weights byte for byte."""
+    import json
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if "second" not in k and k not in ("timing", "out")}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    found: dict[str, object] = {}
+    for path in sorted(out.rglob("*")):
+        if path.is_file() and not path.name.startswith(".") and path.name != CHECKSUMS and path.suffix != ".html":
+            found[path.name] = clean(json.loads(path.read_text())) if path.suffix == ".json" else path.read_bytes()
+    return found
+
+
+@pytest.mark.parametrize("job", ["patch", "sae train", "organism train"])
+def test_a_job_killed_halfway_then_rerun_equals_an_uninterrupted_run(job, tiny_llama, analysis_inputs, tmp_path):
+    model_folder = tmp_path / "model"
+    model = tiny_llama.model
+    if job == "organism train":  # the organisms' fixed recipe adapts layers 10 and up
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        config = model.config.__class__(**{**model.config.to_dict(), "num_hidden_layers": 12})
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(model_folder)
+    tiny_llama.tokenizer.save_pretrained(model_folder)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    fresh, killed = tmp_path / "fresh", tmp_path / "killed"
+
+    started = time.time()
+    done = subprocess.run(_job_commands(analysis_inputs, model_folder, fresh)[job], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    duration = time.time() - started
+
+    command = _job_commands(analysis_inputs, model_folder, killed)[job]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(duration / 2)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the job ended before it could be killed"
+    assert subprocess.run(command, env=env, capture_output=True).returncode == 0
+    assert verify_tree(killed).ok
+    assert _job_outputs(killed) == _job_outputs(fresh)

@@ -269,6 +269,9 @@ def train_organism(
             # Name the base as afprobe does, not by this machine's cache path (organism.json has its weights hash).
             adapter_config = json.loads((out / "adapter_config.json").read_text())
             adapter_config["base_model_name_or_path"] = config.model
+            # PEFT writes a set in hash order, which differs between processes: sorted, the file is reproducible.
+            if isinstance(adapter_config.get("target_modules"), list):
+                adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
             atomic_write_json(out / "adapter_config.json", adapter_config)
     finally:
         # Take the LoRA layers out again, so the caller's model is the base model it gave us.
