@@ -11,7 +11,7 @@ QUICKSTART ?= experiments/quickstart.toml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.afprobe-installed
 
-.PHONY: install quickstart test lint bench clean
+.PHONY: install quickstart test lint bench conformance gpu-check-prep gpu-check clean
 
 install: $(STAMP)
 
@@ -38,6 +38,27 @@ bench: install
 	$(BIN)/python benchmarks/bench_gap.py
 	$(BIN)/python benchmarks/bench_cache.py
 	$(BIN)/python benchmarks/bench_patch.py --pairs 2 --layers 0-30:6 --naive-cells 12
+
+conformance: install
+	$(BIN)/python benchmarks/doctor_matrix.py --embedded --out doctor-matrix.json
+
+# The GPU check runs where only torch and transformers are installed: gpu-check-prep copies (here) the tokenizer and the
+# pure-Python packages afprobe's model code imports into .gpu-carry/, which travels with the working tree.
+GPU_CARRY := .gpu-carry
+gpu-check-prep: install
+	rm -rf $(GPU_CARRY) && mkdir -p $(GPU_CARRY)/site $(GPU_CARRY)/tokenizer
+	$(BIN)/python -c "from afprobe.model.loading import _dequantized_folder as d, embedded_gguf_path as e; \
+		import shutil, pathlib; [shutil.copy(f, '$(GPU_CARRY)/tokenizer') for f in pathlib.Path(d(e())).iterdir() \
+		if 'token' in f.name or 'chat_template' in f.name]"
+	for pkg in jaxtyping wadler_lindig psutil; do \
+		cp -r "$$($(BIN)/python -c "import $$pkg, os; print(os.path.dirname($$pkg.__file__))")" $(GPU_CARRY)/site/; done
+
+gpu-check:
+	PYTHONPATH=src:$(GPU_CARRY)/site PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/doctor_matrix.py --device cuda \
+		--dtypes bfloat16,float32 --cpu-baseline --families llama,qwen3,gemma3 --tokenizer $(GPU_CARRY)/tokenizer \
+		--out $${OUT:-.}/gpu-check.json
+	PYTHONPATH=src:$(GPU_CARRY)/site PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/gpu_check_precision.py --device cuda \
+		--out $${OUT:-.}
 
 clean:
 	rm -rf $(VENV) .pytest_cache results/quickstart activations/quickstart activations/quickstart-sa \

@@ -9,8 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-import torch
 
+from afprobe.model.families import random_model
 from afprobe.model.loading import LoadedModel, _dequantized_folder, embedded_gguf_path, wrap_model
 
 FAMILIES = ("llama", "gemma3", "qwen2")
@@ -32,34 +32,9 @@ def tokenizer(embedded_folder):
     return tok
 
 
-def tiny_config(family: str, vocab_size: int, max_positions: int = 8192):
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
-
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-    )
-    if family == "llama":
-        return LlamaConfig(num_hidden_layers=2, **common)
-    if family == "qwen2":
-        return Qwen2Config(num_hidden_layers=2, **common)
-    if family == "gemma3":
-        # A sliding window much shorter than the prompts, so the windowed layers are really exercised.
-        return Gemma3TextConfig(num_hidden_layers=4, head_dim=16, sliding_window=64, **common)
-    raise ValueError(family)
-
-
 def make_tiny_model(family: str, tokenizer, *, seed: int = 0, max_positions: int = 8192) -> LoadedModel:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_config(family, len(tokenizer), max_positions)
-    config._attn_implementation = "sdpa"
-    model = AutoModelForCausalLM.from_config(config)
+    """A 2-layer (4 for the Gemmas) random model of `family`, hidden size 64 (`afprobe.model.families`)."""
+    model = random_model(family, len(tokenizer), seed=seed, max_positions=max_positions)
     return wrap_model(model, tokenizer, name=f"tiny-{family}")
 
 

@@ -12,6 +12,7 @@ from afprobe.cli import CONFIG_BUILDERS, build_parser
 # The flags each command needs, and the config fields those flags give.
 REQUIRED = {
     "gap": (["gap", "--out", "R"], {}),
+    "doctor": (["doctor"], {}),
     "cache": (["cache", "--out", "S"], {"out": "S"}),
     "probe": (["probe", "--cache", "S", "--out", "P"], {"cache": "S", "out": "P"}),
     "steer": (["steer", "--directions", "P", "--out", "R"], {"directions": "P", "out": "R"}),
@@ -30,6 +31,7 @@ REQUIRED = {
 # Config fields the command deliberately sets itself rather than through a flag of the same name.
 NOT_FLAGS = {
     "gap": set(),
+    "doctor": set(),
     "cache": set(),
     "probe": set(),
     "steer": set(),

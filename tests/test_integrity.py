@@ -365,3 +365,132 @@ def test_a_job_killed_halfway_then_rerun_equals_an_uninterrupted_run(job, tiny_l
     assert subprocess.run(command, env=env, capture_output=True).returncode == 0
     assert verify_tree(killed).ok
     assert _job_outputs(killed) == _job_outputs(fresh)
+
+
+def _disk_full_after(monkeypatch, successes: int) -> None:
+    """From the (successes + 1)-th fsync on, the disk is full."""
+    import errno
+
+    calls = {"n": 0}
+    real = os.fsync
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] > successes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def _files_and_times(folder) -> dict[str, tuple[bytes, int]]:
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != LOCK_FILE
+    }
+
+
+@pytest.fixture(scope="module")
+def trained_sae(analysis_inputs, tmp_path_factory):
+    from afprobe.analysis.sae import SAETrainConfig, train_sae
+
+    out = tmp_path_factory.mktemp("sae") / "sae"
+    config = SAETrainConfig(
+        caches=(str(analysis_inputs / "main"),), layer=1, out=str(out), d_sae=64, k=4, epochs=5, batch_size=8,
+        loss_prompts=0,
+    )  # fmt: skip
+    train_sae(config)
+    return config
+
+
+def _writer(kind: str, tiny_llama, analysis_inputs, trained_sae, tmp_path):
+    """A writer that writes the same folder each time it is called, and that folder."""
+    from dataclasses import replace
+
+    if kind == "sae train":
+        from afprobe.analysis.sae import train_sae
+
+        out = tmp_path / "sae"
+        shutil.copytree(trained_sae.out, out)
+        return (lambda: train_sae(replace(trained_sae, out=str(out)))), out
+    if kind == "sae features":
+        from afprobe.analysis.sae_features import FeatureConfig, run_feature_analysis
+
+        out = tmp_path / "features"
+        config = FeatureConfig(
+            sae=trained_sae.out, cache=str(analysis_inputs / "main"), layer=1, out=str(out), max_features=8, top=4,
+            contexts=2, n_boot=100,
+        )  # fmt: skip
+        return (lambda: run_feature_analysis(config)), out
+    if kind == "merge":
+        parts = []
+        for index in range(2):
+            part = tmp_path / f"part{index}"
+            run_cache(CacheConfig(out=str(part), part=f"{index}/2", **JOB), loaded=tiny_llama)
+            parts.append(part)
+        out = tmp_path / "merged"
+        return (lambda: merge_stores(parts, out, loaded=tiny_llama)), out
+    assert kind == "experiment"
+    from afprobe.experiment import load_experiment, run_experiment
+
+    base = tmp_path / "exp"
+    base.mkdir()
+    toml = EXPERIMENT.format(base=base, model="unused").split("[steering]")[0]  # cache, gap and probes
+    (base / "experiment.toml").write_text(toml)
+    config = load_experiment(base / "experiment.toml")
+    return (lambda: run_experiment(config, loaded=tiny_llama)), base / "results"
+
+
+@pytest.mark.parametrize(
+    ("kind", "successes"),
+    [("sae train", 0), ("sae train", 1), ("sae features", 0), ("sae features", 1), ("merge", 0), ("experiment", 0),
+     ("experiment", 2)],
+)  # fmt: skip
+def test_a_full_disk_in_each_writer_gives_one_line_and_keeps_what_was_there(
+    kind, successes, tiny_llama, analysis_inputs, trained_sae, tmp_path, monkeypatch
+):
+    from afprobe.errors import AfprobeError
+    from afprobe.files import verify_folder
+
+    write, out = _writer(kind, tiny_llama, analysis_inputs, trained_sae, tmp_path)
+    if kind != "sae train":
+        write()
+    before = _files_and_times(out)
+    assert CHECKSUMS in before and verify_folder(out) == []
+
+    _disk_full_after(monkeypatch, successes)
+    with pytest.raises(AfprobeError, match="No space left on device.*free disk space") as info:
+        write()
+    assert "\n" not in str(info.value)
+    monkeypatch.undo()
+    after = _files_and_times(out)
+    if kind == "experiment" and successes:  # files rewritten with the same bytes before the disk filled
+        after, before = ({k: v[0] for k, v in d.items()} for d in (after, before))
+    assert after == before
+    assert verify_folder(out) == []
+    assert not list(out.glob(".staging-*")), "a failed write left its staging folder"
+
+
+@pytest.mark.parametrize("successes", [0, 1])
+def test_a_full_disk_while_an_organism_is_saved_leaves_no_adapter_and_the_rerun_works(
+    successes, tiny_llama, tmp_path, monkeypatch
+):
+    from afprobe.analysis.organisms.training import OrganismConfig, train_organism
+    from afprobe.errors import AfprobeError
+
+    out = tmp_path / "organism"
+    config = OrganismConfig(kind="token", out=str(out), model="tiny", steps=2, batch_size=2, first_layer=0)
+    digest = {k: v.clone() for k, v in tiny_llama.model.state_dict().items()}
+    _disk_full_after(monkeypatch, successes)
+    with pytest.raises(AfprobeError, match="No space left on device.*free disk space") as info:
+        train_organism(config, loaded=tiny_llama)
+    assert "\n" not in str(info.value)
+    monkeypatch.undo()
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    assert all(torch.equal(v, digest[k]) for k, v in tiny_llama.model.state_dict().items())
+
+    train_organism(config, loaded=tiny_llama)
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {
+        "adapter_config.json", "adapter_model.safetensors", "organism.json", CHECKSUMS,
+    }  # fmt: skip

@@ -299,6 +299,22 @@ def _run_command(commands: Any) -> None:
     run.add_argument("experiment", help="an experiment TOML file, e.g. experiments/quickstart.toml")
 
 
+def _doctor_command(commands: Any) -> None:
+    doctor = commands.add_parser(
+        "doctor", help="before a long run: check that afprobe computes on this model what it claims to"
+    )
+    _add_model_args(doctor)
+    _add_prompt_args(doctor)
+    doctor.add_argument("--layers", default="all", help="the planned run's layers (for the estimates)")
+    doctor.add_argument("--positions", default="tag,last", help="the planned run's positions (for the estimates)")
+    doctor.add_argument(
+        "--store-dtype", dest="store_dtype", default="float32", choices=["float32", "float16", "bfloat16"]
+    )
+    doctor.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
+    doctor.add_argument("--check-pairs", type=int, default=2, help="query pairs the checks run on")
+    doctor.add_argument("--out", default=None, help="folder for doctor.json (default: print only)")
+
+
 def _report_command(commands: Any) -> None:
     report = commands.add_parser("report", help="one self-contained HTML report of everything in a results folder")
     report.add_argument("run_dir", help="a folder holding afprobe results (searched recursively)")
@@ -328,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="afprobe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _gap_command(commands)
+    _doctor_command(commands)
     _cache_command(commands)
     _merge_command(commands)
     _probe_command(commands)
@@ -402,6 +419,12 @@ def _gap_config(args: argparse.Namespace):
     return config_from_args(GapConfig, args)
 
 
+def _doctor_config(args: argparse.Namespace):
+    from afprobe.analysis.doctor import DoctorConfig
+
+    return config_from_args(DoctorConfig, args)
+
+
 def _cache_config(args: argparse.Namespace):
     from afprobe.store.cache_job import CacheConfig
 
@@ -460,6 +483,7 @@ def _check_config(args: argparse.Namespace):
 # Each command's config, built from its flags (tests hold the flags' defaults to the configs' defaults).
 CONFIG_BUILDERS = {
     "gap": _gap_config,
+    "doctor": _doctor_config,
     "cache": _cache_config,
     "probe": _probe_config,
     "steer": _steer_config,
@@ -489,6 +513,18 @@ def _cmd_gap(args: argparse.Namespace) -> int:
         f"{result.timing['per_prompt']:.2f} s per prompt)"
     )
     return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from afprobe.analysis.doctor import format_doctor_table, run_doctor, write_doctor
+
+    config = _doctor_config(args)
+    print(f"loading {config.model}...", file=sys.stderr)
+    result = run_doctor(config, progress=lambda name: print(f"  checking {name}...", file=sys.stderr))
+    print(format_doctor_table(result))
+    if config.out is not None:
+        print(f"\nwrote {write_doctor(result, config.out)}")
+    return 1 if result.failed else 0
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
@@ -825,6 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_transformers()
     handlers = {
         "gap": _cmd_gap,
+        "doctor": _cmd_doctor,
         "cache": _cmd_cache,
         "merge": _cmd_merge,
         "probe": _cmd_probe,

@@ -40,7 +40,6 @@ exists with the same config is not run again.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import tomllib
 from collections.abc import Callable
@@ -51,7 +50,14 @@ from typing import Any
 from afprobe import __version__
 from afprobe.artefacts import BY_KIND, PER_QUERY_CSV, experiment_file
 from afprobe.errors import AfprobeError
-from afprobe.files import atomic_write_json, atomic_write_text, folder_lock, results_folder, verify_folder
+from afprobe.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    folder_lock,
+    results_folder,
+    verify_folder,
+)
 from afprobe.model.job import PairedPromptJob
 from afprobe.model.loading import LoadedModel
 from afprobe.store.cache_job import CacheConfig, run_cache
@@ -521,7 +527,7 @@ def _run_one(
         with results_folder(gap_folder):
             for file in (BY_KIND["gap"].file, PER_QUERY_CSV):
                 if (Path(cache_config.out) / file).is_file():
-                    shutil.copyfile(Path(cache_config.out) / file, gap_folder / file)
+                    atomic_write_bytes(gap_folder / file, (Path(cache_config.out) / file).read_bytes())
         written = summary.shards_written
         say(f"cache {name}: {cache_config.out} ({summary.n_prompts} prompts, {written} shards written)")
         finish(f"cache {name}", t0, skipped=written == 0, store=cache_config.out)

@@ -20,7 +20,8 @@ from afprobe.errors import AfprobeError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write via a temporary file in the same folder, fsync, then rename over `path`. Inside `results_folder` the
+    rename waits until the whole block has written (so a failure leaves every earlier file as it was)."""
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as handle:
@@ -28,12 +29,36 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-        stat = path.stat()
-        _WRITTEN[path.resolve()] = (stat.st_size, stat.st_mtime_ns, bytes_sha256(data))
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    _replace(Path(temporary), path, bytes_sha256(data))
+
+
+def _replace(temporary: Path, path: Path, digest: str | None) -> None:
+    """Rename a finished temporary over `path`, now or, inside `results_folder`, when its block commits."""
+    if _PENDING:
+        pending = _PENDING[-1]
+        earlier = pending.pop(path.resolve(), None)
+        if earlier is not None:
+            earlier[0].unlink(missing_ok=True)
+        pending[path.resolve()] = (temporary, digest)
+        return
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    stat = path.stat()
+    if digest is not None:
+        _WRITTEN[path.resolve()] = (stat.st_size, stat.st_mtime_ns, digest)
+    else:
+        _WRITTEN.pop(path.resolve(), None)
+
+
+def exists_or_pending(path: Path) -> bool:
+    """`path` is on disk, or written and waiting for its `results_folder` block to commit."""
+    return path.exists() or any(path.resolve() in pending for pending in _PENDING)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -57,25 +82,80 @@ def finite_json(value: Any) -> Any:
     return value
 
 
+@contextmanager
+def staged_writes(out: Path) -> Iterator[Path]:
+    """For writers that are not ours (sae-lens, PEFT) and write several files in place: they write into a hidden
+    folder inside `out`; on success each file is fsynced and renamed over its namesake in `out`. A crash or a full
+    disk on the way leaves `out`'s earlier files as they were, never half of a new file (the hidden folder is removed,
+    or, after a kill, ignored by seals and removed by the next run)."""
+    import shutil
+
+    for stale in out.glob(".staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".staging-"))
+    try:
+        yield staging
+        staged = sorted(p for p in staging.rglob("*") if p.is_file())
+        for path in staged:
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(path, 0o666 & ~_umask())
+        for path in staged:
+            target = out / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            hidden = target.parent / f".{target.name}.{staging.name}.tmp"
+            os.replace(path, hidden)
+            _replace(hidden, target, None)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
+# Renames waiting for the innermost `results_folder` block to finish: final path -> (temporary, digest).
+_PENDING: list[dict[Path, tuple[Path, str | None]]] = []
+_TO_SEAL: list[list[Path]] = []
+
+
 @contextmanager
 def results_folder(out: Path) -> Iterator[Path]:
-    """Create `out` and turn any failed write inside (full disk, no permission) into one error naming the fix;
-    files written before the failure stay as they were (every write is atomic). On success the folder is sealed
-    (`SHA256SUMS`, see `seal_folder`) with what it now holds."""
+    """Create `out`; every file written inside the block (by `atomic_write_*` or `staged_writes`) is written in full
+    and fsynced first, and only when the block has finished are they all renamed into place and the folder sealed
+    (`SHA256SUMS`, see `seal_folder`). A failure inside (full disk, no permission, an error) leaves the folder's
+    earlier files as they were, and becomes one error naming the fix. Nested blocks commit with the outermost."""
+    outermost = not _PENDING
+    if outermost:
+        _PENDING.append({})
+        _TO_SEAL.append([])
+    pending, to_seal = _PENDING[0], _TO_SEAL[0]
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        yield out
-        seal_folder(out)
-    except OSError as exc:
-        raise AfprobeError(
-            f"could not write to {out} ({exc.strerror or exc}): free disk space or change --out"
-        ) from exc
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            yield out
+            to_seal.append(out)
+            if outermost:
+                _PENDING.pop(), _TO_SEAL.pop()  # from here on, writes go straight to disk
+                for path, (temporary, digest) in pending.items():
+                    _replace(temporary, path, digest)
+                sealed: set[Path] = set()
+                for folder in to_seal:  # inner folders first: a folder's seal skips subfolders sealed on their own
+                    if folder.resolve() not in sealed:
+                        seal_folder(folder)
+                        sealed.add(folder.resolve())
+        except OSError as exc:
+            raise AfprobeError(
+                f"could not write to {out} ({exc.strerror or exc}): free disk space or change --out"
+            ) from exc
+    finally:
+        if outermost:
+            if _PENDING and _PENDING[0] is pending:
+                _PENDING.pop(), _TO_SEAL.pop()
+            for temporary, _ in pending.values():  # renamed ones are gone already
+                temporary.unlink(missing_ok=True)
 
 
 # -- checksums ------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from afprobe.files import atomic_write_text
+from afprobe.files import atomic_write_text, exists_or_pending
 
 _COLOURS = {
     "logistic": "#1f77b4",
@@ -30,7 +30,7 @@ def write_figure(figure: go.Figure, path: Path) -> Path:
     """Write a figure as HTML that loads plotly.js from a file beside it (written once per folder)."""
     html = figure.to_html(include_plotlyjs="directory", full_html=True)
     script = path.parent / "plotly.min.js"
-    if not script.exists():
+    if not exists_or_pending(script):
         from plotly.offline import get_plotlyjs
 
         atomic_write_text(script, get_plotlyjs())

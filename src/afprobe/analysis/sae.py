@@ -29,7 +29,7 @@ from afprobe import __version__
 from afprobe.artefacts import ResultRecord, result_file
 from afprobe.data.prompts import RenderedPrompt
 from afprobe.errors import AfprobeError
-from afprobe.files import atomic_write_json, results_folder
+from afprobe.files import atomic_write_json, results_folder, staged_writes
 from afprobe.model.forward import compute_prefix_cache, extend_batch, start_batch
 from afprobe.model.interventions import residual_edit
 from afprobe.model.loading import LoadedModel
@@ -197,8 +197,8 @@ def train_sae(
     trained_seconds = time.perf_counter() - started
 
     out = Path(config.out)
-    with results_folder(out):
-        sae.save_inference_model(out)
+    with results_folder(out), staged_writes(out) as staging:
+        sae.save_inference_model(staging)
     inference = load_sae(str(out), device=config.device)
     result = SAEResult(
         afprobe_version=__version__,

@@ -318,19 +318,44 @@ def chat_format(tokenizer: Any, format: str) -> str:
     return "chat" if getattr(tokenizer, "chat_template", None) else "plain"
 
 
+# Where a rendered prompt carries the system prompt (`system_prompt_placement`).
+SYSTEM_ROLE = "system role"
+FOLDED = "folded into the user turn"
+PLAIN = "plain text (no chat template)"
+
+
+def _carries(rendered: str, system_prompt: str) -> bool:
+    stripped = system_prompt.strip()
+    return stripped[:200] in rendered and stripped[-200:] in rendered
+
+
+def _render_chat(tokenizer: Any, system_prompt: str, user_turn: str) -> tuple[str, str]:
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user_turn}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if _carries(rendered, system_prompt):
+            return rendered, SYSTEM_ROLE
+    except Exception:  # noqa: BLE001 - templates signal a refused system role with any exception (Gemma 2: raise_exception)
+        pass
+    # The template refuses a system role (Gemma 2) or drops the message: fold the system prompt into the user turn.
+    merged = [{"role": "user", "content": f"{system_prompt}\n\n{user_turn}"}]
+    return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True), FOLDED
+
+
+def system_prompt_placement(tokenizer: Any, format: str) -> str:
+    """Where prompts rendered with this tokenizer and format put the system prompt: `SYSTEM_ROLE`, `FOLDED` (the
+    template refuses or drops a system message) or `PLAIN`."""
+    if chat_format(tokenizer, format) == "plain":
+        return PLAIN
+    return _render_chat(tokenizer, "You are a helpful assistant.", "Hello.")[1]
+
+
 def render_text(tokenizer: Any, system_prompt: str, user_turn: str, format: str) -> str:
     """The full prompt string, ending with the `<OUTPUT>` prefill of the assistant turn."""
     if format == "plain":
         bos = tokenizer.bos_token or ""
         return f"{bos}{system_prompt}\n\nUser:\n{user_turn}\n\nAssistant:\n{text.OUTPUT_PREFILL}"
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user_turn}]
-    try:
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception:
-        # Some templates (older Gemma) refuse a system role: fold the system prompt into the user turn.
-        merged = [{"role": "user", "content": f"{system_prompt}\n\n{user_turn}"}]
-        rendered = tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
-    return rendered + text.OUTPUT_PREFILL
+    return _render_chat(tokenizer, system_prompt, user_turn)[0] + text.OUTPUT_PREFILL
 
 
 def char_span_to_tokens(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from afprobe.errors import ModelLoadError
+from afprobe.model.families import parse_random_spec, random_model, sdpa_unsupported
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,12 @@ def _load_hf(
         # accelerate places the layers over the visible GPUs (then CPU memory) as they load: no copy on one device.
         kwargs["device_map"] = device_map
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as exc:
+        if not (attn_implementation == "sdpa" and sdpa_unsupported(exc)):
+            raise
+        model = AutoModelForCausalLM.from_pretrained(source, **{**kwargs, "attn_implementation": "eager"})
     return (model if device_map is not None else model.to(device)), tokenizer
 
 
@@ -306,7 +312,8 @@ def load_model(
     """Load a causal LM from a spec.
 
     spec: an embedded model name (`smollm2-135m-instruct`, alias `default`), a path to a `.gguf` file, a local
-    Hugging Face folder, or a Hugging Face hub id (needs network access or a filled HF cache).
+    Hugging Face folder, a Hugging Face hub id (needs network access or a filled HF cache), or `random:FAMILY`
+    (a tiny randomly initialised model of that family, `afprobe.model.families`, for checking the machinery).
     adapter: a PEFT adapter folder or hub id, or `organism:token` / `organism:context` (the planted-mechanism
     organisms shipped with afprobe), merged into the weights after loading.
     attn_implementation: `sdpa` is several times faster than eager on long prompts; pass `eager` when attention
@@ -316,6 +323,12 @@ def load_model(
     """
     resolved_device = resolve_device(device)
     resolved_map = resolve_device_map(device_map, device)
+    family = parse_random_spec(spec)
+    if family is not None:
+        model, tokenizer = _random_model(family, resolved_device, resolve_dtype(dtype, resolved_device))
+        if adapter is not None:
+            model = _merge_adapter(model, adapter)
+        return wrap_model(model, tokenizer, name=spec, source="random", adapter=adapter)
     name, source_kind, source = _resolve_source(spec)
     if dtype == "auto" and resolved_device.type == "cuda":
         resolved_dtype = resolve_dtype(
@@ -345,8 +358,20 @@ def load_model(
     return wrap_model(model, tokenizer, name=name, source=source_kind, adapter=adapter_name)
 
 
+def _random_model(family: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A tiny random model of `family` (seed 0) with the embedded model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(_dequantized_folder(embedded_gguf_path())))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return random_model(family, len(tokenizer)).to(device=device, dtype=dtype), tokenizer
+
+
 def _resolve_source(spec: str) -> tuple[str, str, str]:
     """(name, kind of source, what transformers loads) for a model spec."""
+    if parse_random_spec(spec) is not None:  # only its tokenizer is loaded from a folder
+        return spec, "random", str(_dequantized_folder(embedded_gguf_path()))
     name = _ALIASES.get(spec, spec)
     if name in EMBEDDED_MODELS:
         return name, "embedded-gguf", str(_dequantized_folder(embedded_gguf_path(name)))

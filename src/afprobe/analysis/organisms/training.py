@@ -45,7 +45,7 @@ from afprobe.data.prompts import (
     render_text,
 )
 from afprobe.errors import AfprobeError
-from afprobe.files import atomic_write_json, results_folder
+from afprobe.files import atomic_write_json, results_folder, staged_writes
 from afprobe.model.adapters import ORGANISM_KINDS
 from afprobe.model.architecture import decoder_layers, pad_token_id
 from afprobe.model.forward import PrefixCache, extend_batch_with_grad, start_batch
@@ -264,15 +264,16 @@ def train_organism(
             for parameter in params:
                 # Half precision halves the shipped files; loading casts back to the model's dtype.
                 parameter.data = parameter.data.to(torch.float16)
-            model.save_pretrained(str(out))
-            (out / "README.md").unlink(missing_ok=True)  # PEFT's empty model card; organism.json says what this is
-            # Name the base as afprobe does, not by this machine's cache path (organism.json has its weights hash).
-            adapter_config = json.loads((out / "adapter_config.json").read_text())
-            adapter_config["base_model_name_or_path"] = config.model
-            # PEFT writes a set in hash order, which differs between processes: sorted, the file is reproducible.
-            if isinstance(adapter_config.get("target_modules"), list):
-                adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
-            atomic_write_json(out / "adapter_config.json", adapter_config)
+            with staged_writes(out) as staging:
+                model.save_pretrained(str(staging))
+                (staging / "README.md").unlink(missing_ok=True)  # PEFT's empty model card; organism.json says more
+                # Name the base as afprobe does, not by this machine's cache path (organism.json has its weights hash).
+                adapter_config = json.loads((staging / "adapter_config.json").read_text())
+                adapter_config["base_model_name_or_path"] = config.model
+                # PEFT writes a set in hash order, which differs between processes: sorted, the file is reproducible.
+                if isinstance(adapter_config.get("target_modules"), list):
+                    adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+                (staging / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     finally:
         # Take the LoRA layers out again, so the caller's model is the base model it gave us.
         loaded.model = model.unload()
