@@ -44,6 +44,10 @@ def test_planted_direction_is_found_at_its_layer(planted):
     assert saved == json.loads(json.dumps(finite_json(output.to_json())))  # the typed result is the file
     by_layer = {r["layer"]: r for r in output.results}
     assert output.summary["best"]["layer"] == PLANTED_LAYER
+    adjusted = output.summary["best_selection_adjusted"]  # chosen on half the queries, measured on the others
+    assert adjusted["layer"] == PLANTED_LAYER and adjusted["family_size"] == len(LAYERS)
+    assert adjusted["selected_on_queries"] + adjusted["reported_on_queries"] == 60
+    assert adjusted["mean_diff_auroc"] > 0.85 and adjusted["mean_diff_cohens_dz"] > 1
     assert by_layer[PLANTED_LAYER]["logistic_auroc"] > 0.85
     assert by_layer[PLANTED_LAYER]["mean_diff_auroc"] > 0.85
     assert by_layer[PLANTED_LAYER]["mean_diff_cohens_d"] > by_layer[PLANTED_LAYER]["random_cohens_d_p95"]
@@ -57,6 +61,11 @@ def test_shuffled_labels_sit_at_chance(planted):
     shuffled = [a for r in output.results for a in r["shuffled_auroc"]]
     assert 0.4 < float(np.mean(shuffled)) < 0.6
     assert max(shuffled) < 0.75
+    by_layer = {r["layer"]: r for r in output.results}
+    # 200 shuffles of the difference-of-means probe: the planted layer beats every one, the others sit inside.
+    assert by_layer[PLANTED_LAYER]["mean_diff_shuffle_p"] == pytest.approx(1 / 201)
+    assert all(0.5 < r["mean_diff_shuffled_auroc_p95"] < 0.7 for r in output.results)
+    assert all(by_layer[layer]["mean_diff_shuffle_p"] > 0.01 for layer in (0, 1, 3))
 
 
 def test_saved_probes_round_trip(planted):
@@ -141,3 +150,38 @@ def test_probes_with_contrast_stores_on_a_tiny_model(tiny_llama, tmp_path):
     assert probe_set.direction("refusal", 1, "last").vector.shape == (64,)
     assert probe_set.direction("situational_awareness", 2, "tag").vector.shape == (64,)
     assert (tmp_path / "probes" / "transfer.html").is_file() and (tmp_path / "probes" / "cosines.html").is_file()
+
+
+def test_paired_dz_sees_a_consistent_within_query_shift_that_pooled_d_hides():
+    from afprobe.analysis.probes import cohens_d, paired_cohens_dz
+
+    rng = np.random.default_rng(0)
+    query_level = rng.normal(0.0, 10.0, 40)  # large differences between queries
+    shift = 1.0 + rng.normal(0.0, 0.1, 40)  # the same small shift inside every query
+    scores = np.concatenate([query_level + shift, query_level])
+    labels = np.array([1] * 40 + [0] * 40)
+    groups = [f"q{i}" for i in range(40)] * 2
+    assert abs(cohens_d(scores, labels)) < 0.3
+    assert paired_cohens_dz(scores, labels, groups) > 5
+
+
+def test_recall_at_fpr_takes_its_threshold_from_the_negatives_it_is_given():
+    from afprobe.analysis.probes import recall_at_fpr
+
+    negatives = np.arange(100, dtype=float)  # the 99th percentile is 98.01
+    positives = np.array([50.0, 98.5, 99.5, 120.0])
+    assert recall_at_fpr(negatives, positives, 0.01) == 0.75
+
+
+def test_the_selection_adjusted_best_cell_is_not_inflated_by_the_maximum():
+    from afprobe.analysis.probes import paired_cohens_dz, select_on_half
+
+    rng = np.random.default_rng(5)
+    groups = [f"q{i}" for i in range(40)] * 2
+    y = np.array([1] * 40 + [0] * 40)
+    scores = {(layer, "last"): rng.normal(size=80) for layer in range(60)}  # no signal anywhere
+    naive = max(abs(paired_cohens_dz(s, y, groups)) for s in scores.values())
+    adjusted = select_on_half(scores, y, groups, seed=0)
+    assert adjusted["family_size"] == 60
+    assert adjusted["selection_half_abs_dz"] > naive  # the maximum on 20 queries is larger still
+    assert abs(adjusted["mean_diff_cohens_dz"]) < naive and abs(adjusted["mean_diff_auroc"] - 0.5) < 0.2

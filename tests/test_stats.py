@@ -3,7 +3,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from afprobe.stats import bootstrap_mean, paired_difference, sign_flip_p_value
+from afprobe.stats import (
+    DEFAULT_INTERVAL,
+    INTERVAL_METHODS,
+    mean_estimate,
+    mean_interval,
+    paired_difference,
+    ratio_of_means,
+    sign_flip_p_value,
+    simulated_coverage,
+)
 
 
 def test_known_effect_is_recovered():
@@ -41,6 +50,63 @@ def test_zero_differences_give_a_zero_interval():
 
 def test_bootstrap_rejects_bad_input():
     with pytest.raises(ValueError):
-        bootstrap_mean(np.array([]))
+        mean_estimate(np.array([]))
     with pytest.raises(ValueError, match="differ in shape"):
         paired_difference(np.ones(3), np.ones(4))
+
+
+# The sizes afprobe's defaults use: the organisms experiment 6 pairs, patching 8, steering 20; and n = 50.
+COVERAGE_SIZES = (6, 8, 20, 50)
+COVERAGE_SIMULATIONS = 2000  # the coverage's standard error is about 0.5 points
+
+
+def test_the_default_interval_covers_at_least_93_percent_at_the_default_sizes(capsys):
+    """Simulated coverage of every interval method (printed, `pytest -s`); the default must reach 93% for normal and
+    heavy-tailed data at each size afprobe uses. Skewed data is printed, not required: the README gives its numbers."""
+    table = {}
+    for distribution in ("normal", "heavy-tailed", "skewed"):
+        for n in COVERAGE_SIZES:
+            table[distribution, n] = {
+                method: simulated_coverage(
+                    method, n, distribution, n_sim=COVERAGE_SIMULATIONS if method == DEFAULT_INTERVAL else 500,
+                    n_boot=1000, seed=n,
+                )
+                for method in INTERVAL_METHODS
+            }  # fmt: skip
+    with capsys.disabled():
+        print(f"\ncoverage of nominal 95% intervals (default: {DEFAULT_INTERVAL})")
+        for (distribution, n), row in table.items():
+            print(f"  {distribution:>12} n={n:<3}", "  ".join(f"{m} {c:.3f}" for m, c in row.items()))
+    for distribution in ("normal", "heavy-tailed"):
+        for n in COVERAGE_SIZES:
+            assert table[distribution, n][DEFAULT_INTERVAL] >= 0.93, (distribution, n, table[distribution, n])
+    # The reason the default is not the percentile bootstrap: it undercovers at the small sizes.
+    assert table["normal", 6]["percentile"] < 0.93
+
+
+def test_every_interval_method_brackets_the_mean_and_the_estimate_names_it():
+    values = np.random.default_rng(3).normal(1.0, 1.0, 12)
+    for method in INTERVAL_METHODS:
+        low, high = mean_interval(values, method=method, n_boot=2000)
+        assert low < values.mean() < high
+        assert mean_estimate(values, method=method, n_boot=500).method == method
+    assert mean_estimate(values).method == DEFAULT_INTERVAL
+    with pytest.raises(ValueError, match="unknown interval method"):
+        mean_interval(values, method="wald")
+
+
+def test_a_recovery_is_a_ratio_of_means_with_an_interval():
+    totals = np.array([1.0, 2.0, 3.0, 2.0])
+    deltas = np.stack([np.zeros(4), totals, totals / 2], axis=1)
+    est = ratio_of_means(deltas, totals, n_boot=500, seed=0)
+    assert est["mean"].tolist() == pytest.approx([0.0, 1.0, 0.5])
+    assert np.all(est["ci_low"] <= est["mean"] + 1e-12) and np.all(est["mean"] <= est["ci_high"] + 1e-12)
+    assert np.isnan(ratio_of_means(deltas, np.zeros(4), n_boot=10, seed=0)["mean"]).all()
+
+
+def test_a_recovery_of_a_gap_indistinguishable_from_zero_has_an_unbounded_interval():
+    totals = np.array([1.0, -1.2, 0.9, -0.8, 0.3])  # mean +0.04: resamples give it either sign
+    deltas = np.stack([totals / 2, np.zeros(5)], axis=1)
+    est = ratio_of_means(deltas, totals, n_boot=2000, seed=0)
+    assert est["mean"].tolist() == pytest.approx([0.5, 0.0])
+    assert np.isneginf(est["ci_low"]).all() and np.isposinf(est["ci_high"]).all()

@@ -47,7 +47,7 @@ def test_steering_experiment_reports_every_setting_against_the_null(tiny_llama, 
     for name in ("training_context", "refusal"):
         verdict = output.verdicts[name]
         assert isinstance(verdict["steering"]["exceeds_random_null"], bool) and verdict["steering"]["reading"]
-        assert "fraction_remaining" in verdict["ablation"]
+        assert set(verdict["ablation"]["fraction_remaining"]) == {"mean", "ci_low", "ci_high"}
     saved = json.loads((probes_dir / "steer" / "steering.json").read_text())
     assert saved["layer"] == 1 and saved["config"]["coefficients"] == [-1.0, 1.0]
     assert (probes_dir / "steer" / "dose_response.html").is_file()
@@ -118,3 +118,37 @@ def test_from_tag_equals_suffix_when_the_prefix_ends_at_the_tag(tiny_llama, prob
     from_tag = run_steering(SteerConfig(out=str(probes_dir / "s2"), apply_at="from_tag", **common), loaded=tiny_llama)
     for a, b in zip(suffix.settings, from_tag.settings, strict=True):
         assert a["gap"]["mean"] == pytest.approx(b["gap"]["mean"], abs=1e-9)
+
+
+def _estimate(mean: float, half: float) -> dict:
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": 8, "p_value": 0.01, "confidence": 0.95,
+            "method": "t"}  # fmt: skip
+
+
+def _steer_row(direction: str, coefficient: float, gap_change, mean_shift) -> dict:
+    return {"direction": direction, "kind": "steer", "coefficient": coefficient, "gap_change": gap_change,
+            "mean_shift": mean_shift}  # fmt: skip
+
+
+def test_the_verdict_compares_sign_matched_effects_and_reads_a_uniform_shift_from_intervals():
+    from afprobe.analysis.steering import _verdict
+
+    randoms = [f"random_{j}" for j in range(1, 21)]
+    rows = []
+    for j, name in enumerate(randoms, start=1):
+        rows.append(_steer_row(name, 1.0, _estimate(0.1 * j, 0.05), _estimate(0.0, 0.1)))
+        rows.append(_steer_row(name, -1.0, _estimate(-0.05 * j, 0.05), _estimate(0.0, 0.1)))
+    # Each random direction counts with the larger of its two signs, as the named direction does.
+    named = [
+        _steer_row("sa", 1.0, _estimate(0.5, 0.2), _estimate(5.0, 1.0)),
+        _steer_row("sa", -1.0, _estimate(-0.1, 0.2), _estimate(-4.0, 1.0)),
+    ]
+    verdict = _verdict("sa", rows + named, randoms, base_gap=1.0, coefficients=(-1.0, 1.0))["steering"]
+    assert verdict["random_null_p95"] == pytest.approx(np.quantile([0.1 * j for j in range(1, 21)], 0.95))
+    assert verdict["largest_gap_change"] == pytest.approx(0.5)
+    # The shift of both tiers ([4, 6]) is surely larger than the gap change ([0.3, 0.7]): uniform.
+    assert verdict["uniform_shift"] is True
+    named[0]["mean_shift"] = _estimate(0.8, 0.5)  # [0.3, 1.3]: larger on average, not beyond the intervals
+    named[1]["mean_shift"] = _estimate(0.0, 0.5)
+    verdict = _verdict("sa", rows + named, randoms, base_gap=1.0, coefficients=(-1.0, 1.0))["steering"]
+    assert verdict["uniform_shift"] is False

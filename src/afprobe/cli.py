@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -147,7 +148,13 @@ def _probe_command(commands: Any) -> None:
     probe.add_argument("--positions", default=None, help="comma list of store positions (default: all)")
     probe.add_argument("--folds", type=int, default=5, help="cross-validation folds, grouped by query")
     probe.add_argument("--n-random", type=int, default=20, help="random directions for the null")
-    probe.add_argument("--n-shuffles", type=int, default=5, help="label shuffles for the null")
+    probe.add_argument("--n-shuffles", type=int, default=5, help="logistic refits on shuffled labels (a check)")
+    probe.add_argument(
+        "--n-mean-diff-shuffles",
+        type=int,
+        default=200,
+        help="shuffled-label null of the difference-of-means probe (no fitting, so cheap)",
+    )
     probe.add_argument("--seed", type=int, default=0)
     probe.add_argument("--inner-folds", type=int, default=3, help="folds of the inner search over C")
     probe.add_argument("--cs", default="0.001,0.01,0.1,1.0", help="inverse regularisation strengths searched")
@@ -591,6 +598,14 @@ def format_probe_summary(output) -> str:
         f"AUROC {best['logistic_auroc']:.3f}, Cohen's d {best['mean_diff_cohens_d']:.2f} "
         f"(random directions: |d| <= {best['random_cohens_d_p95']:.2f})",
     ]
+    adjusted = summary.get("best_selection_adjusted")
+    if adjusted:
+        lines.append(
+            f"  selection-adjusted (chosen among {adjusted['family_size']} layer x position cells on "
+            f"{adjusted['selected_on_queries']} queries, measured on the other {adjusted['reported_on_queries']}): "
+            f"layer {adjusted['layer']}, {adjusted['position']}: difference-of-means AUROC "
+            f"{adjusted['mean_diff_auroc']:.3f}, paired d_z {adjusted['mean_diff_cohens_dz']:.2f}"
+        )
     for position, row in summary["best_by_position"].items():
         lines.append(
             f"  best at {position}: layer {row['layer']}, AUROC {row['logistic_auroc']:.3f}, "
@@ -778,10 +793,15 @@ def format_steering_summary(output) -> str:
             )
         if "ablation" in verdict:
             a = verdict["ablation"]
-            gap = a["gap_after"]
+            gap, remaining = a["gap_after"], a["fraction_remaining"]
+            fraction = (
+                f"{remaining['mean']:.0%} [{remaining['ci_low']:.0%}, {remaining['ci_high']:.0%}] of baseline"
+                if math.isfinite(remaining["mean"])
+                else "fraction of baseline undefined: the baseline gap is not resolved"
+            )
             lines.append(
                 f"{name} ablated: gap {gap['mean']:+.4f} [{gap['ci_low']:+.4f}, {gap['ci_high']:+.4f}] "
-                f"({a['fraction_remaining']:.0%} of baseline; random directions give "
+                f"({fraction}; random directions give "
                 f"[{a['random_gap_range_95'][0]:+.4f}, {a['random_gap_range_95'][1]:+.4f}])"
             )
     return "\n".join(lines)

@@ -51,7 +51,7 @@ from afprobe.model.job import PairedPromptJob
 from afprobe.model.loading import LoadedModel
 from afprobe.model.patching import FeatureEdit, PatchEdit, Patcher, PatchRun
 from afprobe.model.readout import AnswerTokens
-from afprobe.stats import Estimate, compare_with_random_null
+from afprobe.stats import Estimate, benjamini_hochberg, compare_with_random_null, ratio_of_means
 
 MEDIATED_DIRECTIONS = ("situational_awareness", "training_context", "refusal")
 
@@ -194,36 +194,6 @@ def make_pairs(prompt_set: PromptSet, tiers: tuple[str, str] | None = None) -> l
     for prompt in prompt_set.prompts:
         by_query.setdefault(prompt.query_id, {})[prompt.tier] = prompt
     return [Pair(q, rendered[trained], rendered[untrained]) for q, rendered in by_query.items()]
-
-
-def recovery(
-    deltas: np.ndarray, totals: np.ndarray, *, n_boot: int, seed: int, confidence: float = 0.95
-) -> dict[str, np.ndarray]:
-    """Fraction of the gap a patch moves: mean(delta) / mean(total) over queries, with a bootstrap interval.
-
-    deltas: `[queries, ...cells]` patched minus receiver; totals: `[queries]` donor minus receiver.
-    """
-    n = deltas.shape[0]
-    shape = deltas.shape[1:]
-    if abs(float(np.mean(totals))) < 1e-9:
-        nothing = np.full(shape, np.nan)
-        return {"mean": nothing, "ci_low": nothing.copy(), "ci_high": nothing.copy()}
-    flat = deltas.reshape(n, -1).astype(np.float64)
-    rng = np.random.default_rng(seed)
-    counts = np.zeros((n_boot, n))
-    for b, idx in enumerate(rng.integers(0, n, size=(n_boot, n))):
-        np.add.at(counts[b], idx, 1.0)
-    point = flat.mean(0) / totals.mean()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        boot = (counts @ flat) / (counts @ totals.astype(np.float64))[:, None]
-    boot[~np.isfinite(boot)] = np.nan
-    alpha = (1 - confidence) / 2
-    low, high = (np.nanquantile(boot, [alpha, 1 - alpha], axis=0)) if n > 1 else (point, point)
-    return {
-        "mean": point.reshape(shape),
-        "ci_low": np.asarray(low).reshape(shape),
-        "ci_high": np.asarray(high).reshape(shape),
-    }
 
 
 def residual_sweep(
@@ -734,7 +704,7 @@ def run_patching(
         for d, (receiver, donor) in enumerate(_record_pair(plan, m, i)):
             _measure_pair(plan, m, i, d, receiver, donor, tick)
     totals = m.totals
-    sweep_recovery = [recovery(m.sweep[d], totals[d], n_boot=config.n_boot, seed=config.seed) for d in range(2)]
+    sweep_recovery = [ratio_of_means(m.sweep[d], totals[d], n_boot=config.n_boot, seed=config.seed) for d in range(2)]
     _measure_components(plan, m, sweep_recovery, tick)
 
     output = _analyse(plan, m, sweep_recovery, resolution)
@@ -780,22 +750,26 @@ def _analyse(
     summary = [
         f"first-token gap ({directions[0].split('->')[1]} minus {directions[0].split('->')[0]}) at the decision "
         f"position: {gap.mean:+.4f} [{gap.ci_low:+.4f}, {gap.ci_high:+.4f}] nats over {len(pairs)} queries"
-        + (" -- no reliable gap, so fractions of it are ratios of noise" if not gap.excludes_zero() else "")
     ]
     if resolution is not None:
         summary.append(
             resolution.describe(len(pairs), metric=metric)
             + ("" if resolved else "; the gap is below it, so no share of it is reported: rerun with --dtype float32")
         )
-    for name in directions if resolved is not False else []:
+    if not gap.excludes_zero():
+        summary.append(
+            "recoveries and shares undefined: the gap they would divide by is not distinguishable from zero "
+            "(patch.json keeps the raw deltas)"
+        )
+    for name in directions if not no_gap else []:
         top = sweep_out[name]["top"]
         if top:
             t = top[0]
             summary.append(
-                f"{name}: largest single-cell recovery {t['recovery']:+.0%} [{t['ci'][0]:+.0%}, {t['ci'][1]:+.0%}] "
+                f"{name}: largest single-cell recovery {t['recovery']:+.0%} {_interval_text(*t['ci'])} "
                 f"at layer {t['layer']}, token {t['token']!r}"
             )
-    summary += readings
+    summary += readings if not no_gap else []
     failed = [name for name, row in check_rows.items() if not row["passed"]]
     summary.append("checks: " + ("all passed" if not failed else "FAILED " + ", ".join(failed)))
 
@@ -890,8 +864,8 @@ def _components_section(plan: PatchPlan, m: PatchMeasurements) -> dict[str, Any]
     }
     for d, name in enumerate(plan.directions):
         out[name] = {
-            "attn_head": _rows(recovery(m.heads[d], m.totals[d], **boot)),
-            "mlp": _rows(recovery(m.mlps[d], m.totals[d], **boot)),
+            "attn_head": _rows(ratio_of_means(m.heads[d], m.totals[d], **boot)),
+            "mlp": _rows(ratio_of_means(m.mlps[d], m.totals[d], **boot)),
         }
     return out
 
@@ -917,6 +891,13 @@ def _check_rows(plan: PatchPlan, m: PatchMeasurements) -> dict[str, dict[str, An
     return rows
 
 
+def _interval_text(low: float, high: float) -> str:
+    """A share's interval as text; unbounded when the gap it divides by may have either sign (`ratio_of_means`)."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "[unbounded: the gap's sign is uncertain]"
+    return f"[{low:+.0%}, {high:+.0%}]"
+
+
 def _mediation_table(
     mediation: np.ndarray,
     totals: np.ndarray,
@@ -929,7 +910,7 @@ def _mediation_table(
     randoms = [s for s, name in enumerate(space_names) if name.startswith("random_")]
     rows, readings = [], []
     for d, direction in enumerate(directions):
-        est = recovery(mediation[d], totals[d], n_boot=config.n_boot, seed=config.seed)
+        est = ratio_of_means(mediation[d], totals[d], n_boot=config.n_boot, seed=config.seed)
         for a, layer in enumerate(med_layers):
             null = est["mean"][a, randoms] if randoms else np.zeros(0)
             for s, name in enumerate(space_names):
@@ -958,7 +939,7 @@ def _mediation_table(
                         }
                     )
                     row["reading"] = (
-                        f"{name} at layer {layer} ({direction}): {value:+.0%} [{low:+.0%}, {high:+.0%}] of the gap; "
+                        f"{name} at layer {layer} ({direction}): {value:+.0%} {_interval_text(low, high)} of the gap; "
                         f"random 1-d subspaces |recovery| <= {null_p95:.0%} (95th pct): "
                         + (
                             "no more than a random direction"
@@ -969,8 +950,20 @@ def _mediation_table(
                             "from the donor)"
                         )
                     )
-                    readings.append(row["reading"])
                 rows.append(row)
+    # The table's named rows are one family of comparisons: Benjamini-Hochberg over all of them, said in each reading.
+    tested = [row for row in rows if row.get("p_vs_random") is not None]
+    if tested:
+        q = benjamini_hochberg(torch.tensor([row["p_vs_random"] for row in tested], dtype=torch.float64))
+        family = f"the {len(tested)} subspace x layer x direction rows of this table"
+        for row, q_value in zip(tested, q.tolist(), strict=True):
+            row["q_vs_random"] = q_value
+            row["corrected_over"] = family
+            row["reading"] += (
+                f" (p {row['p_vs_random']:.2g} against {len(randoms)} random subspaces, smallest possible "
+                f"{1 / (1 + len(randoms)):.2g}; Benjamini-Hochberg over {family}: q {q_value:.2g})"
+            )
+            readings.append(row["reading"])
     return rows, readings
 
 
@@ -991,9 +984,9 @@ def _add_feature_rows(output: dict[str, Any], plan: PatchPlan, m: PatchMeasureme
     gap = totals[1]  # trained minus untrained, per pair
     # Ablating a set from both runs: how much of the gap goes away.
     removed = gap[:, None] - (sae_ablated[:, :, 0] - sae_ablated[:, :, 1])
-    kinds = [(name, recovery(sae_patch[d], totals[d], **boot), sae_patch[d]) for d, name in enumerate(directions)]
-    kinds.append(("ablate from both runs", recovery(removed, gap, **boot), removed))
-    wholes = [recovery(sae_whole[d], totals[d], **boot) for d in range(2)]
+    kinds = [(name, ratio_of_means(sae_patch[d], totals[d], **boot), sae_patch[d]) for d, name in enumerate(directions)]
+    kinds.append(("ablate from both runs", ratio_of_means(removed, gap, **boot), removed))
+    wholes = [ratio_of_means(sae_whole[d], totals[d], **boot) for d in range(2)]
     # Each run's clean metric, [pair, (trained, untrained)]: ablation moves both, the gap is their difference.
     base = receiver_metric.T
     rows, readings = [], []
@@ -1033,7 +1026,7 @@ def _add_feature_rows(output: dict[str, Any], plan: PatchPlan, m: PatchMeasureme
             row["reading"] = (
                 f"{name} ({row['dimension']} features) at layer {feature_sets.layer} ({feature_sets.position}), "
                 f"{kind}: {value:+.0%} "
-                f"[{low:+.0%}, {high:+.0%}] {measure}; random sets of {row['dimension']}: |effect| <= "
+                f"{_interval_text(low, high)} {measure}; random sets of {row['dimension']}: |effect| <= "
                 + (f"{null_p95:.0%} (95th pct): " if null_p95 is not None else "n/a: ")
                 + ("more than random features" if beyond else "no more than random features")
                 + (

@@ -50,7 +50,8 @@ class ProbeConfig:
     inner_folds: int = 3
     cs: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
     n_random: int = 20
-    n_shuffles: int = 5
+    n_shuffles: int = 5  # logistic refits on labels shuffled within queries (a check that it sits at chance)
+    n_mean_diff_shuffles: int = 200  # the difference-of-means probe's shuffled-label null (cheap: no fitting)
     control_fpr: float = 0.01
     seed: int = 0
 
@@ -206,14 +207,36 @@ def fit_logistic(
     return weight, bias, best_c
 
 
-def recall_at_fpr(train_scores_negative: np.ndarray, test_scores_positive: np.ndarray, fpr: float) -> float:
-    """Recall on held-out positives at the threshold giving `fpr` false positives on the control set.
+def recall_at_fpr(negative_scores: np.ndarray, positive_scores: np.ndarray, fpr: float) -> float:
+    """Recall on held-out positives at the threshold giving `fpr` false positives on held-out negatives.
 
-    The control set is the untrained-tier rows of the training folds (never the test rows), as Apollo's probes set
-    their threshold on control data.
+    Both sets are out-of-fold scores: a threshold taken from the training rows' own scores sits too high or too low
+    by however much the probe overfits them.
     """
-    threshold = np.quantile(train_scores_negative, 1 - fpr)
-    return float(np.mean(test_scores_positive > threshold))
+    threshold = np.quantile(negative_scores, 1 - fpr)
+    return float(np.mean(positive_scores > threshold))
+
+
+def paired_cohens_dz(scores: np.ndarray, labels: np.ndarray, groups: Sequence[str]) -> float:
+    """d_z: the mean of each query's positive-minus-negative score difference over their standard deviation (the
+    paired design's effect size; Cohen's d pools the between-query spread instead)."""
+    by_group: dict[str, dict[int, float]] = {}
+    for score, label, group in zip(scores, labels, groups, strict=True):
+        by_group.setdefault(group, {})[int(label)] = float(score)
+    differences = np.array([pair[1] - pair[0] for pair in by_group.values() if len(pair) == 2])
+    if differences.size < 2:
+        return float("nan")
+    spread = differences.std(ddof=1)
+    mean = float(differences.mean())
+    if spread <= 1e-12 * max(1.0, abs(mean)):
+        return 0.0 if mean == 0 else math.copysign(math.inf, mean)
+    return mean / float(spread)
+
+
+def _on_training_scale(test_scores: np.ndarray, train_scores: np.ndarray) -> np.ndarray:
+    """Out-of-fold scores z-scored by the training fold's own scores, so that folds pool on one scale."""
+    spread = train_scores.std()
+    return (test_scores - train_scores.mean()) / (spread if spread > 0 else 1.0)
 
 
 @dataclass
@@ -226,10 +249,13 @@ class LayerResult:
     mean_diff_auroc: float
     mean_diff_cohens_d: float
     chosen_c: list[float]
+    mean_diff_cohens_dz: float = float("nan")  # paired (within-query) effect size beside the pooled d
     shuffled_auroc: list[float] = field(default_factory=list)
     random_auroc_mean: float = float("nan")
     random_auroc_p95: float = float("nan")
     random_cohens_d_p95: float = float("nan")
+    mean_diff_shuffled_auroc_p95: float = float("nan")
+    mean_diff_shuffle_p: float = float("nan")  # (1 + #{shuffled AUROC >= observed}) / (1 + shuffles)
     cosine_token_embedding: float | None = None
     transfer_to_sa_auroc: float | None = None
     transfer_to_sa_ci: list[float] | None = None
@@ -240,29 +266,50 @@ class LayerResult:
 def cross_validate(
     x: np.ndarray, y: np.ndarray, groups: Sequence[str], config: ProbeConfig, seed: int
 ) -> dict[str, Any]:
-    """Held-out metrics of both probe kinds (grouped folds)."""
+    """Held-out metrics of both probe kinds (grouped folds). Each fold's test scores are put on that fold's training
+    scale (`_on_training_scale`) before they are pooled, so AUROC, d and the FPR threshold compare like with like;
+    accuracy uses each fold's own decision rule (logit > 0)."""
     logistic_scores = np.zeros(len(y))
+    logistic_correct = np.zeros(len(y), dtype=bool)
     mean_diff_scores = np.zeros(len(y))
-    recalls, chosen = [], []
+    chosen = []
     for train, test in grouped_folds(groups, config.folds, seed):
         train_groups = [groups[i] for i in train]
         weight, bias, c = fit_logistic(x[train], y[train], train_groups, config.cs, config.inner_folds, seed)
         chosen.append(c)
-        logistic_scores[test] = x[test] @ weight + bias
-        train_scores = x[train] @ weight + bias
-        recalls.append(
-            recall_at_fpr(train_scores[y[train] == 0], logistic_scores[test][y[test] == 1], config.control_fpr)
-        )
+        raw = x[test] @ weight + bias
+        logistic_correct[test] = (raw > 0) == (y[test] == 1)
+        logistic_scores[test] = _on_training_scale(raw, x[train] @ weight + bias)
         direction = x[train][y[train] == 1].mean(0) - x[train][y[train] == 0].mean(0)
-        mean_diff_scores[test] = x[test] @ direction
+        mean_diff_scores[test] = _on_training_scale(x[test] @ direction, x[train] @ direction)
     return {
         "logistic_auroc": auroc(logistic_scores, y),
-        "logistic_accuracy": float(np.mean((logistic_scores > 0) == (y == 1))),
-        "logistic_recall_at_fpr": float(np.mean(recalls)),
+        "logistic_accuracy": float(np.mean(logistic_correct)),
+        "logistic_recall_at_fpr": recall_at_fpr(logistic_scores[y == 0], logistic_scores[y == 1], config.control_fpr),
         "mean_diff_auroc": auroc(mean_diff_scores, y),
         "mean_diff_cohens_d": cohens_d(mean_diff_scores, y),
+        "mean_diff_cohens_dz": paired_cohens_dz(mean_diff_scores, y, groups),
         "chosen_c": chosen,
+        "mean_diff_scores": mean_diff_scores,  # out of fold, on one scale (not a LayerResult field)
     }
+
+
+def mean_diff_shuffle_null(
+    x: np.ndarray, y: np.ndarray, groups: Sequence[str], folds: int, n_shuffles: int, seed: int
+) -> np.ndarray:
+    """Held-out AUROCs of the difference-of-means probe on labels shuffled within queries, `n_shuffles` times, with
+    the same folds and scaling as `cross_validate` (no fitting, so hundreds of shuffles cost little)."""
+    splits = grouped_folds(groups, folds, seed)
+    rng = np.random.default_rng(seed + 7)
+    null = np.empty(n_shuffles)
+    for i in range(n_shuffles):
+        labels = shuffle_within_groups(y, groups, rng)
+        scores = np.zeros(len(y))
+        for train, test in splits:
+            direction = x[train][labels[train] == 1].mean(0) - x[train][labels[train] == 0].mean(0)
+            scores[test] = _on_training_scale(x[test] @ direction, x[train] @ direction)
+        null[i] = fast_auroc(scores, labels)
+    return null
 
 
 def shuffle_within_groups(y: np.ndarray, groups: Sequence[str], rng: np.random.Generator) -> np.ndarray:
@@ -393,6 +440,7 @@ def run_probes(config: ProbeConfig, *, progress: Any = None) -> ProbeResult:
     probe_weights: dict[str, np.ndarray] = {}
     probe_biases: dict[str, np.ndarray] = {}
     results: list[LayerResult] = []
+    held_out_scores: dict[tuple[int, str], np.ndarray] = {}
     cosines: dict[str, dict[str, list[float | None]]] = {}
     total = len(layers) * len(positions)
     done = 0
@@ -409,12 +457,16 @@ def run_probes(config: ProbeConfig, *, progress: Any = None) -> ProbeResult:
         for l_index, layer in enumerate(layers):
             x = main.x[:, l_index, p_index]
             metrics = cross_validate(x, main.y, main.groups, config, config.seed)
+            held_out_scores[layer, position] = metrics.pop("mean_diff_scores")
             # Nulls: labels shuffled within queries (must sit at chance), random directions (no training).
             shuffled = []
             for s in range(config.n_shuffles):
                 y_null = shuffle_within_groups(main.y, main.groups, np.random.default_rng(config.seed + 100 + s))
                 null_config = ProbeConfig(**{**asdict(config), "cs": (float(np.median(metrics["chosen_c"])),)})
                 shuffled.append(cross_validate(x, y_null, main.groups, null_config, config.seed)["logistic_auroc"])
+            mean_diff_null = mean_diff_shuffle_null(
+                x, main.y, main.groups, config.folds, config.n_mean_diff_shuffles, config.seed
+            )
             random_scores = x @ random_directions.T
             random_aurocs = np.array([auroc(random_scores[:, r], main.y) for r in range(config.n_random)])
             folded = np.maximum(random_aurocs, 1 - random_aurocs)
@@ -431,6 +483,12 @@ def run_probes(config: ProbeConfig, *, progress: Any = None) -> ProbeResult:
                 random_auroc_mean=float(folded.mean()),
                 random_auroc_p95=float(np.quantile(folded, 0.95)),
                 random_cohens_d_p95=_quantile(random_d, 0.95),
+                mean_diff_shuffled_auroc_p95=_quantile(mean_diff_null, 0.95),
+                mean_diff_shuffle_p=float(
+                    (1 + np.sum(mean_diff_null >= metrics["mean_diff_auroc"])) / (1 + mean_diff_null.size)
+                )
+                if mean_diff_null.size
+                else float("nan"),
                 cosine_token_embedding=_cosine(tc[l_index], token_direction) if token_direction is not None else None,
             )
             if sa_dirs is not None:
@@ -468,6 +526,7 @@ def run_probes(config: ProbeConfig, *, progress: Any = None) -> ProbeResult:
         directions["token_embedding"] = token_direction
 
     summary = _summarise(results, cosines, layers, positions)
+    summary["best_selection_adjusted"] = select_on_half(held_out_scores, main.y, main.groups, config.seed)
     output = ProbeResult(
         afprobe_version=__version__,
         config=asdict(config),
@@ -512,6 +571,41 @@ def _check_same_model(a: ActivationStore, b: ActivationStore) -> None:
         )
 
 
+def select_on_half(
+    scores: dict[tuple[int, str], np.ndarray], y: np.ndarray, groups: Sequence[str], seed: int
+) -> dict[str, Any] | None:
+    """The best layer and position chosen on one half of the queries and reported on the other.
+
+    `summary.best` is the largest |d| over every cell, with that cell's own numbers: a maximum over a family of cells
+    is biased upwards. Here the cell is chosen by |d_z| of the difference-of-means probe's out-of-fold scores on a
+    random half of the queries, and its AUROC and d_z are measured on the other half, which played no part in
+    choosing it."""
+    unique = sorted(set(groups))
+    if len(unique) < 4 or not scores:
+        return None
+    chosen = set(np.random.default_rng(seed + 11).permutation(unique)[: len(unique) // 2].tolist())
+    select = np.array([g in chosen for g in groups])
+    half = [g for g, keep in zip(groups, select, strict=True) if keep]
+    other = [g for g, keep in zip(groups, select, strict=True) if not keep]
+
+    def strength(cell: tuple[int, str]) -> float:
+        value = abs(paired_cohens_dz(scores[cell][select], y[select], half))
+        return value if np.isfinite(value) else -1.0  # no within-class spread (the tag itself): a baseline
+
+    best = max(scores, key=strength)
+    report = scores[best][~select]
+    return {
+        "layer": best[0],
+        "position": best[1],
+        "family_size": len(scores),
+        "selected_on_queries": len(chosen),
+        "reported_on_queries": len(unique) - len(chosen),
+        "selection_half_abs_dz": strength(best),
+        "mean_diff_auroc": fast_auroc(report, y[~select]),
+        "mean_diff_cohens_dz": paired_cohens_dz(report, y[~select], other),
+    }
+
+
 def _summarise(results: list[LayerResult], cosines: dict, layers: list[int], positions: list[str]) -> dict[str, Any]:
     def key(r: LayerResult) -> tuple[float, float]:
         return (abs(r.mean_diff_cohens_d) if np.isfinite(r.mean_diff_cohens_d) else -1.0, r.logistic_auroc)
@@ -526,6 +620,8 @@ def _summarise(results: list[LayerResult], cosines: dict, layers: list[int], pos
             "position": r.position,
             "logistic_auroc": r.logistic_auroc,
             "mean_diff_cohens_d": r.mean_diff_cohens_d,
+            "mean_diff_cohens_dz": r.mean_diff_cohens_dz,
+            "mean_diff_shuffle_p": r.mean_diff_shuffle_p,
             "random_cohens_d_p95": r.random_cohens_d_p95,
             "transfer_to_sa_auroc": r.transfer_to_sa_auroc,
         }

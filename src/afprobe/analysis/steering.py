@@ -42,7 +42,7 @@ from afprobe.model.interventions import PositionMask, ablate_directions, add_dir
 from afprobe.model.job import PairedPromptJob
 from afprobe.model.loading import LoadedModel
 from afprobe.model.readout import AnswerTokens, ComplianceScore, length_batches, score_batch
-from afprobe.stats import Estimate, bootstrap_mean, compare_with_random_null, paired_difference
+from afprobe.stats import Estimate, compare_with_random_null, mean_estimate, paired_difference, ratio_of_means
 from afprobe.store.reader import ActivationStore
 
 STEERED_DIRECTIONS = ("training_context", "situational_awareness", "refusal")
@@ -290,15 +290,18 @@ def _analyse(
             "direction": setting.direction,
             "kind": setting.kind,
             "coefficient": setting.coefficient,
-            "free": bootstrap_mean(free, n_boot=config.n_boot, seed=config.seed).to_dict(),
-            "paid": bootstrap_mean(paid, n_boot=config.n_boot, seed=config.seed).to_dict(),
+            "free": mean_estimate(free, n_boot=config.n_boot, seed=config.seed).to_dict(),
+            "paid": mean_estimate(paid, n_boot=config.n_boot, seed=config.seed).to_dict(),
             "gap": paired_difference(free, paid, **boot).to_dict(),
             "gap_change": paired_difference(gap_change, np.zeros_like(gap_change), **boot).to_dict(),
             "mean_shift": paired_difference(shift, np.zeros_like(shift), **boot).to_dict(),
         }
+        if setting.kind == "ablate":
+            ratio = ratio_of_means(free - paid, base_free - base_paid, n_boot=config.n_boot, seed=config.seed)
+            row["fraction_remaining"] = {k: float(v) for k, v in ratio.items()}
         if benign is not None and setting.benign:
             values = np.array([s.log_odds for s in setting.benign])
-            row["benign"] = bootstrap_mean(values, n_boot=config.n_boot, seed=config.seed).to_dict()
+            row["benign"] = mean_estimate(values, n_boot=config.n_boot, seed=config.seed).to_dict()
         return row
 
     rows = [describe(s) for s in settings]
@@ -335,19 +338,24 @@ def _verdict(
     A change, or a baseline gap, within `resolution_band` nats is below what the dtype resolves and says so."""
     largest = max(abs(c) for c in coefficients if c != 0)
     verdict: dict[str, Any] = {}
-    steer = [r for r in rows if r["direction"] == name and r["kind"] == "steer" and abs(r["coefficient"]) == largest]
-    null = [
-        abs(r["gap_change"]["mean"])
-        for r in rows
-        if r["direction"] in randoms and r["kind"] == "steer" and abs(r["coefficient"]) == largest
-    ]
+
+    def at_largest(direction: str) -> list[dict[str, Any]]:
+        return [
+            r for r in rows if r["direction"] == direction and r["kind"] == "steer" and abs(r["coefficient"]) == largest
+        ]
+
+    steer = at_largest(name)
+    # Sign-matched: the named direction's effect is the larger over its two signs, so each random direction's is too.
+    null = [max(abs(r["gap_change"]["mean"]) for r in at_largest(random)) for random in randoms if at_largest(random)]
     if steer and null:
-        effect = max(abs(r["gap_change"]["mean"]) for r in steer)
+        strongest = max(steer, key=lambda r: abs(r["gap_change"]["mean"]))
+        effect = abs(strongest["gap_change"]["mean"])
         shift = max(abs(r["mean_shift"]["mean"]) for r in steer)
         versus = compare_with_random_null(effect, null)
         threshold = versus.null_p95
         moves_gap = any(_excludes_zero(r["gap_change"]) for r in steer)
         shifts_both = any(_excludes_zero(r["mean_shift"]) for r in steer)
+        uniform = shifts_both and _surely_larger(strongest["mean_shift"], strongest["gap_change"])
         verdict["steering"] = {
             "coefficient": largest,
             "largest_gap_change": effect,
@@ -357,7 +365,8 @@ def _verdict(
             "gap_change_excludes_zero": moves_gap,
             "shifts_both_tiers": shifts_both,
             "resolved": effect > resolution_band,
-            "reading": _reading(name, versus.beyond, moves_gap, shifts_both, effect, shift)
+            "uniform_shift": uniform,
+            "reading": _reading(name, versus.beyond, moves_gap, shifts_both, uniform, effect, shift)
             if effect > resolution_band
             else f"steering along {name} changes the gap by {effect:.3g} nats, below the {resolution_band:.3g} nats "
             "this dtype resolves: rerun with --dtype float32",
@@ -366,7 +375,8 @@ def _verdict(
     null_ablation = [r["gap"]["mean"] for r in rows if r["direction"] in randoms and r["kind"] == "ablate"]
     if ablation is not None:
         # A fraction of a gap the dtype does not resolve is a ratio of rounding noise.
-        remaining = ablation["gap"]["mean"] / base_gap if abs(base_gap) > resolution_band else float("nan")
+        nothing = {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+        remaining = ablation["fraction_remaining"] if abs(base_gap) > resolution_band else nothing
         low, high = np.quantile(null_ablation, [0.025, 0.975]) if null_ablation else (float("nan"),) * 2
         verdict["ablation"] = {
             "gap_after": ablation["gap"],
@@ -381,9 +391,19 @@ def _excludes_zero(estimate: dict[str, Any]) -> bool:
     return Estimate(**estimate).excludes_zero()
 
 
-def _reading(name: str, beyond_null: bool, moves_gap: bool, shifts_both: bool, gap: float, shift: float) -> str:
-    # A shift of both tiers many times larger than the gap change is the refusal-confound pattern.
-    uniform = shifts_both and shift > 5 * gap
+def _surely_larger(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """|a| is larger than |b| beyond both intervals: a's interval excludes zero and its smallest magnitude exceeds
+    the largest magnitude in b's interval."""
+    if not _excludes_zero(a):
+        return False
+    smallest_a = min(abs(a["ci_low"]), abs(a["ci_high"]))
+    return smallest_a > max(abs(b["ci_low"]), abs(b["ci_high"]))
+
+
+def _reading(
+    name: str, beyond_null: bool, moves_gap: bool, shifts_both: bool, uniform: bool, gap: float, shift: float
+) -> str:
+    # A shift of both tiers surely larger than the gap change is the refusal-confound pattern.
     if beyond_null and moves_gap and not uniform:
         return f"steering along {name} changes the gap more than random directions of the same norm"
     if beyond_null and moves_gap:

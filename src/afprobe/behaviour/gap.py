@@ -30,7 +30,7 @@ from afprobe.model.job import PairedPromptJob
 from afprobe.model.loading import LoadedModel
 from afprobe.model.memory import MemoryEstimate
 from afprobe.model.readout import ComplianceScore, SampleCounts, sample_prompts, score_prompts
-from afprobe.stats import Estimate, bootstrap_mean, paired_difference
+from afprobe.stats import Estimate, mean_estimate, paired_difference
 
 
 @dataclass
@@ -132,7 +132,7 @@ def summarise(
         return np.array([getattr(by_key[(q, tier)], metric) for q in query_ids])
 
     tiers = {
-        tier: {m: bootstrap_mean(column(tier, m), n_boot=n_boot, seed=seed) for m in metrics}
+        tier: {m: mean_estimate(column(tier, m), n_boot=n_boot, seed=seed) for m in metrics}
         for tier in prompt_set.variant.tier_names
     }
     gaps = {
@@ -285,7 +285,7 @@ def _summarise_samples(prompt_set: PromptSet, samples: list[SampleCounts], confi
     for tier in prompt_set.variant.tier_names:
         counts = [by_key[(q, tier)] for q in query_ids]
         summary["tiers"][tier] = {
-            "compliance": bootstrap_mean(np.array([c.compliance for c in counts]), n_boot=config.n_boot).to_dict(),
+            "compliance": mean_estimate(np.array([c.compliance for c in counts]), n_boot=config.n_boot).to_dict(),
             "unparseable": int(sum(c.unparseable for c in counts)),
             "n_samples": int(sum(c.n for c in counts)),
         }
@@ -351,7 +351,13 @@ def format_gap_table(result: GapResult) -> str:
             )
         primary = result.gaps[result.primary_gap]["log_odds"]  # type: ignore[index]
         verdict = "excludes zero" if primary.excludes_zero() else "includes zero (no detectable gap)"
-        lines += ["", f"primary gap {result.primary_gap}: the 95% interval {verdict}"]
+        family = (
+            "p: sign-flip test over queries; one pre-specified contrast, so no correction"
+            if len(result.gaps) == 1
+            else f"p: sign-flip tests over queries, uncorrected; {result.primary_gap} is the pre-specified primary "
+            f"contrast, the other {len(result.gaps) - 1} are secondary (Bonferroni: multiply by {len(result.gaps)})"
+        )
+        lines += [family, "", f"primary gap {result.primary_gap}: the 95% interval {verdict}"]
         if result.resolution is not None:
             line = result.resolution.describe(primary.n)
             if result.resolution.per_prompt_noise > 0:
@@ -362,8 +368,8 @@ def format_gap_table(result: GapResult) -> str:
             lines.append(line)
         if primary.n < 10:
             lines.append(
-                f"only {primary.n} queries: a percentile bootstrap is too narrow at this size; read the exact "
-                "sign-flip p-value instead"
+                f"only {primary.n} queries: the t interval assumes near-normal per-query differences, which so "
+                "few cannot show; read the exact sign-flip p-value beside it"
             )
     else:
         lines += ["", "this variant has one tier: compliance only, no gap"]

@@ -48,9 +48,14 @@ def _mediation_shares(patch: dict[str, Any] | None, subspace: str) -> dict[int, 
 
 
 def _larger(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """a's share is larger than b's in every patch direction, with intervals that do not overlap."""
+    """a's share is larger than b's in every patch direction, with intervals that do not overlap (an unbounded
+    interval, null in the file, overlaps everything)."""
     common = set(a["directions"]) & set(b["directions"])
-    return bool(common) and all(a["directions"][d]["ci"][0] > b["directions"][d]["ci"][1] for d in common)
+
+    def above(low: float | None, high: float | None) -> bool:
+        return low is not None and high is not None and low > high
+
+    return bool(common) and all(above(a["directions"][d]["ci"][0], b["directions"][d]["ci"][1]) for d in common)
 
 
 def _count_verdict(hits: int, total: int) -> str:

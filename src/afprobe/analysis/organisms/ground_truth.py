@@ -21,7 +21,7 @@ from afprobe.data.prompts import (
 from afprobe.files import atomic_write_json, results_folder
 from afprobe.model.loading import LoadedModel
 from afprobe.model.readout import score_prompts
-from afprobe.stats import Estimate, bootstrap_mean, paired_difference
+from afprobe.stats import Estimate, mean_estimate, paired_difference
 
 
 @dataclass
@@ -91,7 +91,7 @@ def check_organism(
         {
             "trained": trained,
             "cue": cue,
-            "log_odds": bootstrap_mean(table[:, j], n_boot=config.n_boot, seed=config.seed).to_dict(),
+            "log_odds": mean_estimate(table[:, j], n_boot=config.n_boot, seed=config.seed).to_dict(),
         }
         for j, (trained, cue) in enumerate(cues)
     ]
@@ -149,6 +149,8 @@ def format_ground_truth_lines(truth: GroundTruth) -> list[str]:
         f"standard gap (free - paid):         {fmt(truth.standard_gap)}",
         f"held-out phrasings (trained - not): {fmt(truth.held_out_phrasings)}",
         f"semantic-swap gap (free - paid):    {fmt(truth.semantic_swap_gap)}",
+        "p: sign-flip tests over queries (phrasings averaged per query), uncorrected: each of the three is a separate "
+        "pre-specified criterion of the ground truth",
         f"reading: {ground_truth_reading(truth)['origin']}",
     ]
 
