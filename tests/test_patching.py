@@ -371,6 +371,22 @@ def test_cli_patch(tiny_llama, tmp_path, capsys):
     assert "out of range" in capsys.readouterr().err
 
 
+def test_rows_compared_with_a_null_are_corrected_as_one_family():
+    from afprobe.analysis.patching import _correct_over_rows
+
+    rows = [
+        {"reading": "a", "p_vs_random": 0.01, "n_random": 99},
+        {"reading": "b", "p_vs_random": 0.04, "n_random": 99},
+        {"reading": "c", "p_vs_random": None},
+        {"reading": "d", "p_vs_random": 0.5, "n_random": 99},
+    ]
+    readings = _correct_over_rows(rows, "SAE feature-set x direction")
+    assert [r["q_vs_random"] for r in rows if "q_vs_random" in r] == pytest.approx([0.03, 0.06, 0.5])
+    assert "q_vs_random" not in rows[2] and len(readings) == 3
+    assert all("Benjamini-Hochberg over the 3 SAE feature-set x direction rows" in r for r in readings)
+    assert "smallest possible 0.01" in readings[0]
+
+
 def test_sae_feature_sets_join_the_mediation_table(tiny_llama, tmp_path):
     from afprobe.analysis.sae_features import FeatureConfig, run_feature_analysis
     from afprobe.store.cache_job import CacheConfig, run_cache
@@ -410,6 +426,8 @@ def test_sae_feature_sets_join_the_mediation_table(tiny_llama, tmp_path):
     rows = [r for r in output.mediation["rows"] if r.get("family") == "sae"]
     assert {r["direction"] for r in rows} == {*output.patch_directions, "ablate from both runs"}
     assert all(r["subspace"] == "sae_other" for r in rows)
+    # The one set is every feature: no random set of its size exists, so there is no null and no p-value.
+    assert all(r["p_vs_random"] is None and "q_vs_random" not in r for r in rows)
     for row in rows:
         if row["direction"] in output.patch_directions:
             assert row["position"] == "tag" and row["whole_residual"]["recovery"] > 0.5

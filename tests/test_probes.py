@@ -185,3 +185,30 @@ def test_the_selection_adjusted_best_cell_is_not_inflated_by_the_maximum():
     assert adjusted["family_size"] == 60
     assert adjusted["selection_half_abs_dz"] > naive  # the maximum on 20 queries is larger still
     assert abs(adjusted["mean_diff_cohens_dz"]) < naive and abs(adjusted["mean_diff_auroc"] - 0.5) < 0.2
+
+
+def _paired_rows(rng: np.random.Generator, n_groups: int, shift: np.ndarray, prefix: str):
+    base = rng.normal(size=(n_groups, shift.size))
+    x = np.concatenate([base + shift + rng.normal(0, 0.3, base.shape), base + rng.normal(0, 0.3, base.shape)])
+    y = np.array([1] * n_groups + [0] * n_groups)
+    return x, y, [f"{prefix}{i}" for i in range(n_groups)] * 2
+
+
+def test_transfer_interval_carries_the_training_direction_uncertainty():
+    from afprobe.analysis.probes import grouped_bootstrap_auroc, transfer_auroc_with_refits
+
+    rng = np.random.default_rng(3)
+    signal = np.zeros(20)
+    signal[0] = 3.0
+    test_x, test_y, test_groups = _paired_rows(rng, 30, signal, "t")
+    # Training labels carry nothing: the fitted direction is noise, so what it scores on the test set is luck.
+    noise_x, noise_y, noise_groups = _paired_rows(rng, 8, np.zeros(20), "n")
+    point, refit = transfer_auroc_with_refits(noise_x, noise_y, noise_groups, test_x, test_y, test_groups, seed=0)
+    direction = noise_x[noise_y == 1].mean(0) - noise_x[noise_y == 0].mean(0)
+    fixed = grouped_bootstrap_auroc(test_x @ direction, test_y, test_groups, seed=0)
+    assert refit[0] < 0.5 < refit[1]  # chance is inside the interval that refits
+    assert refit[1] - refit[0] > 2 * (fixed[1] - fixed[0])  # the fixed-direction interval hides that
+    # With the signal in training too, transfer is near perfect and the interval says so.
+    train_x, train_y, train_groups = _paired_rows(rng, 30, signal, "s")
+    point, refit = transfer_auroc_with_refits(train_x, train_y, train_groups, test_x, test_y, test_groups, seed=0)
+    assert point > 0.95 and refit[0] > 0.9

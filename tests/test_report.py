@@ -82,6 +82,7 @@ def test_report_has_a_section_for_each_analysis_run_and_only_those(run_dir, tmp_
     # One plotly.js, inline: the page opens offline; one div per figure.
     assert page.count("<script src=") == 0 and page.count("Plotly.newPlot") == summary["n_figures"] >= 10
     assert "tiny-llama" in page and "weights_sha256" in page  # what produced it
+    assert "selection-adjusted: the cell chosen on" in page  # not only the maximum over the family
     # A folder with only a store has only the gap.
     only_gap, summary = build_report(run_dir / "main")
     assert summary["kinds"] == ["gap"] and "<section id='probes'>" not in only_gap

@@ -110,3 +110,34 @@ def test_a_recovery_of_a_gap_indistinguishable_from_zero_has_an_unbounded_interv
     est = ratio_of_means(deltas, totals, n_boot=2000, seed=0)
     assert est["mean"].tolist() == pytest.approx([0.5, 0.0])
     assert np.isneginf(est["ci_low"]).all() and np.isposinf(est["ci_high"]).all()
+
+
+def test_a_crossed_design_interval_covers_when_phrasings_vary_too(capsys):
+    """Queries x phrasings: an interval over queries alone leaves out the phrasings' own variance and misses the
+    true (zero) difference most of the time; the crossed bootstrap resamples both and covers."""
+    from afprobe.stats import crossed_difference
+
+    rng = np.random.default_rng(0)
+    side = np.array([True] * 6 + [False] * 6)
+    crossed = queries_only = 0
+    n_sim = 300
+    for s in range(n_sim):
+        table = rng.normal(0, 1, (20, 1)) + rng.normal(0, 0.5, (1, 12)) + rng.normal(0, 0.5, (20, 12))
+        estimate = crossed_difference(table, side, n_boot=500, seed=s)
+        crossed += estimate.ci_low <= 0 <= estimate.ci_high
+        per_query = table[:, side].mean(1) - table[:, ~side].mean(1)
+        low, high = mean_interval(per_query)
+        queries_only += low <= 0 <= high
+    with capsys.disabled():
+        print(
+            f"\ncoverage, 20 queries x 12 phrasings: crossed {crossed / n_sim:.0%}, "
+            f"queries only {queries_only / n_sim:.0%}"
+        )
+    assert crossed / n_sim >= 0.93
+    assert queries_only / n_sim < 0.6
+    # A large planted difference is found, and its permutation p is the smallest the 924 arrangements allow.
+    table = rng.normal(0, 1, (20, 12)) + 5.0 * side
+    estimate = crossed_difference(table, side, n_boot=500)
+    assert estimate.ci_low > 3 and estimate.p_value == pytest.approx(2 / 924)
+    with pytest.raises(ValueError, match="both sides"):
+        crossed_difference(table, [True] * 12)

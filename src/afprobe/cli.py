@@ -604,7 +604,8 @@ def format_probe_summary(output) -> str:
             f"  selection-adjusted (chosen among {adjusted['family_size']} layer x position cells on "
             f"{adjusted['selected_on_queries']} queries, measured on the other {adjusted['reported_on_queries']}): "
             f"layer {adjusted['layer']}, {adjusted['position']}: difference-of-means AUROC "
-            f"{adjusted['mean_diff_auroc']:.3f}, paired d_z {adjusted['mean_diff_cohens_dz']:.2f}"
+            f"{adjusted['mean_diff_auroc']:.3f} [{adjusted['mean_diff_auroc_ci'][0]:.3f}, "
+            f"{adjusted['mean_diff_auroc_ci'][1]:.3f}], paired d_z {adjusted['mean_diff_cohens_dz']:.2f}"
         )
     for position, row in summary["best_by_position"].items():
         lines.append(

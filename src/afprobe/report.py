@@ -216,6 +216,17 @@ def _probes_section(path: Path, root: Path, figure: _Figures) -> str:
         f"{best.get('logistic_auroc', float('nan')):.3f}; largest shuffled-label AUROC "
         f"{summary.get('max_shuffled_auroc', float('nan')):.3f} (chance is 0.5)</p>",
     ]
+    adjusted = summary.get("best_selection_adjusted")
+    if adjusted:
+        low, high = adjusted.get("mean_diff_auroc_ci", [float("nan")] * 2)
+        parts.append(
+            f"<p>selection-adjusted: the cell chosen on {adjusted['selected_on_queries']} queries out of a family of "
+            f"{adjusted['family_size']} layer x position cells (layer {adjusted['layer']}, "
+            f"{html.escape(adjusted['position'])}) scores AUROC {adjusted['mean_diff_auroc']:.3f} [{low:.3f}, "
+            f"{high:.3f}], paired d_z {adjusted['mean_diff_cohens_dz']:+.2f} on the other "
+            f"{adjusted['reported_on_queries']} (difference-of-means probe); the best cell above is a maximum over "
+            f"the whole family and reads high</p>"
+        )
     for name, fig in plots.probe_metric_figures(metrics).items():
         parts.append(f"<h4>{html.escape(name.replace('_', ' '))}</h4>" + figure(fig))
     if (path.parent / "pca.html").exists():

@@ -242,6 +242,57 @@ def ratio_of_means(
     }
 
 
+def crossed_difference(
+    table: Float[np.ndarray, "queries cues"],
+    first: Sequence[bool],
+    *,
+    n_boot: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """Mean over queries and cues of the `first` cues minus the other cues, where every query is run with every cue
+    (a crossed design: the organisms' held-out phrasings, contrast sentences under several requests).
+
+    Queries and cues are both samples, so both vary in the interval: each bootstrap resample draws queries, and cues
+    within each side, with replacement (Owen's pigeonhole bootstrap, conservative for crossed designs); the interval
+    is mean +- t x that standard error with min(queries - 1, cues - 2) degrees of freedom. The p-value permutes which
+    cues are `first` (exact below 10,000 arrangements): a test over cues, the coarser of the two samples.
+    """
+    from scipy import stats as scipy_stats
+
+    values = np.asarray(table, dtype=np.float64)
+    side = np.asarray(first, dtype=bool)
+    if values.ndim != 2 or values.shape[1] != side.size or side.all() or not side.any():
+        raise ValueError("crossed_difference needs a [queries, cues] table and cues on both sides")
+    n_queries, n_cues = values.shape
+    per_cue = values.mean(axis=0)
+    mean = float(per_cue[side].mean() - per_cue[~side].mean())
+    rng = np.random.default_rng(seed)
+    a, b = np.flatnonzero(side), np.flatnonzero(~side)
+    boot = np.empty(n_boot)
+    for i in range(n_boot):
+        rows = values[rng.integers(0, n_queries, n_queries)]
+        boot[i] = rows[:, rng.choice(a, a.size)].mean() - rows[:, rng.choice(b, b.size)].mean()
+    se = float(boot.std(ddof=1))
+    df = max(1, min(n_queries - 1, n_cues - 2))
+    half = float(scipy_stats.t.ppf(1 - (1 - confidence) / 2, df)) * se
+    arrangements = list(itertools.combinations(range(n_cues), a.size))
+    if len(arrangements) > 10_000:
+        arrangements = [tuple(rng.permutation(n_cues)[: a.size]) for _ in range(10_000)]
+    total = per_cue.sum()
+    null = np.array([per_cue[list(c)].sum() / a.size - (total - per_cue[list(c)].sum()) / b.size for c in arrangements])
+    p_value = float(np.mean(np.abs(null) >= abs(mean) - 1e-12 * max(1.0, abs(mean))))
+    return Estimate(
+        mean=mean,
+        ci_low=mean - half,
+        ci_high=mean + half,
+        n=n_queries,
+        p_value=p_value,
+        confidence=confidence,
+        method="crossed bootstrap (queries x cues), t",
+    )
+
+
 def benjamini_hochberg(p: Tensor) -> Tensor:
     """Benjamini-Hochberg adjusted p-values (q-values), in the input's order."""
     m = p.numel()

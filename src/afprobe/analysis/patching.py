@@ -935,6 +935,7 @@ def _mediation_table(
                             "random_mean": float(np.mean(est["mean"][a, randoms])),
                             "random_abs_p95": null_p95,
                             "p_vs_random": versus.p_value,
+                            "n_random": versus.n_null,
                             "beyond_random": beyond,
                         }
                     )
@@ -951,20 +952,26 @@ def _mediation_table(
                         )
                     )
                 rows.append(row)
-    # The table's named rows are one family of comparisons: Benjamini-Hochberg over all of them, said in each reading.
-    tested = [row for row in rows if row.get("p_vs_random") is not None]
-    if tested:
-        q = benjamini_hochberg(torch.tensor([row["p_vs_random"] for row in tested], dtype=torch.float64))
-        family = f"the {len(tested)} subspace x layer x direction rows of this table"
-        for row, q_value in zip(tested, q.tolist(), strict=True):
-            row["q_vs_random"] = q_value
-            row["corrected_over"] = family
-            row["reading"] += (
-                f" (p {row['p_vs_random']:.2g} against {len(randoms)} random subspaces, smallest possible "
-                f"{1 / (1 + len(randoms)):.2g}; Benjamini-Hochberg over {family}: q {q_value:.2g})"
-            )
-            readings.append(row["reading"])
+    readings.extend(_correct_over_rows(rows, "subspace x layer x direction"))
     return rows, readings
+
+
+def _correct_over_rows(rows: list[dict[str, Any]], kind: str) -> list[str]:
+    """Benjamini-Hochberg over the rows of one table that were compared with a random null (one family of
+    comparisons), said in each row's reading; returns those readings."""
+    tested = [row for row in rows if row.get("p_vs_random") is not None]
+    if not tested:
+        return []
+    q = benjamini_hochberg(torch.tensor([row["p_vs_random"] for row in tested], dtype=torch.float64))
+    family = f"the {len(tested)} {kind} rows of this table"
+    for row, q_value in zip(tested, q.tolist(), strict=True):
+        row["q_vs_random"] = q_value
+        row["corrected_over"] = family
+        row["reading"] += (
+            f" (p {row['p_vs_random']:.2g} against {row['n_random']} random draws, smallest possible "
+            f"{1 / (1 + row['n_random']):.2g}; Benjamini-Hochberg over {family}: q {q_value:.2g})"
+        )
+    return [row["reading"] for row in tested]
 
 
 def _add_feature_rows(output: dict[str, Any], plan: PatchPlan, m: PatchMeasurements) -> None:
@@ -1013,6 +1020,7 @@ def _add_feature_rows(output: dict[str, Any], plan: PatchPlan, m: PatchMeasureme
                 "random_mean": float(np.mean(est["mean"][randoms])) if randoms else None,
                 "random_abs_p95": null_p95,
                 "p_vs_random": versus.p_value,
+                "n_random": versus.n_null,
                 "beyond_random": beyond,
                 "position": feature_sets.position,
                 "both_tier_shift": float((sae_ablated[:, s, :] - base).mean()) if kind.startswith("ablate") else None,
@@ -1037,7 +1045,8 @@ def _add_feature_rows(output: dict[str, Any], plan: PatchPlan, m: PatchMeasureme
                 )
             )
             rows.append(row)
-            readings.append(row["reading"])
+    _correct_over_rows(rows, "SAE feature-set x direction")
+    readings = [row["reading"] for row in rows]
     output["mediation"]["rows"].extend(rows)
     output["mediation"]["sae"] = {"layer": feature_sets.layer, "features_from": feature_sets.source}
     empty = feature_sets.names.index("sae_empty")

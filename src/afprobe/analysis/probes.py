@@ -159,6 +159,59 @@ def grouped_bootstrap_auroc(
     return [float(low), float(high)]
 
 
+def _group_sums(x: np.ndarray, y: np.ndarray, groups: Sequence[str]) -> tuple[np.ndarray, ...]:
+    """Per group: the sum and count of its positive rows and of its negative rows."""
+    names = sorted(set(groups))
+    index = {g: i for i, g in enumerate(names)}
+    member = np.array([index[g] for g in groups])
+    sums = np.zeros((2, len(names), x.shape[1]))
+    counts = np.zeros((2, len(names)))
+    for label in (0, 1):
+        rows = y == label
+        np.add.at(sums[label], member[rows], x[rows])
+        np.add.at(counts[label], member[rows], 1.0)
+    return sums[1], counts[1], sums[0], counts[0]
+
+
+def transfer_auroc_with_refits(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    train_groups: Sequence[str],
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    test_groups: Sequence[str],
+    *,
+    n_boot: int = 500,
+    seed: int = 0,
+) -> tuple[float, list[float]]:
+    """AUROC on one set of the difference-of-means probe fitted on another, with a 95% interval in which every
+    resample refits the probe on resampled training groups and scores resampled test groups: the interval carries
+    the direction's own sampling error, not only the test set's."""
+    pos_sums, pos_counts, neg_sums, neg_counts = _group_sums(train_x, train_y, train_groups)
+    direction = pos_sums.sum(0) / pos_counts.sum() - neg_sums.sum(0) / neg_counts.sum()
+    point = auroc(test_x @ direction, test_y)
+    # Scores of every test row under each training group's sums: a resampled direction's scores are then a
+    # weighted sum of columns, so a refit costs one matrix product, not a pass over the activations.
+    on_pos, on_neg = test_x @ pos_sums.T, test_x @ neg_sums.T
+    rng = np.random.default_rng(seed)
+    n_train = pos_sums.shape[0]
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(test_groups):
+        members.setdefault(g, []).append(i)
+    blocks = list(members.values())
+    values = np.full(n_boot, np.nan)
+    for b in range(n_boot):
+        weights = np.bincount(rng.integers(0, n_train, n_train), minlength=n_train).astype(np.float64)
+        n_pos, n_neg = weights @ pos_counts, weights @ neg_counts
+        if n_pos == 0 or n_neg == 0:
+            continue
+        scores = on_pos @ weights / n_pos - on_neg @ weights / n_neg
+        rows = np.concatenate([blocks[c] for c in rng.integers(0, len(blocks), len(blocks))])
+        values[b] = fast_auroc(scores[rows], test_y[rows])
+    low, high = np.nanquantile(values, [0.025, 0.975])
+    return point, [float(low), float(high)]
+
+
 def cohens_d(scores: np.ndarray, labels: np.ndarray) -> float:
     a, b = scores[labels == 1], scores[labels == 0]
     pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / max(1, len(a) + len(b) - 2))
@@ -257,6 +310,7 @@ class LayerResult:
     mean_diff_shuffled_auroc_p95: float = float("nan")
     mean_diff_shuffle_p: float = float("nan")  # (1 + #{shuffled AUROC >= observed}) / (1 + shuffles)
     cosine_token_embedding: float | None = None
+    # Difference-of-means probe fitted on one set, scored on the other; intervals refit it in every resample.
     transfer_to_sa_auroc: float | None = None
     transfer_to_sa_ci: list[float] | None = None
     transfer_from_sa_auroc: float | None = None
@@ -494,13 +548,14 @@ def run_probes(config: ProbeConfig, *, progress: Any = None) -> ProbeResult:
             if sa_dirs is not None:
                 sa_x = sa.x[:, l_index, sa_positions.index(position)]
                 sa_dirs[l_index] = sa_x[sa.y == 1].mean(0) - sa_x[sa.y == 0].mean(0)
-                on_sa = sa_x @ weights[l_index] + biases[l_index]
-                result.transfer_to_sa_auroc = auroc(on_sa, sa.y)
-                result.transfer_to_sa_ci = grouped_bootstrap_auroc(on_sa, sa.y, sa.groups, seed=config.seed)
-                sa_weight, sa_bias, _ = fit_logistic(sa_x, sa.y, sa.groups, config.cs, config.inner_folds, config.seed)
-                on_main = x @ sa_weight + sa_bias
-                result.transfer_from_sa_auroc = auroc(on_main, main.y)
-                result.transfer_from_sa_ci = grouped_bootstrap_auroc(on_main, main.y, main.groups, seed=config.seed)
+                # Both ways with the difference-of-means probe (the directions steering and patching use), refitted
+                # in every resample.
+                result.transfer_to_sa_auroc, result.transfer_to_sa_ci = transfer_auroc_with_refits(
+                    x, main.y, main.groups, sa_x, sa.y, sa.groups, seed=config.seed
+                )
+                result.transfer_from_sa_auroc, result.transfer_from_sa_ci = transfer_auroc_with_refits(
+                    sa_x, sa.y, sa.groups, x, main.y, main.groups, seed=config.seed
+                )
             results.append(result)
             done += 1
             if progress is not None:
@@ -602,6 +657,7 @@ def select_on_half(
         "reported_on_queries": len(unique) - len(chosen),
         "selection_half_abs_dz": strength(best),
         "mean_diff_auroc": fast_auroc(report, y[~select]),
+        "mean_diff_auroc_ci": grouped_bootstrap_auroc(report, y[~select], other, seed=seed),
         "mean_diff_cohens_dz": paired_cohens_dz(report, y[~select], other),
     }
 
