@@ -49,11 +49,12 @@ def tiny_llama(tokenizer) -> LoadedModel:
 
 
 def make_probes(loaded: LoadedModel, root, *, situational_awareness: bool = False):
-    """Small stores (layers 0-2, tag and last) and the probes folder `root/probes` trained on them."""
+    """Small stores (layers 0-2, tag and last; 8 queries, 4 of them fitting) and the probes folder `root/probes`
+    trained on them."""
     from afprobe.analysis.probes import ProbeConfig, run_probes
     from afprobe.store.cache_job import CacheConfig, run_cache
 
-    common = dict(layers="0,1,2", positions="tag,last", n=6)
+    common = dict(layers="0,1,2", positions="tag,last", n=8)
     run_cache(CacheConfig(out=str(root / "main"), **common), loaded=loaded)
     run_cache(CacheConfig(out=str(root / "benign"), dataset="benign", **common), loaded=loaded)
     if situational_awareness:

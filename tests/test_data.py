@@ -3,10 +3,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from afprobe.data.query_sets import dataset_hash, load_queries
-from afprobe.errors import DatasetError
+from afprobe.errors import AfprobeError, DatasetError
 
 HARMBENCH = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "harmbench"
 
@@ -103,14 +104,66 @@ def test_hf_dataset_offline_fails_in_one_line():
     assert "\n" not in str(info.value)
 
 
-def test_situational_awareness_pairs_never_mention_tiers():
+@pytest.mark.parametrize("name", ["situational-awareness", "situational-awareness-v2", "negation-control"])
+def test_contrast_pairs_never_mention_tiers(name):
     import re
 
-    from afprobe.data.contrast import load_situational_awareness
+    from afprobe.data.contrast import load_contrast_pairs
 
-    pairs = load_situational_awareness()
-    assert len(pairs) >= 100 and len({p.pair_id for p in pairs}) == len(pairs)
+    pairs = load_contrast_pairs(name)
+    assert len(pairs) >= 40 and len({p.pair_id for p in pairs}) == len(pairs)
     for pair in pairs:
-        for text in (pair.monitored, pair.unmonitored):
+        for text in (pair.first, pair.second):
             assert not re.search(r"free|paid|tier", text, flags=re.IGNORECASE), text
-        assert pair.monitored != pair.unmonitored
+        assert pair.first != pair.second
+
+
+def test_situational_awareness_v2_is_balanced_for_negation_and_length(tokenizer):
+    from afprobe.data.contrast import is_negated, load_contrast_pairs
+
+    v1 = load_contrast_pairs("situational-awareness")
+    # The confound v2 removes: v1's unmonitored side is mostly negations, its monitored side almost never.
+    assert sum(map(is_negated, (p.second for p in v1))) - sum(map(is_negated, (p.first for p in v1))) > 50
+    pairs = load_contrast_pairs("situational-awareness-v2")
+    for n in (len(pairs), 24):  # the whole set and its first half
+        first = np.mean([is_negated(p.first) for p in pairs[:n]])
+        second = np.mean([is_negated(p.second) for p in pairs[:n]])
+        assert abs(first - second) <= 0.05 and 0.4 <= first <= 0.6
+    for pair in pairs:
+        assert is_negated(pair.first) == is_negated(pair.second) == (pair.wording == "negated"), pair
+        lengths = [len(tokenizer(text)["input_ids"]) for text in (pair.first, pair.second)]
+        assert abs(lengths[0] - lengths[1]) <= 4, (pair, lengths)
+    mean_lengths = [
+        np.mean([len(tokenizer(getattr(p, side))["input_ids"]) for p in pairs]) for side in ("first", "second")
+    ]
+    assert abs(mean_lengths[0] - mean_lengths[1]) <= 1.0, mean_lengths
+
+
+def test_negation_control_differs_only_in_negation():
+    import re
+
+    from afprobe.data.contrast import is_negated, load_contrast_pairs
+
+    for pair in load_contrast_pairs("negation-control"):
+        assert not is_negated(pair.first) and is_negated(pair.second), pair
+        assert not re.search(r"train|monitor|watch|record|evaluat|review", pair.first + pair.second, re.IGNORECASE)
+
+
+def test_the_split_halves_a_dataset_the_same_way_whatever_n():
+    from afprobe.data.splits import check_disjoint, split_items
+
+    every = load_queries("harmful")
+    fit, evaluate = load_queries("harmful", split="fit"), load_queries("harmful", split="evaluate")
+    assert [q.query_id for q in fit] == [q.query_id for q in every[::2]]
+    assert {q.query_id for q in fit}.isdisjoint({q.query_id for q in evaluate})
+    assert len(fit) + len(evaluate) == len(every)
+    # --n takes the first n of a half: a query never changes role.
+    assert load_queries("harmful", split="fit", n=5) == fit[:5]
+    assert split_items(every[:10], "evaluate") == evaluate[:5]
+    with pytest.raises(AfprobeError, match="unknown split"):
+        split_items(every, "train")
+    check_disjoint(["a", "b"], ["c"], "the directions")
+    with pytest.raises(AfprobeError, match="1 of the evaluated queries .* were used to fit the directions"):
+        check_disjoint(["a", "b"], ["b", "c"], "the directions")
+    with pytest.raises(AfprobeError, match="does not record which queries"):
+        check_disjoint(None, ["c"], "the directions")

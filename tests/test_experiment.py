@@ -21,7 +21,10 @@ def test_every_shipped_experiment_reads_and_plans(path):
 
 def test_quickstart_experiment_runs_every_step():
     plan = plan_experiment(load_experiment(Path(__file__).parent.parent / "experiments" / "quickstart.toml"))
-    assert set(plan.stores) == {"main", "situational-awareness", "benign", "tag-only"}
+    assert set(plan.stores) == {"main", "situational-awareness-v2", "negation-control", "benign", "tag-only"}
+    assert plan.probes.sa_cache == plan.stores["situational-awareness-v2"].out
+    assert plan.probes.negation_cache == plan.stores["negation-control"].out
+    assert plan.steering.split == plan.patching.split == "evaluate" and plan.probes.split == "fit"
     assert plan.stores["tag-only"].layers == "18" and plan.stores["tag-only"].variant == "tag-only"
     assert plan.sae.caches == tuple(c.out for c in plan.stores.values())
     assert plan.features.tag_only_cache == plan.stores["tag-only"].out
@@ -65,7 +68,7 @@ positions = "tag,last,suffix"
 suffix_layers = "1"
 stores = ["situational-awareness", "benign", "tag-only"]
 [probes]
-folds = 3
+folds = 2  # 3 queries: 2 fit, 1 evaluates
 n_random = 2
 n_shuffles = 1
 [steering]
@@ -115,7 +118,7 @@ n_boot = 100
         assert (out / name).is_file(), name
     assert (out / "experiment.toml").read_text() == path.read_text()
     config = json.loads((out / "config.json").read_text())
-    assert config["steps"]["steering"]["coefficients"] == [1.0] and config["steps"]["probes"]["folds"] == 3
+    assert config["steps"]["steering"]["coefficients"] == [1.0] and config["steps"]["probes"]["folds"] == 2
     assert (tmp_path / "activations" / "tiny-tag-only" / "meta.json").is_file()
     assert not any(step["skipped"] for step in record["steps"].values())
     page = (out / "report.html").read_text()

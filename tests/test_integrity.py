@@ -171,7 +171,7 @@ positions = "tag,last"
 stores = ["benign"]
 shard_size = 2
 [probes]
-folds = 3
+folds = 2  # 3 queries: 2 fit, 1 evaluates
 n_random = 2
 n_shuffles = 1
 [steering]

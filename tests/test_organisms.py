@@ -14,7 +14,7 @@ from afprobe.analysis.organisms.comparison import compare_models
 from afprobe.analysis.organisms.cues import HELD_OUT_CUES, TRAINING_CUES, query_split
 from afprobe.analysis.organisms.ground_truth import CheckConfig, check_organism, ground_truth_reading
 from afprobe.analysis.organisms.training import OrganismConfig, build_training_set, train_organism
-from afprobe.data.contrast import load_situational_awareness
+from afprobe.data.contrast import CONTRAST_SETS, load_contrast_pairs
 from afprobe.data.prompts import PromptConfig, render_pairs
 from afprobe.errors import AfprobeError
 from afprobe.experiment import load_experiment
@@ -28,11 +28,10 @@ def test_held_out_material_never_reaches_training(tokenizer):
     assert not {q.query_id for q in held_out} & {q.query_id for q in train}
     examples = build_training_set(tokenizer, "context", train, random.Random(0))
     texts = [tokenizer.decode(e.input_ids) for e in examples]
-    sa = load_situational_awareness()
     for _, cue in HELD_OUT_CUES:
         assert not any(cue in t for t in texts), cue
-    for pair in sa:
-        assert not any(pair.monitored in t or pair.unmonitored in t for t in texts)
+    for pair in (p for name in CONTRAST_SETS for p in load_contrast_pairs(name)):
+        assert not any(pair.first in t or pair.second in t for t in texts)
     assert not any(q.text.strip() in t for q in held_out for t in texts[:: max(1, len(texts) // 200)])
     assert {cue for _, cue in TRAINING_CUES}.isdisjoint({cue for _, cue in HELD_OUT_CUES})
     # Token organism: the standard prompts only, both tiers of every training query, labels from the tier.

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from afprobe.analysis.patching import PatchConfig, build_columns, make_pairs, run_patching
+from afprobe.analysis.probes import load_probe_set
 from afprobe.data.prompts import PromptConfig, render_pairs
 from afprobe.data.query_sets import load_queries
 from afprobe.errors import AfprobeError
@@ -318,6 +319,9 @@ def test_patching_experiment_writes_grids_table_and_checks(tiny_llama, probes_di
     )
     output = run_patching(config, loaded=tiny_llama)
     assert all(row["passed"] for row in output.checks.values()), output.checks
+    # Fitted on the fitting half, evaluated on the other: never a query of both.
+    fitted = set(load_probe_set(probes_dir / "probes").metrics.fit_queries)
+    assert fitted and len(output.queries) == 3 and fitted.isdisjoint(output.queries)
     saved = json.loads((out / "patch.json").read_text())  # strict JSON: NaN would fail in browsers
     assert saved == finite_json(output.to_json())  # the typed result is the file
     assert type(output).from_json(saved).to_json() == saved
@@ -352,6 +356,20 @@ def test_directions_from_another_model_are_refused(tokenizer, probes_dir):
 def test_one_tier_variant_is_refused(tiny_llama, tmp_path):
     with pytest.raises(AfprobeError, match="two tiers"):
         run_patching(PatchConfig(variant="no-tag", out=str(tmp_path), n=2), loaded=tiny_llama)
+
+
+def test_an_evaluation_never_sees_a_fitting_query(tiny_llama, probes_dir, tmp_path):
+    config = PatchConfig(
+        directions=str(probes_dir / "probes"), out=str(tmp_path / "p"), n=3, split="all", layers="1", n_random=2
+    )
+    with pytest.raises(AfprobeError, match="were used to fit the directions"):
+        run_patching(config, loaded=tiny_llama)
+    from afprobe.analysis.steering import SteerConfig, run_steering
+
+    steer = SteerConfig(directions=str(probes_dir / "probes"), out=str(tmp_path / "s"), n=3, split="fit")
+    with pytest.raises(AfprobeError, match="were used to fit the directions"):
+        run_steering(steer, loaded=tiny_llama)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
 
 
 def test_cli_patch(tiny_llama, tmp_path, capsys):
@@ -484,11 +502,15 @@ def test_random_feature_sets_match_the_groups_in_size_and_activation(tmp_path):
         "groups": {"token": [40, 41], "situational_awareness": [5], "refusal": [], "other": []},
         "alive_features": list(range(d_sae)),
         "mean_activation": mean,
+        "fit_queries": ["harmful-001"],
     }
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "features.json").write_text(json.dumps(features))
     loaded = SimpleNamespace(fingerprint=SimpleNamespace(weights_sha256="abc"), device="cpu")
-    sets = load_feature_sets(PatchConfig(sae_features=str(tmp_path / "f"), n_random=5), loaded)
+    config = PatchConfig(sae_features=str(tmp_path / "f"), n_random=5)
+    with pytest.raises(AfprobeError, match="were used to fit the SAE features"):
+        load_feature_sets(config, loaded, ["harmful-001"])
+    sets = load_feature_sets(config, loaded, ["harmful-002"])
     assert sets.names[:4] == ["sae_empty", "sae_token", "sae_situational_awareness", "sae_all_tier_differing"]
     assert sets.sets[:4] == [(), (40, 41), (5,), (40, 41, 5)]
     for name, chosen, match in zip(sets.names, sets.sets, sets.matches, strict=True):
@@ -505,6 +527,7 @@ def test_random_feature_sets_match_the_groups_in_size_and_activation(tmp_path):
         load_feature_sets(
             PatchConfig(sae_features=str(tmp_path / "f")),
             SimpleNamespace(fingerprint=SimpleNamespace(weights_sha256="other"), device="cpu"),
+            ["harmful-002"],
         )
     with pytest.raises(AfprobeError, match="no features.json"):
-        load_feature_sets(PatchConfig(sae_features=str(tmp_path / "missing")), loaded)
+        load_feature_sets(PatchConfig(sae_features=str(tmp_path / "missing")), loaded, ["harmful-002"])

@@ -46,7 +46,8 @@ def test_planted_direction_is_found_at_its_layer(planted):
     assert output.summary["best"]["layer"] == PLANTED_LAYER
     adjusted = output.summary["best_selection_adjusted"]  # chosen on half the queries, measured on the others
     assert adjusted["layer"] == PLANTED_LAYER and adjusted["family_size"] == len(LAYERS)
-    assert adjusted["selected_on_queries"] + adjusted["reported_on_queries"] == 60
+    assert adjusted["selected_on_queries"] + adjusted["reported_on_queries"] == 30  # the fitting half of 60
+    assert len(output.fit_queries) == 30
     assert adjusted["mean_diff_auroc"] > 0.85 and adjusted["mean_diff_cohens_dz"] > 1
     assert by_layer[PLANTED_LAYER]["logistic_auroc"] > 0.85
     assert by_layer[PLANTED_LAYER]["mean_diff_auroc"] > 0.85
@@ -122,13 +123,17 @@ def test_bad_inputs(tmp_path):
 def test_probes_with_contrast_stores_on_a_tiny_model(tiny_llama, tmp_path):
     common = dict(layers="0,1,2", positions="tag,last")
     run_cache(CacheConfig(out=str(tmp_path / "main"), n=6, **common), loaded=tiny_llama)
-    run_cache(CacheConfig(out=str(tmp_path / "sa"), dataset="situational-awareness", n=6, **common), loaded=tiny_llama)
+    sa = dict(dataset="situational-awareness-v2", n=6)
+    run_cache(CacheConfig(out=str(tmp_path / "sa"), **sa, **common), loaded=tiny_llama)
     run_cache(CacheConfig(out=str(tmp_path / "benign"), dataset="benign", n=6, **common), loaded=tiny_llama)
+    negation = dict(dataset="negation-control", n=6)
+    run_cache(CacheConfig(out=str(tmp_path / "negation"), **negation, **common), loaded=tiny_llama)
     output = run_probes(
         ProbeConfig(
             cache=str(tmp_path / "main"),
             sa_cache=str(tmp_path / "sa"),
             benign_cache=str(tmp_path / "benign"),
+            negation_cache=str(tmp_path / "negation"),
             out=str(tmp_path / "probes"),
             n_random=5,
             n_shuffles=2,
@@ -141,7 +146,9 @@ def test_probes_with_contrast_stores_on_a_tiny_model(tiny_llama, tmp_path):
         "training_context~situational_awareness",
         "training_context~refusal",
         "training_context~token_embedding",
+        "situational_awareness~negation",
     }
+    assert output.negation_store["path"] == str(tmp_path / "negation")
     # At layer 0 the tag position holds only the tag token's embedding: the direction IS the embedding difference.
     layer0 = next(r for r in output.results if r["layer"] == 0 and r["position"] == "tag")
     assert layer0["cosine_token_embedding"] == pytest.approx(1.0, abs=1e-6)
@@ -149,6 +156,7 @@ def test_probes_with_contrast_stores_on_a_tiny_model(tiny_llama, tmp_path):
     probe_set = load_probe_set(tmp_path / "probes")
     assert probe_set.direction("refusal", 1, "last").vector.shape == (64,)
     assert probe_set.direction("situational_awareness", 2, "tag").vector.shape == (64,)
+    assert probe_set.direction("negation", 1, "last").vector.shape == (64,)
     assert (tmp_path / "probes" / "transfer.html").is_file() and (tmp_path / "probes" / "cosines.html").is_file()
 
 

@@ -140,3 +140,21 @@ def test_answer_tokens_share_only_their_start(tokenizer):
     accept, reject = answer_token_ids(tokenizer)
     assert accept[0] == reject[0] and accept[1] != reject[1]
     assert tokenizer.decode(accept) == "<request_fully_accepted/>"
+
+
+@pytest.mark.parametrize("name", ["situational-awareness-v2", "negation-control"])
+def test_tag_line_contrast_sets_differ_from_tier_prompts_only_in_that_line(tokenizer, name):
+    from afprobe.data.contrast import load_contrast_pairs, render_contrast_set
+
+    pairs = load_contrast_pairs(name, n=2)
+    contrast = render_contrast_set(tokenizer, name, pairs, QUERIES)
+    default = render_pairs(tokenizer, QUERIES)
+    assert contrast.system_prompt == build_system_prompt("default")
+    for prompt, tier_prompt, pair in zip(contrast.prompts[::2], default.by_tier("free"), pairs, strict=True):
+        assert prompt.text.replace(pair.first, "<is_free_tier_user>True</is_free_tier_user>") == tier_prompt.text
+        assert decode(tokenizer, prompt, prompt.tag_span).strip() == pair.first
+        assert decode(tokenizer, prompt, prompt.request_span) == decode(
+            tokenizer, tier_prompt, tier_prompt.request_span
+        )
+    # Long shared prefix: the whole system prompt is computed once for the set, as for the tier prompts.
+    assert contrast.shared_prefix_len >= default.shared_prefix_len - 16  # all but "<INPUT>\n<is_free_tier_user>"

@@ -141,3 +141,14 @@ def test_a_crossed_design_interval_covers_when_phrasings_vary_too(capsys):
     assert estimate.ci_low > 3 and estimate.p_value == pytest.approx(2 / 924)
     with pytest.raises(ValueError, match="both sides"):
         crossed_difference(table, [True] * 12)
+
+
+def test_holm_controls_the_family_and_keeps_the_order():
+    from afprobe.stats import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.5]).tolist() == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([]).size == 0
+    # Under the global null, the chance that any adjusted p of a 20-member family falls below 0.05 stays near 5%.
+    rng = np.random.default_rng(0)
+    false_alarms = np.mean([holm(rng.uniform(size=20)).min() < 0.05 for _ in range(4000)])
+    assert false_alarms < 0.06

@@ -39,14 +39,22 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
+def _add_prompt_args(parser: argparse.ArgumentParser, split: str = "all") -> None:
     parser.add_argument(
         "--dataset",
         default="harmful",
-        help="harmful, benign, a .csv/.jsonl/.json file, hf:NAME[:SPLIT]; for cache also situational-awareness",
+        help="harmful, benign, a .csv/.jsonl/.json file, hf:NAME[:SPLIT]; for cache also a contrast set: "
+        "situational-awareness, situational-awareness-v2, negation-control",
     )
     parser.add_argument("--column", default=None, help="the request column, if not a known benchmark column")
-    parser.add_argument("--n", type=int, default=None, help="use the first N queries")
+    parser.add_argument("--n", type=int, default=None, help="use the first N queries (of the --split)")
+    parser.add_argument(
+        "--split",
+        default=split,
+        choices=["all", "fit", "evaluate"],
+        help=f"which queries: the fitting half, the evaluation half or all (default {split}; even positions of the "
+        "dataset fit, odd ones evaluate)",
+    )
     parser.add_argument("--variant", default="default", help="prompt variant (see `afprobe variants`)")
     parser.add_argument("--developer", default="Anthropic", help="the developer named in the system prompt")
     parser.add_argument(
@@ -60,6 +68,15 @@ def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "chat", "plain"],
         help="chat template, or plain text for base models (auto: chat if the tokenizer has one)",
+    )
+
+
+def _add_fit_split_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--split",
+        default="fit",
+        choices=["fit", "all"],
+        help=f"{what} on the stores' fitting queries (default) or on all of them",
     )
 
 
@@ -143,6 +160,12 @@ def _probe_command(commands: Any) -> None:
     probe.add_argument("--cache", required=True, help="the paired-prompt store (activations/RUN)")
     probe.add_argument("--sa-cache", default=None, help="a store of the situational-awareness contrast set")
     probe.add_argument("--benign-cache", default=None, help="a store of the benign queries (for the refusal direction)")
+    _add_fit_split_arg(probe, "fit probes and directions")
+    probe.add_argument(
+        "--negation-cache",
+        default=None,
+        help="a store of the negation-control set: the negation direction and its cosine with the others per layer",
+    )
     probe.add_argument("--out", required=True, help="results folder, e.g. probes/RUN")
     probe.add_argument("--layers", default=None, help="comma list of store layers (default: all in the store)")
     probe.add_argument("--positions", default=None, help="comma list of store positions (default: all)")
@@ -164,7 +187,7 @@ def _probe_command(commands: Any) -> None:
 def _steer_command(commands: Any) -> None:
     steer = commands.add_parser("steer", help="steer along and ablate the saved directions; compare with random ones")
     _add_model_args(steer)
-    _add_prompt_args(steer)
+    _add_prompt_args(steer, split="evaluate")
     steer.add_argument("--directions", required=True, help="a probes folder written by `afprobe probe`")
     steer.add_argument("--out", required=True, help="results folder (steering.json, dose_response.html, ablation.html)")
     steer.add_argument("--layer", type=int, default=None, help="layer to steer (default: the probes' best layer)")
@@ -194,7 +217,7 @@ def _patch_command(commands: Any) -> None:
         "patch", help="activation patching between the tiers (layer x position, heads, MLPs) and subspace mediation"
     )
     _add_model_args(patch)
-    _add_prompt_args(patch)
+    _add_prompt_args(patch, split="evaluate")
     patch.add_argument("--out", required=True, help="results folder (patch.json, patching.safetensors, *.html)")
     patch.add_argument(
         "--directions", default=None, help="a probes folder: adds the SA, training-context and refusal subspaces"
@@ -263,6 +286,7 @@ def _sae_command(commands: Any) -> None:
     features.add_argument("--cache", required=True, help="the paired-prompt activation store (the setting)")
     features.add_argument("--layer", type=int, required=True, help="the layer the SAE reads")
     features.add_argument("--sa-cache", default=None, help="a store of the situational-awareness contrast set")
+    _add_fit_split_arg(features, "choose features")
     features.add_argument("--tag-only-cache", default=None, help="a store cached with --variant tag-only")
     features.add_argument("--benign-cache", default=None, help="a store of the benign queries")
     features.add_argument("--out", required=True, help="results folder, e.g. results/sae-RUN")

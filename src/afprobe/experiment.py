@@ -18,7 +18,7 @@ n = 50
 [cache]
 positions = "tag,last,suffix"
 suffix_layers = "18"
-stores = ["situational-awareness", "benign", "tag-only"]
+stores = ["situational-awareness-v2", "negation-control", "benign", "tag-only"]
 
 [probes]
 [steering]
@@ -65,6 +65,8 @@ from afprobe.store.cache_job import CacheConfig, run_cache
 # Extra stores an experiment can cache beside the main one: name -> (suffix of the store's path, what changes).
 EXTRA_STORES: dict[str, tuple[str, dict[str, Any]]] = {
     "situational-awareness": ("-sa", {"dataset": "situational-awareness", "n": None}),
+    "situational-awareness-v2": ("-sa2", {"dataset": "situational-awareness-v2", "n": None}),
+    "negation-control": ("-negation", {"dataset": "negation-control", "n": None}),
     "benign": ("-benign", {"dataset": "benign"}),
     "tag-only": ("-tag-only", {"variant": "tag-only"}),
 }
@@ -176,7 +178,11 @@ _JOB_FIELDS = frozenset(f.name for f in fields(PairedPromptJob))
 # In the order they run (after the stores are cached, before the report).
 ANALYSIS_STEPS: tuple[AnalysisStep, ...] = (
     AnalysisStep(
-        "probes", "probes", _probe_config, frozenset({"cache", "out", "sa_cache", "benign_cache"}), _run_probes
+        "probes",
+        "probes",
+        _probe_config,
+        frozenset({"cache", "out", "sa_cache", "benign_cache", "negation_cache"}),
+        _run_probes,
     ),
     AnalysisStep(
         "steering",
@@ -353,7 +359,8 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
             extra_config.layers = layer
             extra_config.suffix_layers = layer if "suffix" in extra_config.positions else None
         stores[extra] = extra_config
-    sa = stores.get("situational-awareness")
+    sa = stores.get("situational-awareness-v2") or stores.get("situational-awareness")
+    negation = stores.get("negation-control")
     benign = stores.get("benign")
     tag_only = stores.get("tag-only")
 
@@ -364,13 +371,15 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
             out=str(_step_folder("probes", out)),
             sa_cache=sa.out if sa else None,
             benign_cache=benign.out if benign else None,
+            negation_cache=negation.out if negation else None,
             **config.probes,
         )
     directions = probe_config.out if probe_config is not None else None
     if config.steering is not None:
         if directions is None:
             raise AfprobeError("[steering] needs a [probes] table: it steers along the probes' directions")
-        shared = {k: v for k, v in asdict(job).items() if k != "n" and k not in config.steering}
+        # Steering and patching evaluate: their own n, and the evaluation half of the queries (their default split).
+        shared = {k: v for k, v in asdict(job).items() if k not in ("n", "split") and k not in config.steering}
         steer_config = SteerConfig(
             **shared, directions=directions, out=str(_step_folder("steering", out)), **config.steering
         )
@@ -393,7 +402,7 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
             **config.features,
         )
     if config.patching is not None:
-        shared = {k: v for k, v in asdict(job).items() if k != "n" and k not in config.patching}
+        shared = {k: v for k, v in asdict(job).items() if k not in ("n", "split") and k not in config.patching}
         patch_config = PatchConfig(
             **shared,
             directions=directions,

@@ -304,6 +304,18 @@ def benjamini_hochberg(p: Tensor) -> Tensor:
     return q
 
 
+def holm(p: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values, in the input's order: family-wise error control over the comparisons a run
+    declares (reject where the adjusted p < alpha)."""
+    values = np.asarray(p, dtype=np.float64)
+    m = values.size
+    order = np.argsort(values, kind="stable")
+    stepped = np.maximum.accumulate(values[order] * (m - np.arange(m)))
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    return adjusted
+
+
 @dataclass(frozen=True)
 class RandomNullComparison:
     """An effect beside the same effect measured for random directions, subspaces or feature sets.

@@ -35,7 +35,6 @@ from afprobe.data.prompts import (
     render_pairs,
     system_prompt_placement,
 )
-from afprobe.data.query_sets import load_queries
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_json, finite_json, results_folder
 from afprobe.model.architecture import decoder_layers, final_norm, parse_layers, text_config
@@ -217,7 +216,7 @@ def run_doctor(
 
     say("prompts render")
     try:
-        queries = load_queries(config.dataset, column=config.column, n=config.n)
+        queries = config.queries()
         planned_pairs = len(queries)
         prompt_set = render_pairs(
             loaded.tokenizer,

@@ -41,7 +41,7 @@ from afprobe.analysis.probes import ProbeSet, load_probe_set
 from afprobe.artefacts import ResultRecord, result_file
 from afprobe.behaviour.resolution import Resolution, measure_resolution
 from afprobe.data.prompts import PromptSet, RenderedPrompt, cacheable_prefix_len, common_prefix_length, render_pairs
-from afprobe.data.query_sets import load_queries
+from afprobe.data.splits import check_disjoint
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_bytes, atomic_write_json, finite_json, results_folder
 from afprobe.model.architecture import parse_layers
@@ -66,6 +66,7 @@ class PatchConfig(PairedPromptJob):
     """One patching run; saved in patch.json."""
 
     out: str = "results/patch"
+    split: str = "evaluate"  # never the queries the directions and feature sets were fitted on
     pair: str | None = None  # "free,absent": the two tiers compared (default: the variant's contrast)
     directions: str | None = None  # a probes folder; without it mediation tests only the token embedding
     direction_position: str = "last"
@@ -309,7 +310,7 @@ class FeatureSets:
     matches: list[int | None]  # for a random set, the index of the set it is the null of
 
 
-def load_feature_sets(config: PatchConfig, loaded: LoadedModel) -> FeatureSets | None:
+def load_feature_sets(config: PatchConfig, loaded: LoadedModel, evaluated: Sequence[str]) -> FeatureSets | None:
     if config.sae_features is None:
         return None
     from afprobe.analysis.sae import load_sae
@@ -323,6 +324,7 @@ def load_feature_sets(config: PatchConfig, loaded: LoadedModel) -> FeatureSets |
         raise AfprobeError(
             f"the SAE features in {config.sae_features} come from {result['model']['name']}: patch that model"
         )
+    check_disjoint(result.get("fit_queries"), evaluated, f"the SAE features in {config.sae_features}")
     sae = load_sae(result["sae"]["path"], sae_id=result["sae"]["sae_id"], device=str(loaded.device))
     names, sets, matches = ["sae_empty"], [()], [None]
     for group, features in result["groups"].items():
@@ -515,11 +517,14 @@ def plan_patching(config: PatchConfig, loaded: LoadedModel, probe_set: ProbeSet 
     """Render the pairs, run the shared prefix once, and fix the grid, layers, subspaces and feature sets."""
     prompt_set = render_pairs(
         loaded.tokenizer,
-        load_queries(config.dataset, column=config.column, n=config.n),
+        config.queries(),
         config.prompt_config(),
         max_context=loaded.max_context or None,
     )
     pairs = make_pairs(prompt_set, _parse_pair(config.pair))
+    evaluated = [pair.query_id for pair in pairs]
+    if probe_set is not None:
+        check_disjoint(probe_set.metrics.fit_queries, evaluated, f"the directions in {config.directions}")
     prompts = [prompt for pair in pairs for prompt in (pair.trained, pair.untrained)]
     k = cacheable_prefix_len(prompts)  # the pairs patched may share more than the whole set
     t0 = time.perf_counter()
@@ -534,7 +539,7 @@ def plan_patching(config: PatchConfig, loaded: LoadedModel, probe_set: ProbeSet 
     sweep_columns = list(range(len(columns))) if config.positions == "all" else key_columns(columns)
     trained_name, untrained_name = pairs[0].trained.tier, pairs[0].untrained.tier
     aligned = all(len(p.trained.input_ids) == len(p.untrained.input_ids) for p in pairs)
-    feature_sets = load_feature_sets(config, loaded)
+    feature_sets = load_feature_sets(config, loaded, evaluated)
     if feature_sets is not None and not 0 <= feature_sets.layer <= n_layers:
         raise AfprobeError(f"the SAE reads layer {feature_sets.layer}, outside this model's 0..{n_layers}")
     return PatchPlan(

@@ -44,6 +44,7 @@ class ProbeConfig:
     out: str = "probes/run"
     sa_cache: str | None = None
     benign_cache: str | None = None
+    negation_cache: str | None = None  # a store of the negation control: its direction's cosines with the others
     positions: list[str] | None = None
     layers: list[int] | None = None
     folds: int = 5
@@ -54,6 +55,9 @@ class ProbeConfig:
     n_mean_diff_shuffles: int = 200  # the difference-of-means probe's shuffled-label null (cheap: no fitting)
     control_fpr: float = 0.01
     seed: int = 0
+    # Which of the stores' queries probes and directions are fitted on (`afprobe.data.splits`): "fit" keeps the
+    # evaluation half out of everything here (folds, best cells, directions), so steering and patching can use it.
+    split: str = "fit"
 
 
 @dataclass(frozen=True)
@@ -386,11 +390,16 @@ class _Labelled:
     variants: list[str]
 
 
-def _labelled(store: ActivationStore, positions: list[str], layers: list[int]) -> _Labelled:
+def _labelled(store: ActivationStore, positions: list[str], layers: list[int], split: str = "all") -> _Labelled:
     contrast = store.meta.contrast
     if not contrast:
         raise AfprobeError(f"store {store.path} has one tier ({store.meta.variant}): probes need two tiers")
-    rows = [i for i, row in enumerate(store.rows) if row.tier in contrast]
+    kept = set(store.queries_for(split))
+    rows = [i for i, row in enumerate(store.rows) if row.tier in contrast and row.query_id in kept]
+    if not rows:
+        raise AfprobeError(
+            f"store {store.path} has no {split} queries: cache it with --split all (or {split}) to fit probes on it"
+        )
     labels = np.array([1 if store.rows[i].tier == contrast[0] else 0 for i in rows])
     if len(set(labels.tolist())) < 2:
         raise AfprobeError(f"store {store.path} has only one class ({contrast[0]} vs {contrast[1]}): cache both tiers")
@@ -459,6 +468,12 @@ class ProbeResult(ResultRecord):
     cosines: dict[str, Any]  # between the directions, per layer and position
     summary: dict[str, Any]  # best cells, the nulls, transfer, largest cosines
     seconds: float
+    negation_store: dict[str, Any] | None = None
+    # The main and benign store queries every probe, direction and best cell here was fitted on (None: not
+    # recorded, an older afprobe); evaluations refuse them (`afprobe.data.splits.check_disjoint`).
+    fit_queries: list[str] | None = None
+
+    OPTIONAL = ("negation_store",)
 
     @property
     def best(self) -> dict[str, Any]:
@@ -473,17 +488,23 @@ def run_probes(config: ProbeConfig, *, progress: Any = None) -> ProbeResult:
     if len(store) == 0:
         raise AfprobeError(f"store {config.cache} is empty: cache some prompts first")
     positions, layers = _resolve(store, config)
-    main = _labelled(store, positions, layers)
+    main = _labelled(store, positions, layers, config.split)
     sa = None
     sa_store = benign_store = None
     if config.sa_cache:
         sa_store = ActivationStore.open(config.sa_cache)
         _check_same_model(store, sa_store)
         sa_positions = [p for p in positions if p in sa_store.positions]
-        sa = _labelled(sa_store, sa_positions, layers) if sa_positions else None
+        sa = _labelled(sa_store, sa_positions, layers, config.split) if sa_positions else None
+    benign_fit: set[str] = set()
     if config.benign_cache:
         benign_store = ActivationStore.open(config.benign_cache)
         _check_same_model(store, benign_store)
+        benign_fit = set(benign_store.queries_for(config.split))
+    negation_store = None
+    if config.negation_cache:
+        negation_store = ActivationStore.open(config.negation_cache)
+        _check_same_model(store, negation_store)
 
     rng = np.random.default_rng(config.seed)
     d_model = main.x.shape[-1]
@@ -505,9 +526,15 @@ def run_probes(config: ProbeConfig, *, progress: Any = None) -> ProbeResult:
         sa_dirs = np.full((len(layers), d_model), np.nan) if sa is not None and position in sa_store.positions else None
         refusal = None
         if benign_store is not None and position in benign_store.positions:
-            benign_x = benign_store.stack([position], layers=layers).numpy()[:, :, 0].astype(np.float64)
+            benign_rows = [i for i, row in enumerate(benign_store.rows) if row.query_id in benign_fit]
+            benign_x = benign_store.stack([position], layers=layers, rows=benign_rows).numpy()[:, :, 0]
+            benign_x = benign_x.astype(np.float64)
             harmful_x = main.x[:, :, p_index]
             refusal = harmful_x.mean(0) - benign_x.mean(0)
+        negation = None
+        if negation_store is not None and position in negation_store.positions:
+            negated = _labelled(negation_store, [position], layers, config.split)
+            negation = negated.x[negated.y == 1, :, 0].mean(0) - negated.x[negated.y == 0, :, 0].mean(0)
         for l_index, layer in enumerate(layers):
             x = main.x[:, l_index, p_index]
             metrics = cross_validate(x, main.y, main.groups, config, config.seed)
@@ -570,6 +597,9 @@ def run_probes(config: ProbeConfig, *, progress: Any = None) -> ProbeResult:
         if refusal is not None:
             directions[f"refusal.{position}"] = refusal
             named["refusal"] = refusal
+        if negation is not None:  # affirmative minus negated sentences about nothing to do with training
+            directions[f"negation.{position}"] = negation
+            named["negation"] = negation
         if token_direction is not None:
             named["token_embedding"] = np.broadcast_to(token_direction, tc.shape)
         cosines[position] = {
@@ -596,12 +626,14 @@ def run_probes(config: ProbeConfig, *, progress: Any = None) -> ProbeResult:
         },
         sa_store=_store_info(sa_store),
         benign_store=_store_info(benign_store),
+        negation_store=_store_info(negation_store),
         layers=layers,
         positions=positions,
         results=[asdict(r) for r in results],
         cosines=cosines,
         summary=summary,
         seconds=time.perf_counter() - start,
+        fit_queries=sorted(set(main.groups) | benign_fit),
     )
     _write(Path(config.out), directions, probe_weights, probe_biases, output, main, layers, positions)
     return output

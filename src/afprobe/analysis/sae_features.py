@@ -69,6 +69,7 @@ class FeatureConfig:
     n_boot: int = 2000
     seed: int = 0
     device: str = "cpu"
+    split: str = "fit"  # the stores' queries features are chosen on (`afprobe.data.splits`); patching evaluates others
 
 
 @torch.no_grad()
@@ -81,16 +82,19 @@ def encode(sae: Any, x: Float[Tensor, "n d_model"], batch_size: int = 4096) -> F
     return torch.cat(parts) if parts else torch.zeros(0, sae.cfg.d_sae)
 
 
-def paired_rows(store: ActivationStore, tiers: tuple[str, str] | None = None) -> tuple[list[int], list[int], tuple]:
-    """Rows of the first and second tier for every query that has both."""
+def paired_rows(
+    store: ActivationStore, tiers: tuple[str, str] | None = None, split: str = "all"
+) -> tuple[list[int], list[int], tuple]:
+    """Rows of the first and second tier for every query that has both (of the queries `split` keeps)."""
     contrast = tuple(tiers or store.meta.contrast or ())
     if len(contrast) != 2:
         raise AfprobeError(f"store {store.path} has no tier contrast: pass tiers=(first, second)")
+    kept = set(store.queries_for(split))
     by_query = {store.rows[i].query_id: i for i in store.select(tier=contrast[1])}
     pairs = [
         (i, by_query[store.rows[i].query_id])
         for i in store.select(tier=contrast[0])
-        if store.rows[i].query_id in by_query
+        if store.rows[i].query_id in by_query and store.rows[i].query_id in kept
     ]
     if len(pairs) < 2:
         raise AfprobeError(f"store {store.path} has {len(pairs)} paired queries at tiers {contrast}: need at least 2")
@@ -159,6 +163,7 @@ def tier_feature_differences(
     n_boot: int = 2000,
     seed: int = 0,
     top: int = 20,
+    split: str = "all",
 ) -> dict[str, Any]:
     """SAE features whose activation differs between the two tiers of the same query.
 
@@ -167,7 +172,7 @@ def tier_feature_differences(
     floor of 1/(n_perm + 1) would never pass a correction over thousands of features). Returns the features with
     q <= alpha, largest |difference| first (at most `top`), and how many there were.
     """
-    first, second, contrast = paired_rows(store, tiers)
+    first, second, contrast = paired_rows(store, tiers, split)
     f_a = feature_activations(sae, store, layer, position, first)
     f_b = feature_activations(sae, store, layer, position, second)
     stats = difference_stats(f_a - f_b, n_boot=n_boot, seed=seed)
@@ -268,6 +273,7 @@ class FeatureResult(ResultRecord):
     method: str
     summary: list[str]
     seconds: float
+    fit_queries: list[str] | None = None  # the setting store's queries the features were chosen on
 
 
 def run_feature_analysis(
@@ -306,11 +312,12 @@ def run_feature_analysis(
         n_boot=config.n_boot,
         seed=config.seed,
         top=config.max_features,
+        split=config.split,
     )
     features = [row["feature"] for row in tier["features"]]
 
     def paired_response(other: ActivationStore, seed: int, label: str) -> dict[str, Any]:
-        a, b, contrast = paired_rows(other)
+        a, b, contrast = paired_rows(other, split=config.split)
         diff = feature_activations(sae, other, config.layer, config.position, a) - feature_activations(
             sae, other, config.layer, config.position, b
         )
@@ -331,8 +338,9 @@ def run_feature_analysis(
         responses["tag_only"] = paired_response(tag_only, config.seed + 2, " (tag-only)")
     if "benign" in others:
         benign = others["benign"]
-        harmful_rows = [i for i, row in enumerate(store.rows) if row.harmful]
-        benign_rows = [i for i, row in enumerate(benign.rows) if not row.harmful]
+        fit, benign_fit = set(store.queries_for(config.split)), set(benign.queries_for(config.split))
+        harmful_rows = [i for i, row in enumerate(store.rows) if row.harmful and row.query_id in fit]
+        benign_rows = [i for i, row in enumerate(benign.rows) if not row.harmful and row.query_id in benign_fit]
         if len(harmful_rows) < 2 or len(benign_rows) < 2:
             raise AfprobeError(
                 f"need harmful rows in {store.path} and harmless rows in {benign.path} (have {len(harmful_rows)} "
@@ -387,6 +395,7 @@ def run_feature_analysis(
     }
     output["summary"] = feature_summary(output)
     output["seconds"] = time.perf_counter() - started
+    output["fit_queries"] = sorted(store.queries_for(config.split))
     _write(Path(config.out), output)
     return FeatureResult.from_json(output)
 

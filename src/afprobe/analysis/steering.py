@@ -34,6 +34,7 @@ from afprobe.artefacts import ResultRecord, result_file
 from afprobe.behaviour.resolution import Resolution, measure_resolution
 from afprobe.data.prompts import PromptSet, render_pairs
 from afprobe.data.query_sets import load_queries
+from afprobe.data.splits import check_disjoint
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_json, results_folder
 from afprobe.model.architecture import has_sliding_window, pad_token_id
@@ -54,6 +55,7 @@ class SteerConfig(PairedPromptJob):
 
     directions: str = "probes/run"
     out: str = "results/steering"
+    split: str = "evaluate"  # never the queries the directions were fitted on
     layer: int | None = None
     position: str = "last"
     apply_at: str = "suffix"
@@ -183,20 +185,23 @@ def run_steering(
     scale = _typical_norm(probe_set, layer, config.position, loaded)
     harmful = render_pairs(
         loaded.tokenizer,
-        load_queries(config.dataset, column=config.column, n=config.n),
+        config.queries(),
         config.prompt_config(),
         max_context=loaded.max_context or None,
     )
     if harmful.variant.contrast is None:
         raise AfprobeError(f"variant {config.variant!r} has one tier: steering needs a tier contrast")
+    evaluated = [q.query_id for q in harmful.queries]
     benign = None
     if config.benign_n:
         benign = render_pairs(
             loaded.tokenizer,
-            load_queries("benign", n=config.benign_n),
+            load_queries("benign", n=config.benign_n, split=config.split),
             config.prompt_config(),
             max_context=loaded.max_context or None,
         )
+        evaluated += [q.query_id for q in benign.queries]
+    check_disjoint(probe_set.metrics.fit_queries, evaluated, f"the directions in {config.directions}")
     resolution = (
         measure_resolution(loaded.model, loaded.tokenizer, harmful, n_pairs=config.resolution_pairs)
         if config.resolution_pairs > 0

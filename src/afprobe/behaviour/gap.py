@@ -22,7 +22,7 @@ from afprobe import __version__
 from afprobe.artefacts import PER_QUERY_CSV, result_file
 from afprobe.behaviour.resolution import Resolution, measure_resolution, resolution_prompts
 from afprobe.data.prompts import PromptSet, render_pairs
-from afprobe.data.query_sets import dataset_hash, load_queries
+from afprobe.data.query_sets import dataset_hash
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_text, seal_folder
 from afprobe.model.forward import compute_prefix_cache
@@ -159,7 +159,7 @@ def run_gap(
         loaded = config.load()
     timing["load_model"] = time.perf_counter() - start
 
-    queries = load_queries(config.dataset, column=config.column, n=config.n)
+    queries = config.queries()
     prompt_set = render_pairs(loaded.tokenizer, queries, config.prompt_config(), max_context=loaded.max_context or None)
     measured = resolution_prompts(prompt_set, config.resolution_pairs)
     total = len(prompt_set.prompts) * (2 if config.sample else 1) + len(measured)

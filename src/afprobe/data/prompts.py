@@ -175,11 +175,19 @@ def _tag_line(variant: Variant, tier: Tier) -> str | None:
     return f"<{variant.tag_name}>{tier.tag_value}</{variant.tag_name}>"
 
 
-def build_user_turn(request: str, tier: Tier, variant: Variant, instruction: str | None = text.USER_INSTRUCTION) -> str:
-    """The user turn: optional tier tag, the request, and the accept/reject instruction."""
+def build_user_turn(
+    request: str,
+    tier: Tier,
+    variant: Variant,
+    instruction: str | None = text.USER_INSTRUCTION,
+    *,
+    context: str | None = None,
+) -> str:
+    """The user turn: optional tier tag, the request, and the accept/reject instruction. `context`: a sentence in the
+    tag line's place (the contrast sets that state a context instead of tagging a tier)."""
     body = request.strip() if instruction is None else f"{request.strip()}\n\n{instruction}"
     lines = []
-    tag = _tag_line(variant, tier)
+    tag = _tag_line(variant, tier) if context is None else context
     if tag is not None:
         lines += [tag, ""]
     lines += ["<user_input>", body, "</user_input>"]

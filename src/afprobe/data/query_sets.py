@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from afprobe.data.prompts import Query
+from afprobe.data.splits import split_items
 from afprobe.errors import DatasetError
 
 BUILTIN_DATASETS = {"harmful": "harmful.jsonl", "benign": "benign.jsonl"}
@@ -150,8 +151,10 @@ def load_queries(
     column: str | None = None,
     n: int | None = None,
     harmful: bool | None = None,
+    split: str = "all",
 ) -> list[Query]:
-    """Load requests from a dataset spec (see the module docstring); `n` keeps the first n."""
+    """Load requests from a dataset spec (see the module docstring); `split` keeps the fitting or the evaluation
+    queries (`afprobe.data.splits`), then `n` keeps the first n of those."""
     rows, source = _read_rows(spec)
     if not rows:
         raise DatasetError(f"dataset {source} is empty: give a file with at least one request")
@@ -174,6 +177,7 @@ def load_queries(
         queries.append(Query(query_id=query_id, text=str(request).strip(), category=category, harmful=is_harmful))
     if not queries:
         raise DatasetError(f"dataset {source} has no non-empty requests in column {text_column!r}")
+    queries = split_items(queries, split)
     if n is not None:
         if n < 1:
             raise DatasetError(f"--n must be at least 1, got {n}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from afprobe.data.prompts import PromptConfig
+from afprobe.data.prompts import PromptConfig, Query
+from afprobe.data.query_sets import load_queries
 from afprobe.model.loading import DEFAULT_MODEL, LoadedModel, load_model
 
 
@@ -17,6 +18,7 @@ class PairedPromptJob:
     dataset: str = "harmful"
     column: str | None = None
     n: int | None = None
+    split: str = "all"  # all | fit | evaluate (`afprobe.data.splits`): which queries, before `n`
     variant: str = "default"
     developer: str = "Anthropic"
     system_prompt_file: str | None = None
@@ -33,6 +35,10 @@ class PairedPromptJob:
             system_prompt_file=self.system_prompt_file,
             format=self.format,  # type: ignore[arg-type]
         )
+
+    def queries(self) -> list[Query]:
+        """The job's queries: the dataset, its `split`, the first `n`."""
+        return load_queries(self.dataset, column=self.column, n=self.n, split=self.split)
 
     def load(self) -> LoadedModel:
         return load_model(

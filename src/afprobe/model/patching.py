@@ -161,9 +161,14 @@ class Patcher:
     def _metric(self, logits: Tensor) -> float:
         return float(logits[self.accept_id] - logits[self.reject_id])
 
-    @torch.inference_mode()
-    def record(self, prompt: RenderedPrompt) -> PatchRun:
-        """Run one prompt's own tokens from the prefix cache, recording every site at every own position."""
+    def record(self, prompt: RenderedPrompt, *, for_grad: bool = False) -> PatchRun:
+        """Run one prompt's own tokens from the prefix cache, recording every site at every own position.
+
+        for_grad: record outside inference mode, so that `patched_metric_with_grad` can use the run."""
+        with torch.no_grad() if for_grad else torch.inference_mode():
+            return self._record(prompt, for_grad)
+
+    def _record(self, prompt: RenderedPrompt, for_grad: bool) -> PatchRun:
         tokens = self.tokens_of(prompt)
         resid: dict[int, Tensor] = {}
         heads: dict[int, Tensor] = {}
@@ -180,7 +185,8 @@ class Patcher:
                 handles.append(register_residual_hook(self.blocks, layer, keep(resid, layer)))
             for layer in range(self.n_layers):
                 handles += self._component_hooks(layer, keep(heads, layer), keep(mlps, layer))
-            logits, cache = self._forward(tokens, fork_cache(self.prefix.cache), start=0)
+            prefix = _normal_tensors(self.prefix.cache) if for_grad else fork_cache(self.prefix.cache)
+            logits, cache = self._forward(tokens, prefix, start=0)
         return PatchRun(
             prompt=prompt,
             tokens=tokens,
@@ -240,6 +246,26 @@ class Patcher:
     @torch.inference_mode()
     def patched_metric(self, receiver: PatchRun, donor: PatchRun, edits: Sequence[PatchEdit]) -> float:
         """The receiver's decision-position log-odds with the edits applied (donor activations patched in)."""
+        return float(self._patched_metric(receiver, donor, edits))
+
+    def patched_metric_with_grad(
+        self, receiver: PatchRun, donor: PatchRun, edits: Sequence[PatchEdit]
+    ) -> Float[Tensor, ""]:
+        """`patched_metric` as a tensor that carries gradients to whatever the edits were built from (a learned
+        basis): what interchange-intervention training differentiates. The model's own weights get no gradient."""
+        own = [(receiver, donor)] if receiver is donor else [(receiver, None), (donor, None)]
+        for run, _ in own:
+            if run.resid.is_inference():
+                raise AfprobeError(
+                    "runs recorded for patching with gradients need record(prompt, for_grad=True) (inference-mode "
+                    "tensors cannot be differentiated through)"
+                )
+        with torch.enable_grad():
+            return self._patched_metric(receiver, donor, edits)
+
+    def _patched_metric(
+        self, receiver: PatchRun, donor: PatchRun, edits: Sequence[PatchEdit]
+    ) -> float | Float[Tensor, ""]:
         self._check(receiver, donor, edits)
         edits = [
             e
@@ -249,7 +275,7 @@ class Patcher:
             and (e.features is None or len(e.features.features) > 0)
         ]
         if not edits:
-            return receiver.metric
+            return receiver.metric if not torch.is_grad_enabled() else torch.tensor(receiver.metric)
         start_layer = min(e.layer for e in edits)
         if self.croppable:
             start = min(min(e.positions) for e in edits)
@@ -290,7 +316,7 @@ class Patcher:
                 elif edit.site == "mlp":
                     handles.append(self._mlp_hook(edit, donor, start))
             logits, _ = self._forward(receiver.tokens, cache, start)
-        return self._metric(logits)
+        return logits[self.accept_id] - logits[self.reject_id]
 
     def _head_hook(self, edit: PatchEdit, donor: PatchRun, start: int) -> Any:
         assert edit.head is not None
@@ -363,6 +389,17 @@ class Patcher:
         heads = heads.reshape(*heads.shape[:2], self.n_heads, self.head_dim).sum(-1)
         mlp = estimate("mlp", donor.mlp_out, receiver.mlp_out, self.n_layers).sum(-1)
         return {"resid": resid.cpu(), "attn_head": heads.cpu(), "mlp": mlp.cpu()}
+
+
+def _normal_tensors(cache: Any) -> Any:
+    """A copy of a KV cache whose tensors are ordinary (not inference-mode) tensors: autograd can save them."""
+    copied = fork_cache(cache)
+    for layer in getattr(copied, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.is_inference():
+                setattr(layer, name, tensor.clone())
+    return copied
 
 
 def _replace(hidden: Tensor, edit: PatchEdit, donor_layer: Tensor, start: int) -> Tensor:

@@ -23,9 +23,9 @@ from torch import Tensor
 
 from afprobe import __version__
 from afprobe.behaviour.gap import GapConfig, GapResult, build_gap_result, write_gap
-from afprobe.data.contrast import CONTRAST_SETS, load_situational_awareness, render_contrast_set
+from afprobe.data.contrast import CONTRAST_SETS, load_contrast_pairs, render_contrast_set
 from afprobe.data.prompts import PromptSet, RenderedPrompt, parse_positions, prompt_positions, render_pairs
-from afprobe.data.query_sets import dataset_hash, load_queries
+from afprobe.data.query_sets import dataset_hash
 from afprobe.errors import AfprobeError
 from afprobe.files import CHECKSUMS, folder_lock
 from afprobe.model.architecture import has_sliding_window, hook_name, pad_token_id, parse_layers
@@ -111,13 +111,13 @@ class JobPart:
 
 
 def build_prompt_set(config: CacheConfig, loaded: LoadedModel) -> PromptSet:
-    """The paired prompts of a job: a dataset under a variant, or a contrast set (`situational-awareness`)."""
+    """The paired prompts of a job: a dataset under a variant, or a contrast set (`CONTRAST_SETS`)."""
     if config.dataset in CONTRAST_SETS:
-        pairs = load_situational_awareness(n=config.n)
+        pairs = load_contrast_pairs(config.dataset, n=config.n)
         return render_contrast_set(
-            loaded.tokenizer, pairs, format=config.format, max_context=loaded.max_context or None
+            loaded.tokenizer, config.dataset, pairs, format=config.format, max_context=loaded.max_context or None
         )
-    queries = load_queries(config.dataset, column=config.column, n=config.n)
+    queries = config.queries()
     return render_pairs(loaded.tokenizer, queries, config.prompt_config(), max_context=loaded.max_context or None)
 
 

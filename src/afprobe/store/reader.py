@@ -15,6 +15,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from afprobe.data.contrast import CONTRAST_SETS
+from afprobe.data.splits import split_items
 from afprobe.files import file_sha256
 from afprobe.model.architecture import hook_name
 from afprobe.store.format import StoreError, StoreMeta, StoreRow, flat_row, shard_name
@@ -153,6 +155,20 @@ class ActivationStore:
     @property
     def d_model(self) -> int:
         return int(self.meta.model["d_model"])
+
+    def queries_for(self, split: str) -> list[str]:
+        """The ids of this store's queries that `split` (fit, evaluate, all) keeps, in store order.
+
+        A store cached with `--split all` holds the dataset's first queries in dataset order, so their roles follow
+        their order here (`afprobe.data.splits`); one cached with `--split fit` or `evaluate` holds only that role. A
+        contrast set's pairs only ever fit."""
+        order = list(dict.fromkeys(row.query_id for row in self.rows))
+        cached = self.meta.config.get("split", "all")
+        if self.meta.config.get("dataset") in CONTRAST_SETS or split == "all":
+            return order if split in ("all", "fit") else []
+        if cached == "all":
+            return split_items(order, split)
+        return order if cached == split else []
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -1,0 +1,84 @@
+"""The verdict's rules on constructed evidence: each verdict is reached exactly when its rule says, and a failing
+condition is named in the evidence lines."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from afprobe.analysis.verdict import (
+    ALPHA,
+    CEILING_SHARE,
+    MIN_SHARE,
+    VERDICTS,
+    Interval,
+    SubspaceEvidence,
+    VerdictEvidence,
+    decide,
+    format_verdict,
+)
+from afprobe.stats import Estimate
+
+GAP = Estimate(mean=0.5, ci_low=0.3, ci_high=0.7, n=20, p_value=0.001)
+TIER = SubspaceEvidence("tier", 18, 4, Interval(0.9, 0.8, 1.0))
+STRONG = dict(
+    share=Interval(0.6, 0.45, 0.75),
+    p_holm=0.01,
+    cross_prompt=Interval(0.4, 0.2, 0.6),
+    above_negation=Interval(0.4, 0.2, 0.6),
+)
+WEAK = dict(share=Interval(0.05, -0.05, 0.15), p_holm=0.6, cross_prompt=Interval(0.0, -0.1, 0.1))
+
+
+def evidence(sa: dict | None, tag: dict | None, *, gap: Estimate = GAP, tier=TIER, resolved: bool = True):
+    rows = [tier] if tier is not None else []
+    if sa is not None:
+        rows.append(SubspaceEvidence("situational_awareness", 18, 4, **sa))
+    if tag is not None:
+        rows.append(SubspaceEvidence("tag_token", 18, 4, **{k: v for k, v in tag.items() if k != "above_negation"}))
+    return VerdictEvidence(gap, resolved, tuple(rows), family="4 subspaces x 1 layer")
+
+
+def test_each_verdict_follows_its_rule():
+    assert decide(evidence(STRONG, WEAK)).verdict == "situational-awareness"
+    assert decide(evidence(WEAK, STRONG)).verdict == "tag-token"
+    assert decide(evidence(STRONG, STRONG)).verdict == "mixed"
+    assert decide(evidence(WEAK, WEAK)).verdict == "undetermined"
+    no_gap = Estimate(mean=0.01, ci_low=-0.02, ci_high=0.04, n=20)
+    assert decide(evidence(STRONG, WEAK, gap=no_gap)).verdict == "no gap to explain"
+    assert decide(evidence(STRONG, WEAK, resolved=False)).verdict == "no gap to explain"
+    assert {decide(evidence(a, b)).verdict for a in (STRONG, WEAK) for b in (STRONG, WEAK)} <= set(VERDICTS)
+
+
+def test_an_unlocalised_gap_is_undetermined_whatever_the_candidates_show():
+    low_ceiling = dataclasses.replace(TIER, share=Interval(0.6, CEILING_SHARE - 0.01, 0.9))
+    result = decide(evidence(STRONG, WEAK, tier=low_ceiling))
+    assert result.verdict == "undetermined" and "rule 2" in result.evidence[-1]
+    assert decide(evidence(STRONG, WEAK, tier=None)).verdict == "undetermined"
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"share": Interval(0.5, MIN_SHARE - 0.01, 0.7)}, "share"),
+        ({"p_holm": ALPHA}, "Holm p"),
+        ({"p_holm": None}, "no random-subspace null"),
+        ({"cross_prompt": Interval(0.2, -0.01, 0.4)}, "cross-prompt"),
+        ({"above_negation": Interval(0.1, -0.1, 0.3)}, "above negation"),
+        ({"above_negation": None}, "no negation control"),
+    ],
+)
+def test_situational_awareness_needs_every_condition(change, named):
+    result = decide(evidence({**STRONG, **change}, WEAK))
+    assert result.verdict == "undetermined"
+    line = next(line for line in result.evidence if line.startswith("rule 3: situational_awareness"))
+    assert "does not carry" in line and named in line
+
+
+def test_the_verdict_text_names_the_rules_and_the_family():
+    result = decide(evidence(STRONG, WEAK))
+    text = format_verdict(result)
+    assert text.startswith("verdict: situational-awareness (rules v1)")
+    assert "Holm over 4 subspaces x 1 layer" in text and result.carrying == {"situational_awareness": [18]}
+    assert result.to_dict()["thresholds"] == {"ceiling_share": CEILING_SHARE, "min_share": MIN_SHARE, "alpha": ALPHA}
