@@ -405,6 +405,39 @@ def test_rows_compared_with_a_null_are_corrected_as_one_family():
     assert "smallest possible 0.01" in readings[0]
 
 
+@pytest.mark.parametrize("no_gap", [True, False])
+def test_feature_set_shares_are_read_out_only_of_a_gap(no_gap):
+    from types import SimpleNamespace
+
+    from afprobe.analysis.patching import FeatureSets, _add_feature_rows
+
+    n = 6
+    names = ["sae_empty", "sae_token", "sae_token_random_0", "sae_token_random_1"]
+    plan = SimpleNamespace(
+        feature_sets=FeatureSets(None, 1, "last", "f", names, [(), (1,), (2,), (3,)], [None, None, 1, 1]),
+        config=PatchConfig(n_boot=100),
+        directions=["paid->free", "free->paid"],
+    )
+    rng = np.random.default_rng(0)
+    m = SimpleNamespace(
+        sae_patch=rng.normal(0.5, 0.1, (2, n, 4)) * np.array([0, 1, 0.1, 0.1]),
+        sae_ablated=np.stack([np.ones((n, 4)), np.zeros((n, 4))], axis=-1),  # ablation leaves the gap (1) as it was
+        sae_whole=np.ones((2, n)),
+        receiver_metric=np.zeros((2, n)),
+        totals=np.ones((2, n)),
+    )
+    output = {
+        "no_gap": no_gap,
+        "mediation": {"rows": []},
+        "checks": {"self_patch_changes_nothing": {"tolerance": 1e-3, "passed": True}},
+        "summary": ["first-token gap ...", "checks: all passed"],
+    }
+    _add_feature_rows(output, plan, m)
+    assert len(output["mediation"]["rows"]) == 3  # the numbers stay in patch.json either way
+    read_out = [line for line in output["summary"] if line.startswith("sae_token")]
+    assert len(read_out) == (0 if no_gap else 3) and output["summary"][-1] == "checks: all passed"
+
+
 def test_sae_feature_sets_join_the_mediation_table(tiny_llama, tmp_path):
     from afprobe.analysis.sae_features import FeatureConfig, run_feature_analysis
     from afprobe.store.cache_job import CacheConfig, run_cache

@@ -1063,7 +1063,8 @@ def _add_feature_rows(output: dict[str, Any], plan: PatchPlan, m: PatchMeasureme
         "passed": change <= tolerance,
     }
     summary = output["summary"]
-    summary[-1:-1] = readings
+    if not output["no_gap"]:  # as for the subspace rows: no share of a gap that may be zero
+        summary[-1:-1] = readings
     failed = [name for name, row in output["checks"].items() if not row["passed"]]
     summary[-1] = "checks: " + ("all passed" if not failed else "FAILED " + ", ".join(failed))
 
