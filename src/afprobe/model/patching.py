@@ -253,8 +253,7 @@ class Patcher:
     ) -> Float[Tensor, ""]:
         """`patched_metric` as a tensor that carries gradients to whatever the edits were built from (a learned
         basis): what interchange-intervention training differentiates. The model's own weights get no gradient."""
-        own = [(receiver, donor)] if receiver is donor else [(receiver, None), (donor, None)]
-        for run, _ in own:
+        for run in (receiver, donor):
             if run.resid.is_inference():
                 raise AfprobeError(
                     "runs recorded for patching with gradients need record(prompt, for_grad=True) (inference-mode "
