@@ -17,6 +17,7 @@ REQUIRED = {
     "probe": (["probe", "--cache", "S", "--out", "P"], {"cache": "S", "out": "P"}),
     "steer": (["steer", "--directions", "P", "--out", "R"], {"directions": "P", "out": "R"}),
     "patch": (["patch", "--out", "R"], {"out": "R"}),
+    "verdict": (["verdict", "R"], {"out": "R"}),
     "sae train": (
         ["sae", "train", "--cache", "S", "--layer", "3", "--out", "A"],
         {"caches": ("S",), "layer": 3, "out": "A"},
@@ -36,6 +37,7 @@ NOT_FLAGS = {
     "probe": set(),
     "steer": set(),
     "patch": set(),
+    "verdict": set(),
     "sae train": set(),
     "sae features": set(),
     # The organisms' training recipe is fixed (their ground truth rests on it): set in Python, not per run.

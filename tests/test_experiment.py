@@ -97,6 +97,14 @@ components = false
 mediation_layers = "1"
 n_random = 2
 n_boot = 100
+[verdict]
+n = 2
+n_fit = 2
+layers = "1"
+k = 1
+steps = 2
+n_random = 3
+n_boot = 100
 """,
     )
     lines: list[str] = []
@@ -112,6 +120,8 @@ n_boot = 100
         "sae/afprobe_sae.json",
         "sae-features/features.json",
         "patching/patch.json",
+        "verdict/verdict.json",
+        "verdict/subspaces.safetensors",
         "stores/tiny/gap.json",
         "stores/tiny-sa/per_query.csv",
     ):
@@ -122,8 +132,18 @@ n_boot = 100
     assert (tmp_path / "activations" / "tiny-tag-only" / "meta.json").is_file()
     assert not any(step["skipped"] for step in record["steps"].values())
     page = (out / "report.html").read_text()
-    for section in ("gap", "probes", "steering", "patching", "sae", "features"):
+    for section in ("gap", "probes", "steering", "patching", "sae", "features", "verdict"):
         assert f"<section id='{section}'>" in page
+    assert page.index("<section id='verdict'>") < page.index("<section id='gap'>")  # the report opens with it
+    verdict = json.loads((out / "verdict" / "verdict.json").read_text())
+    assert verdict["verdict"]["verdict"] in (
+        "situational-awareness",
+        "tag-token",
+        "mixed",
+        "no gap to explain",
+        "undetermined",
+    )
+    assert any(line.startswith("verdict: verdict: ") for line in lines)
     assert any(line.startswith("features: ") for line in lines)
 
     # Again with the same file: nothing is recomputed but the report.

@@ -21,6 +21,7 @@ class Artefact:
 # In the order the report shows them.
 ARTEFACTS: tuple[Artefact, ...] = (
     Artefact("comparison", "comparison.json", ".", "Models side by side: is the planted mechanism found?"),
+    Artefact("verdict", "verdict.json", "verdict", "Verdict: what carries the compliance gap"),
     Artefact("ground_truth", "ground_truth.json", "ground_truth", "Behavioural ground truth"),
     Artefact("gap", "gap.json", "stores", "Compliance gap"),
     Artefact("probes", "metrics.json", "probes", "Probes and directions"),

@@ -257,6 +257,45 @@ def _patch_command(commands: Any) -> None:
     _add_resolution_arg(patch)
 
 
+def _verdict_command(commands: Any) -> None:
+    verdict = commands.add_parser(
+        "verdict",
+        help="one answer: is the gap carried by situational awareness, by the tag's tokens, or neither "
+        "(learned subspaces, held-out pairs, random-subspace nulls)",
+    )
+    verdict.add_argument(
+        "out",
+        metavar="RESULTS",
+        help="results folder: gets verdict.json and subspaces.safetensors; one that holds a verdict already (or an "
+        "`afprobe run` folder with verdict/) is printed, not run again",
+    )
+    _add_model_args(verdict)
+    _add_prompt_args(verdict, split="evaluate")
+    verdict.add_argument("--n-fit", type=int, default=None, help="fitting queries and contrast pairs (default --n)")
+    verdict.add_argument(
+        "--layers", default="default", help="layers to learn subspaces at: default (n/2 and 2n/3) or a list 15,20"
+    )
+    verdict.add_argument("--k", type=int, default=4, help="dimension of each learned subspace")
+    verdict.add_argument("--tail", type=int, default=4, help="positions interchanged: the last N tokens")
+    verdict.add_argument("--steps", type=int, default=60, help="training steps per subspace")
+    verdict.add_argument("--lr", type=float, default=0.02)
+    verdict.add_argument("--train-batch", type=int, default=4, help="interchanges per training step")
+    verdict.add_argument(
+        "--n-random", type=int, default=100, help="covariance-matched random subspaces per layer (the null)"
+    )
+    verdict.add_argument("--situational-awareness", default="situational-awareness-v2", help="stated-context set")
+    verdict.add_argument("--negation", default="negation-control", help="the negation control set")
+    verdict.add_argument("--tag-variant", default="tag-only", help="the variant whose prompt does not explain the tag")
+    verdict.add_argument("--n-boot", type=int, default=2000)
+    verdict.add_argument("--seed", type=int, default=0)
+    verdict.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
+    verdict.add_argument(
+        "--force", action="store_true", help="run again into a folder whose verdict was made with other options"
+    )
+    _add_resolution_arg(verdict)
+    verdict.set_defaults(resolution_pairs=1)
+
+
 def _sae_command(commands: Any) -> None:
     sae = commands.add_parser("sae", help="sparse autoencoders (sae-lens) on cached activations")
     sae_commands = sae.add_subparsers(dest="sae_command", required=True)
@@ -381,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     _probe_command(commands)
     _steer_command(commands)
     _patch_command(commands)
+    _verdict_command(commands)
     _sae_command(commands)
     _organism_command(commands)
     _run_command(commands)
@@ -487,6 +527,12 @@ def _patch_config(args: argparse.Namespace):
     return config_from_args(PatchConfig, args, components=not args.no_components, attribution=not args.no_attribution)
 
 
+def _verdict_config(args: argparse.Namespace):
+    from afprobe.analysis.mechanism import VerdictConfig
+
+    return config_from_args(VerdictConfig, args)
+
+
 def _sae_config(args: argparse.Namespace):
     from afprobe.analysis.sae import SAETrainConfig
 
@@ -519,6 +565,7 @@ CONFIG_BUILDERS = {
     "probe": _probe_config,
     "steer": _steer_config,
     "patch": _patch_config,
+    "verdict": _verdict_config,
     "sae train": _sae_config,
     "sae features": _feature_config,
     "organism train": _organism_config,
@@ -686,6 +733,35 @@ def _cmd_patch(args: argparse.Namespace) -> int:
         output = run_patching(config, progress=progress)
     print(format_patch_summary(output))
     print(f"\nwrote {args.out}/ (patch.json, patching.safetensors, patch_resid.html, mediation.html, ...)")
+    return 0
+
+
+def _cmd_verdict(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from afprobe.analysis.mechanism import format_verdict_run, load_verdict, run_verdict
+    from afprobe.artefacts import experiment_file, result_file
+
+    folder = Path(args.out)
+    if experiment_file("verdict", folder).is_file():  # an `afprobe run` results folder
+        print(format_verdict_run(load_verdict(experiment_file("verdict", folder).parent)))
+        return 0
+    config = _verdict_config(args)
+    if result_file("verdict", folder).is_file():
+        existing = load_verdict(folder)
+        if existing.config == json.loads(json.dumps(asdict(config))):
+            print(format_verdict_run(existing))
+            return 0
+        if not args.force:
+            raise AfprobeError(
+                f"{folder} holds a verdict made with other options: give another folder, or --force to replace it"
+            )
+    print(f"loading {config.model}...", file=sys.stderr)
+    with _ProgressBar("verdict", "step") as progress:
+        run = run_verdict(config, progress=progress)
+    print(format_verdict_run(run))
+    print(f"\nwrote {folder}/ (verdict.json, subspaces.safetensors)")
     return 0
 
 
@@ -912,6 +988,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "probe": _cmd_probe,
         "steer": _cmd_steer,
         "patch": _cmd_patch,
+        "verdict": _cmd_verdict,
         "sae": _cmd_sae,
         "report": _cmd_report,
         "verify": _cmd_verify,

@@ -31,10 +31,10 @@ n = 3
 ```
 
 The results folder holds `experiment.toml` (the file as given), `config.json` (every option of every step, defaults
-filled in), one folder per step (`probes/`, `steering/`, `sae/`, `sae-features/`, `patching/`), `stores/` (each
-store's `gap.json` and `per_query.csv`), `run.json` (what ran, what was already done, seconds per step) and
-`report.html`. Running the same file again resumes: stores finish their missing shards, and a step whose output
-exists with the same config is not run again.
+filled in), one folder per step (`probes/`, `steering/`, `sae/`, `sae-features/`, `patching/`, `verdict/`),
+`stores/` (each store's `gap.json` and `per_query.csv`), `run.json` (what ran, what was already done, seconds per
+step) and `report.html`, which opens with the verdict. Running the same file again resumes: stores finish their
+missing shards, and a step whose output exists with the same config is not run again.
 """
 
 from __future__ import annotations
@@ -114,6 +114,12 @@ def _patch_config() -> type:
     return PatchConfig
 
 
+def _verdict_config() -> type:
+    from afprobe.analysis.mechanism import VerdictConfig
+
+    return VerdictConfig
+
+
 def _check_config() -> type:
     from afprobe.analysis.organisms.ground_truth import CheckConfig
 
@@ -165,6 +171,13 @@ def _run_patching(config: Any, loaded: LoadedModel, progress: Any, folder: Path)
     return [f"patching: {line}" for line in format_patch_summary(output).splitlines()]
 
 
+def _run_verdict(config: Any, loaded: LoadedModel, progress: Any, folder: Path) -> list[str]:
+    from afprobe.analysis.mechanism import format_verdict_run, run_verdict
+
+    run = run_verdict(config, loaded=loaded, progress=progress)
+    return [f"verdict: {line}" for line in format_verdict_run(run).splitlines()]
+
+
 def _run_ground_truth(config: Any, loaded: LoadedModel, progress: Any, folder: Path) -> list[str]:
     from afprobe.analysis.organisms.ground_truth import check_organism, format_ground_truth_lines, write_ground_truth
 
@@ -206,6 +219,7 @@ ANALYSIS_STEPS: tuple[AnalysisStep, ...] = (
         frozenset({"directions", "out", "sae_features"}) | (_JOB_FIELDS - {"n"}),
         _run_patching,
     ),
+    AnalysisStep("verdict", "verdict", _verdict_config, frozenset({"out"}) | (_JOB_FIELDS - {"n"}), _run_verdict),
     AnalysisStep("ground_truth", "ground_truth", _check_config, frozenset(), _run_ground_truth),
 )
 STEPS = ("cache", *(step.name for step in ANALYSIS_STEPS), "report")
@@ -225,6 +239,7 @@ class ExperimentConfig:
     sae: dict[str, Any] | None = None
     features: dict[str, Any] | None = None
     patching: dict[str, Any] | None = None
+    verdict: dict[str, Any] | None = None  # `afprobe.analysis.mechanism.VerdictConfig` options
     # `afprobe.analysis.organisms.ground_truth.CheckConfig` options: behavioural ground truth
     ground_truth: dict[str, Any] | None = None
     models: dict[str, dict[str, Any]] | None = None  # name -> [job] overrides: one whole run per model
@@ -264,6 +279,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         "sae",
         "features",
         "patching",
+        "verdict",
         "ground_truth",
         "models",
     }
@@ -327,6 +343,7 @@ class ExperimentPlan:
     sae: Any = None
     features: Any = None
     patching: Any = None
+    verdict: Any = None
     ground_truth: Any = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -411,11 +428,17 @@ def plan_experiment(config: ExperimentConfig) -> ExperimentPlan:
             **config.patching,
         )
 
+    verdict_config = None
+    if config.verdict is not None:
+        # Evaluates like patching: its own n, the evaluation half (the fitting half is its own to learn from).
+        shared = {k: v for k, v in asdict(job).items() if k not in ("n", "split") and k not in config.verdict}
+        verdict_config = _verdict_config()(**shared, out=str(_step_folder("verdict", out)), **config.verdict)
+
     check_config = None
     if config.ground_truth is not None:
         check_config = _check_config()(**config.ground_truth)
     return ExperimentPlan(
-        job, stores, probe_config, steer_config, sae_config, feature_config, patch_config, check_config
+        job, stores, probe_config, steer_config, sae_config, feature_config, patch_config, verdict_config, check_config
     )
 
 

@@ -293,6 +293,63 @@ def _patching_section(path: Path, root: Path, figure: _Figures) -> str:
     return "\n".join(parts)
 
 
+def _verdict_section(path: Path, root: Path, figure: _Figures) -> str:
+    from afprobe.analysis import plots
+
+    output = _load(path)
+    verdict = output["verdict"]
+    parts = [
+        f"<h3>{html.escape(_relative(path.parent, root))}</h3>",
+        f"<p class='verdict'><b>{html.escape(verdict['verdict'])}</b> (rules v{verdict['rules_version']})</p>",
+        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in verdict["evidence"]) + "</ul>",
+    ]
+    if output["subspaces"]:
+        parts.append(figure(plots.verdict_figure(output)))
+
+    def interval(value: dict[str, Any] | None, percent: bool = True) -> str:
+        if value is None:
+            return ""
+        fmt = "+.0%" if percent else "+.3f"
+        return f"{value['value']:{fmt}} [{value['low']:{fmt}}, {value['high']:{fmt}}]"
+
+    rows = [
+        [
+            row["name"],
+            row["layer"],
+            row["k"],
+            interval(row["share"]),
+            f"{row['p_random']:.3f}",
+            "" if row.get("p_holm") is None else f"{row['p_holm']:.3f}",
+            interval(row["direct"]),
+            interval(row["resampled"]),
+            interval(row.get("cross_prompt"), percent=False),
+            interval(row.get("above_negation")),
+        ]
+        for row in output["subspaces"]
+    ]
+    parts.append(
+        _table(
+            [
+                "subspace",
+                "layer",
+                "k",
+                "share (held out)",
+                "p vs random",
+                "Holm p",
+                "around it",
+                "other-query donor",
+                "cross-prompt (nats)",
+                "above negation",
+            ],
+            rows,
+        )  # fmt: skip
+    )
+    whole = "; ".join(f"layer {layer}: {interval(v)}" for layer, v in output["whole_residual"].items())
+    parts.append(f"<p class='reading'>the whole residual at the interchanged positions carries {html.escape(whole)}"
+                 f" of the gap; family: {html.escape(output['family'])}</p>")  # fmt: skip
+    return "\n".join(parts)
+
+
 def _sae_section(path: Path, root: Path, figure: _Figures) -> str:
     result = _load(path)
     quality = result["quality_held_out"]
@@ -461,6 +518,7 @@ def _comparison_section(path: Path, root: Path, figure: _Figures) -> str:
 
 
 _SECTIONS = {
+    "verdict": _verdict_section,
     "comparison": _comparison_section,
     "ground_truth": _ground_truth_section,
     "gap": _gap_section,

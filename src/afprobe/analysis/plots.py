@@ -671,3 +671,37 @@ def feature_group_figure(output: dict[str, Any]) -> go.Figure:
         yaxis_title="feature activation difference",
     )
     return figure
+
+
+def verdict_figure(output: dict[str, Any]) -> go.Figure:
+    """verdict.json: the held-out share of the gap each learned subspace carries (sufficiency) and the share its
+    orthogonal complement carries (around it), with intervals, beside the random subspaces' 95th percentile."""
+    rows = output["subspaces"]
+    labels = [f"{row['name']} @ {row['layer']}" for row in rows]
+    figure = go.Figure()
+    for key, name in (("share", "through the subspace"), ("direct", "around it (complement)")):
+        values = [row[key]["value"] for row in rows]
+        figure.add_bar(
+            x=labels,
+            y=values,
+            name=name,
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": [max(0.0, row[key]["high"] - row[key]["value"]) for row in rows],
+                "arrayminus": [max(0.0, row[key]["value"] - row[key]["low"]) for row in rows],
+            },
+        )
+    for layer, null in output["null"].items():
+        figure.add_hline(
+            y=null["quantiles"]["0.95"],
+            line_dash="dot",
+            annotation_text=f"random k={null['k']} subspaces, 95th pct (layer {layer})",
+        )
+    figure.update_layout(
+        barmode="group",
+        title=f"verdict: {output['verdict']['verdict']}: share of the held-out gap",
+        yaxis_title="share of the gap (1 = all of it)",
+        height=420,
+    )
+    return figure

@@ -227,10 +227,23 @@ def interchange_deltas(
     )
 
 
+def per_query_sums(examples: Sequence[Interchange], *values: np.ndarray) -> list[np.ndarray]:
+    """Each array summed over the interchanges of one query (both patch directions of a pair, say), in first-seen
+    query order: the bootstrap resamples queries, the unit that was sampled, not interchanges."""
+    order = list(dict.fromkeys(e.query_id for e in examples))
+    index = np.array([order.index(e.query_id) for e in examples])
+    sums = []
+    for value in values:
+        total = np.zeros(len(order))
+        np.add.at(total, index, np.asarray(value, dtype=np.float64))
+        sums.append(total)
+    return sums
+
+
 @dataclass(frozen=True)
 class InterchangeShare:
     """The share of the gap a subspace carries on held-out examples: mean(patched change) / mean(gap), both oriented
-    (trained-side donors +, the reverse -)."""
+    (trained-side donors +, the reverse -), with a bootstrap interval over queries."""
 
     share: float
     ci_low: float
@@ -262,7 +275,7 @@ def interchange_share(
     orientation = np.array([e.orientation for e in examples], dtype=np.float64)
     deltas = interchange_deltas(patcher, examples, basis, layer) * orientation
     gaps = np.array([e.gap for e in examples]) * orientation
-    estimate = ratio_of_means(deltas, gaps, n_boot=n_boot, seed=seed)
+    estimate = ratio_of_means(*per_query_sums(examples, deltas, gaps), n_boot=n_boot, seed=seed)
     return InterchangeShare(
         share=float(estimate["mean"]),
         ci_low=float(estimate["ci_low"]),

@@ -150,6 +150,7 @@ class Patcher:
         self.device = next(model.parameters()).device
         self.accept_id = self.answers.accept_rest[0]
         self.reject_id = self.answers.reject_rest[0]
+        self._grad_prefix: Any = None  # the prefix cache as ordinary tensors, made once for runs recorded for_grad
 
     # -- clean runs -------------------------------------------------------------------------------------------------
 
@@ -185,7 +186,9 @@ class Patcher:
                 handles.append(register_residual_hook(self.blocks, layer, keep(resid, layer)))
             for layer in range(self.n_layers):
                 handles += self._component_hooks(layer, keep(heads, layer), keep(mlps, layer))
-            prefix = _normal_tensors(self.prefix.cache) if for_grad else fork_cache(self.prefix.cache)
+            if for_grad and self._grad_prefix is None:
+                self._grad_prefix = _normal_tensors(self.prefix.cache)
+            prefix = fork_cache(self._grad_prefix if for_grad else self.prefix.cache)
             logits, cache = self._forward(tokens, prefix, start=0)
         return PatchRun(
             prompt=prompt,

@@ -1,0 +1,77 @@
+"""The verdict step end to end on tiny random models with a planted mechanism (`tests.test_subspaces.Planted`).
+
+A random model knows nothing of what the tiers mean: whatever gap it has is a mechanical reaction to the tag's tokens,
+and it has it whether or not the system prompt explains the tag. The edit makes that gap run through one known
+direction u of the layer-1 residual, read at the decision position. So the verdict must learn u as the tier
+subspace and say `tag-token`; with the two tags embedded alike there is no gap, and it must say so."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from afprobe.analysis.mechanism import VerdictConfig, complement, format_verdict_run, load_verdict, run_verdict
+from afprobe.cli import main
+from afprobe.errors import AfprobeError
+from tests.test_subspaces import LAYER, Planted
+
+
+def _config(tmp_path, **overrides):
+    options = dict(n=6, n_fit=8, layers=str(LAYER), k=1, steps=40, lr=0.05, n_random=100, n_boot=500)
+    return VerdictConfig(out=str(tmp_path / "verdict"), **{**options, **overrides})
+
+
+def test_a_planted_tag_reaction_gets_the_tag_token_verdict(tokenizer, tmp_path, capsys):
+    planted = Planted(tokenizer, "gap")
+    weights = [p.detach().clone() for p in planted.loaded.model.parameters()]
+    run = run_verdict(_config(tmp_path), loaded=planted.loaded)
+    print(format_verdict_run(run))
+    bases = load_file(str(tmp_path / "verdict" / "subspaces.safetensors"))
+    u = planted.readout / planted.readout.norm()
+    assert float((bases[f"tier.{LAYER}"].T @ u).norm()) > 0.9  # the tier subspace is the planted direction
+    assert run.result.verdict == "tag-token"
+    rows = {row["name"]: row for row in run.subspaces}
+    assert rows["tier"]["share"]["low"] > 0.8  # it carries the held-out gap ...
+    assert abs(rows["tier"]["direct"]["value"]) < 0.1  # ... and nothing runs around it
+    assert rows["tag_token"]["cross_prompt"]["low"] > 0  # tag-only prompts move default receivers through it
+    # Fitting and evaluation never met, and the file says which queries each used.
+    split = json.loads((tmp_path / "verdict" / "verdict.json").read_text())["split"]
+    assert not set(split["fit_queries"]) & set(split["evaluated_queries"])
+    assert load_verdict(tmp_path / "verdict").result == run.result
+    # The CLI prints a run's verdict (an `afprobe run` folder), and will not overwrite one made otherwise.
+    run_folder = tmp_path / "run"
+    (run_folder / "verdict").mkdir(parents=True)
+    shutil.copy(tmp_path / "verdict" / "verdict.json", run_folder / "verdict" / "verdict.json")
+    assert main(["verdict", str(run_folder)]) == 0
+    assert capsys.readouterr().out.startswith("verdict: tag-token (rules v1)")
+    assert main(["verdict", str(tmp_path / "verdict")]) == 2
+    assert "holds a verdict made with other options" in capsys.readouterr().err
+    # The user's model is as it was.
+    assert all(torch.equal(a, b) for a, b in zip(weights, planted.loaded.model.parameters(), strict=True))
+
+
+def test_no_gap_gets_no_gap_to_explain(tokenizer, tmp_path):
+    planted = Planted(tokenizer, "gap", silence_tag=True)
+    run = run_verdict(_config(tmp_path, steps=5, n_random=5), loaded=planted.loaded)
+    assert run.result.verdict == "no gap to explain"
+    assert run.result.evidence[0].startswith("rule 1:")
+    assert run.subspaces == [] and "fit" not in run.timing  # nothing is learnt for a gap that is not there
+
+
+def test_the_complement_is_orthogonal_and_completes_the_space():
+    basis = torch.linalg.qr(torch.randn(16, 3)).Q
+    rest = complement(basis)
+    assert rest.shape == (16, 13)
+    assert torch.allclose(basis.T @ rest, torch.zeros(3, 13), atol=1e-6)
+    assert torch.allclose(basis @ basis.T + rest @ rest.T, torch.eye(16), atol=1e-5)
+
+
+def test_bad_options_are_refused(tmp_path):
+    with pytest.raises(AfprobeError, match="split evaluate"):
+        VerdictConfig(split="fit")
+    with pytest.raises(AfprobeError, match="n-random"):
+        VerdictConfig(n_random=0)
