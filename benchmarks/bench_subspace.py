@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -34,35 +35,51 @@ from afprobe.model.patching import Patcher
 from afprobe.model.readout import AnswerTokens
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--pairs", type=int, default=4, help="pairs in a batch (each gives two interchanges)")
-    parser.add_argument("--layer", type=int, default=18)
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+@dataclass
+class StepTiming:
+    record_seconds: float  # recording the runs once (afprobe)
+    naive_record_seconds: float  # the donors' full forwards (naive)
+    afprobe: float  # seconds per training step
+    naive: float
+    loss_gap: float
+    grad_gap: float  # relative
+    interchanges: int
 
-    loaded = load_model(args.model, dtype="float32")
+    @property
+    def ratio(self) -> float:
+        return self.naive / self.afprobe
+
+    def lines(self) -> list[str]:
+        return [
+            f"recording the runs once: afprobe {self.record_seconds:.2f} s, naive donor residuals "
+            f"{self.naive_record_seconds:.2f} s",
+            f"one step over {self.interchanges} interchanges: afprobe {self.afprobe:.3f} s, naive {self.naive:.3f} s, "
+            f"ratio {self.ratio:.1f}x",
+            f"same step: loss differs by {self.loss_gap:.2e}, gradient by {self.grad_gap:.2e} (relative)",
+        ]
+
+
+def step_timing(loaded, n_pairs: int, layer: int, k: int, steps: int, tail: int | None = None) -> StepTiming:
+    """One DAS training step over `n_pairs` pairs (both directions), afprobe's prefix-shared patch against the naive
+    full-prompt forward, timed over `steps` steps after a warm-up. `tail`: interchange only the last tokens (the
+    verdict's positions; default every token after the request)."""
     model = loaded.model
-    prompt_set = render_pairs(loaded.tokenizer, load_queries("harmful", n=args.pairs))
+    prompt_set = render_pairs(loaded.tokenizer, load_queries("harmful", n=n_pairs))
     pairs = make_pairs(prompt_set)
     answers = AnswerTokens.from_tokenizer(loaded.tokenizer)
-    print(
-        f"model {loaded.fingerprint.name} on {loaded.device} ({loaded.dtype}), {len(pairs)} pairs, prompts of "
-        f"{prompt_set.max_tokens} tokens, shared prefix {prompt_set.shared_prefix_len} tokens, layer {args.layer}, "
-        f"k {args.k}, {torch.get_num_threads()} threads"
-    )
     prefix = compute_prefix_cache(model, prompt_set.prompts[0].input_ids[: prompt_set.shared_prefix_len])
     patcher = Patcher(model, prefix, answers)
     start = time.perf_counter()
     examples = []
     for pair in pairs:
         trained, untrained = (patcher.record(p, for_grad=True) for p in (pair.trained, pair.untrained))
-        examples += [aligned_tail(untrained, trained), aligned_tail(trained, untrained, orientation=-1)]
+        examples += [
+            aligned_tail(untrained, trained, n_tail=tail),
+            aligned_tail(trained, untrained, orientation=-1, n_tail=tail),
+        ]
     record_seconds = time.perf_counter() - start
     scale = float(torch.tensor([abs(e.gap) for e in examples]).mean())
-    subspace = RotatedSubspace(loaded.d_model, args.k, seed=0)
+    subspace = RotatedSubspace(loaded.d_model, k, seed=0)
     blocks = decoder_layers(model)
     device = loaded.device
 
@@ -70,8 +87,7 @@ def main() -> None:
         subspace.zero_grad()
         basis = subspace.basis
         errors = [
-            patcher.patched_metric_with_grad(e.receiver, e.donor, [subspace_edit(basis, args.layer, e)])
-            - e.donor.metric
+            patcher.patched_metric_with_grad(e.receiver, e.donor, [subspace_edit(basis, layer, e)]) - e.donor.metric
             for e in examples
         ]
         loss = torch.stack(errors).div(scale).pow(2).mean()
@@ -86,7 +102,7 @@ def main() -> None:
             kept["h"] = hidden[0].clone()
 
         ids = list(prompt.input_ids) + list(answers.common)
-        with torch.no_grad(), removing([register_residual_hook(blocks, args.layer, keep)]):
+        with torch.no_grad(), removing([register_residual_hook(blocks, layer, keep)]):
             model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1)
         return kept["h"]
 
@@ -109,7 +125,7 @@ def main() -> None:
                 out[0, -n:] = current + ((donor_rows - current) @ basis) @ basis.T
                 return out
 
-            with removing([register_residual_hook(blocks, args.layer, swap)]):
+            with removing([register_residual_hook(blocks, layer, swap)]):
                 logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False, logits_to_keep=1).logits
             metric = logits[0, -1, answers.accept_rest[0]] - logits[0, -1, answers.reject_rest[0]]
             errors.append(metric - e.donor.metric)
@@ -123,19 +139,36 @@ def main() -> None:
         for name, step in (("afprobe", afprobe_step), ("naive", naive_step)):
             step()  # warm-up
             start = time.perf_counter()
-            for _ in range(args.steps):
+            for _ in range(steps):
                 results[name] = step()
-            timings[name] = (time.perf_counter() - start) / args.steps
-    loss_gap = abs(results["afprobe"][0] - results["naive"][0])
-    grad_gap = float((results["afprobe"][1] - results["naive"][1]).norm() / results["naive"][1].norm())
-    print(
-        f"recording the runs once: afprobe {record_seconds:.2f} s, naive donor residuals {naive_record_seconds:.2f} s"
+            timings[name] = (time.perf_counter() - start) / steps
+    return StepTiming(
+        record_seconds=record_seconds,
+        naive_record_seconds=naive_record_seconds,
+        afprobe=timings["afprobe"],
+        naive=timings["naive"],
+        loss_gap=abs(results["afprobe"][0] - results["naive"][0]),
+        grad_gap=float((results["afprobe"][1] - results["naive"][1]).norm() / results["naive"][1].norm()),
+        interchanges=len(examples),
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--pairs", type=int, default=4, help="pairs in a batch (each gives two interchanges)")
+    parser.add_argument("--layer", type=int, default=18)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+
+    loaded = load_model(args.model, dtype="float32")
     print(
-        f"one step over {len(examples)} interchanges: afprobe {timings['afprobe']:.3f} s, naive "
-        f"{timings['naive']:.3f} s, ratio {timings['naive'] / timings['afprobe']:.1f}x"
+        f"model {loaded.fingerprint.name} on {loaded.device} ({loaded.dtype}), {args.pairs} pairs, layer {args.layer}, "
+        f"k {args.k}, {torch.get_num_threads()} threads"
     )
-    print(f"same step: loss differs by {loss_gap:.2e}, gradient by {grad_gap:.2e} (relative)")
+    for line in step_timing(loaded, args.pairs, args.layer, args.k, args.steps).lines():
+        print(line)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from afprobe.analysis.mechanism import VerdictConfig, complement, format_verdict_run, load_verdict, run_verdict
+from afprobe.analysis.mechanism import (
+    VerdictConfig,
+    complement,
+    format_verdict_run,
+    load_verdict,
+    run_verdict,
+    tag_edit,
+)
+from afprobe.analysis.subspaces import aligned_tail
 from afprobe.cli import main
 from afprobe.errors import AfprobeError
+from afprobe.model.patching import PatchEdit
 from tests.test_subspaces import LAYER, Planted
 
 
@@ -38,6 +47,9 @@ def test_a_planted_tag_reaction_gets_the_tag_token_verdict(tokenizer, tmp_path, 
     assert rows["tier"]["share"]["low"] > 0.8  # it carries the held-out gap ...
     assert abs(rows["tier"]["direct"]["value"]) < 0.1  # ... and nothing runs around it
     assert rows["tag_token"]["cross_prompt"]["low"] > 0  # tag-only prompts move default receivers through it
+    # The path from the tag: the donor's tag at the input is the whole gap, and all of it goes through u.
+    assert run.tag_path["alone"]["value"] == pytest.approx(1.0, abs=1e-3)
+    assert rows["tier"]["tag_through"]["low"] > 0.9
     # Fitting and evaluation never met, and the file says which queries each used.
     split = json.loads((tmp_path / "verdict" / "verdict.json").read_text())["split"]
     assert not set(split["fit_queries"]) & set(split["evaluated_queries"])
@@ -75,3 +87,20 @@ def test_bad_options_are_refused(tmp_path):
         VerdictConfig(split="fit")
     with pytest.raises(AfprobeError, match="n-random"):
         VerdictConfig(n_random=0)
+
+
+def test_holding_a_site_at_its_clean_value_changes_nothing_alone(tokenizer):
+    planted = Planted(tokenizer, "gap")
+    pair = planted.pairs[0]
+    receiver, donor = planted.patcher.record(pair.untrained), planted.patcher.record(pair.trained)
+    everything = tuple(range(len(receiver.tokens)))
+    held = PatchEdit("resid", LAYER, everything, hold=True)
+    assert planted.patcher.patched_metric(receiver, donor, [held]) == pytest.approx(receiver.metric, abs=1e-5)
+    # Holding the last block's input everywhere blocks any upstream change: the tag swap then does nothing.
+    interchange = aligned_tail(receiver, donor)
+    swap = tag_edit(interchange)
+    assert swap is not None
+    moved = planted.patcher.patched_metric(receiver, donor, [swap])
+    assert moved == pytest.approx(donor.metric, abs=1e-3)
+    blocked = planted.patcher.patched_metric(receiver, donor, [swap, held])
+    assert blocked == pytest.approx(receiver.metric, abs=1e-4)

@@ -334,7 +334,8 @@ def test_patching_experiment_writes_grids_table_and_checks(tiny_llama, probes_di
     named = [r for r in saved["mediation"]["rows"] if r["subspace"] == "training_context"]
     assert all("random_abs_p95" in r and "reading" in r for r in named)
     tested = [r for r in saved["mediation"]["rows"] if r.get("p_vs_random") is not None]
-    assert tested and all(r["q_vs_random"] >= r["p_vs_random"] for r in tested)
+    assert tested and all(r["p_holm"] >= r["p_vs_random"] for r in tested)
+    assert all(r["p_holm"] < 0.05 for r in tested if r["beyond_random"])
     assert all(f"over the {len(tested)} subspace" in r["reading"] for r in tested)
     sweep = np.array(saved["sweep"]["paid->free"]["mean"], dtype=float)
     assert sweep.shape == (3, len(saved["sweep_columns"]))
@@ -393,15 +394,17 @@ def test_rows_compared_with_a_null_are_corrected_as_one_family():
     from afprobe.analysis.patching import _correct_over_rows
 
     rows = [
-        {"reading": "a", "p_vs_random": 0.01, "n_random": 99},
-        {"reading": "b", "p_vs_random": 0.04, "n_random": 99},
+        {"reading": "a", "p_vs_random": 0.01, "n_random": 99, "beyond_random": True},
+        {"reading": "b", "p_vs_random": 0.04, "n_random": 99, "beyond_random": True},
         {"reading": "c", "p_vs_random": None},
-        {"reading": "d", "p_vs_random": 0.5, "n_random": 99},
+        {"reading": "d", "p_vs_random": 0.5, "n_random": 99, "beyond_random": False},
     ]
     readings = _correct_over_rows(rows, "SAE feature-set x direction")
-    assert [r["q_vs_random"] for r in rows if "q_vs_random" in r] == pytest.approx([0.03, 0.06, 0.5])
-    assert "q_vs_random" not in rows[2] and len(readings) == 3
-    assert all("Benjamini-Hochberg over the 3 SAE feature-set x direction rows" in r for r in readings)
+    assert [r["p_holm"] for r in rows if "p_holm" in r] == pytest.approx([0.03, 0.08, 0.5])
+    assert "p_holm" not in rows[2] and len(readings) == 3
+    # p 0.04 alone would be beyond random; one of three comparisons, it is not.
+    assert [r.get("beyond_random") for r in rows] == [True, False, None, False]
+    assert all("Holm over the 3 SAE feature-set x direction rows" in r for r in readings)
     assert "smallest possible 0.01" in readings[0]
 
 
@@ -478,7 +481,7 @@ def test_sae_feature_sets_join_the_mediation_table(tiny_llama, tmp_path):
     assert {r["direction"] for r in rows} == {*output.patch_directions, "ablate from both runs"}
     assert all(r["subspace"] == "sae_other" for r in rows)
     # The one set is every feature: no random set of its size exists, so there is no null and no p-value.
-    assert all(r["p_vs_random"] is None and "q_vs_random" not in r for r in rows)
+    assert all(r["p_vs_random"] is None and "p_holm" not in r for r in rows)
     for row in rows:
         if row["direction"] in output.patch_directions:
             assert row["position"] == "tag" and row["whole_residual"]["recovery"] > 0.5

@@ -324,6 +324,7 @@ def _verdict_section(path: Path, root: Path, figure: _Figures) -> str:
             interval(row["resampled"]),
             interval(row.get("cross_prompt"), percent=False),
             interval(row.get("above_negation")),
+            interval(row.get("tag_through")),
         ]
         for row in output["subspaces"]
     ]
@@ -340,13 +341,22 @@ def _verdict_section(path: Path, root: Path, figure: _Figures) -> str:
                 "other-query donor",
                 "cross-prompt (nats)",
                 "above negation",
+                "tag's effect through it",
             ],
             rows,
-        )  # fmt: skip
+        )
     )
     whole = "; ".join(f"layer {layer}: {interval(v)}" for layer, v in output["whole_residual"].items())
-    parts.append(f"<p class='reading'>the whole residual at the interchanged positions carries {html.escape(whole)}"
-                 f" of the gap; family: {html.escape(output['family'])}</p>")  # fmt: skip
+    path = output.get("tag_path", {})
+    through = "; ".join(
+        f"layer {layer}: {interval(v)}" for layer, v in path.get("through_positions", {}).items() if v is not None
+    )
+    parts.append(
+        f"<p class='reading'>the whole residual at the interchanged positions carries {html.escape(whole)} of the "
+        f"gap; of the tag's effect (the donor's tag at the input: {html.escape(interval(path.get('alone')))} of the "
+        f"gap), holding those positions at their clean values removes {html.escape(through or 'n/a')}; family: "
+        f"{html.escape(output['family'])}</p>"
+    )
     return "\n".join(parts)
 
 

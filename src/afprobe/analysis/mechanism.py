@@ -42,7 +42,6 @@ from afprobe.analysis.subspaces import (
     LearnedSubspace,
     aligned_tail,
     covariance_matched_subspaces,
-    interchange_deltas,
     learn_subspace,
     per_query_sums,
 )
@@ -132,6 +131,7 @@ class VerdictRun(ResultRecord):
     subspaces: list[dict[str, Any]]  # one row per subspace and layer: the evidence and the diagnostics
     whole_residual: dict[str, Any]  # layer -> share carried by the whole residual at the tail positions
     null: dict[str, Any]  # layer -> the random subspaces' shares (summary) and how they were drawn
+    tag_path: dict[str, Any]  # the donor's tag at the input: its share of the gap, and how much goes through each layer
     split: dict[str, Any]
     timing: dict[str, float]
 
@@ -182,20 +182,36 @@ def complement(basis: Float[Tensor, "d_model k"]) -> Float[Tensor, "d_model rest
 
 
 def _oriented(patcher: Patcher, examples: Sequence[Interchange], basis: Tensor | None, layer: int) -> np.ndarray:
-    orientation = np.array([e.orientation for e in examples], dtype=np.float64)
-    if basis is None:
-        deltas = np.array(
-            [
-                patcher.patched_metric(
-                    e.receiver, e.donor, [PatchEdit("resid", layer, e.positions, donor_positions=e.donor_positions)]
-                )
-                - e.receiver.metric
-                for e in examples
-            ]
-        )
-    else:
-        deltas = interchange_deltas(patcher, examples, basis, layer)
-    return deltas * orientation
+    """Each interchange's oriented change when `basis`'s component (None: the whole residual) at its positions is
+    taken from its donor."""
+    return _oriented_edits(
+        patcher,
+        examples,
+        lambda e: [PatchEdit("resid", layer, e.positions, basis=basis, donor_positions=e.donor_positions)],
+    )
+
+
+def _oriented_edits(
+    patcher: Patcher, examples: Sequence[Interchange], edits: Callable[[Interchange], list[PatchEdit]]
+) -> np.ndarray:
+    return np.array(
+        [(patcher.patched_metric(e.receiver, e.donor, edits(e)) - e.receiver.metric) * e.orientation for e in examples]
+    )
+
+
+def tag_edit(interchange: Interchange) -> PatchEdit | None:
+    """The donor's tier tag in place of the receiver's, at the input (layer 0): the whole tier difference of a pair
+    whose prompts differ only in the tag. None when the tags differ in length (no position-wise swap)."""
+    receiver, donor = interchange.receiver, interchange.donor
+    mine, theirs = receiver.prompt.tag_span, donor.prompt.tag_span
+    if mine is None or theirs is None or mine[1] - mine[0] != theirs[1] - theirs[0]:
+        return None
+    return PatchEdit(
+        "resid",
+        0,
+        tuple(range(mine[0] - receiver.offset, mine[1] - receiver.offset)),
+        donor_positions=tuple(range(theirs[0] - donor.offset, theirs[1] - donor.offset)),
+    )
 
 
 def _interval(estimate: dict[str, np.ndarray]) -> Interval:
@@ -238,6 +254,15 @@ def _layers(spec: str, n_layers: int) -> list[int]:
     if not layers:
         raise AfprobeError(f"no layers in {spec!r}: give a list like 15,20")
     return layers
+
+
+@dataclass
+class _Measured:
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per subspace and layer
+    whole: dict[str, Any] = field(default_factory=dict)  # layer -> the whole residual's share of the gap
+    null: dict[str, Any] = field(default_factory=dict)  # layer -> the random subspaces' shares
+    tag_alone: dict[str, Any] | None = None  # the donor's tag at the input, alone: share of the gap
+    tag_path: dict[str, Any] = field(default_factory=dict)  # layer -> share of the tag's effect through the positions
 
 
 @dataclass
@@ -338,7 +363,7 @@ def run_verdict(
     timing["prefix"] = time.perf_counter() - t
     n_fit, n_eval = len(prompts.fit_queries), len(prompts.evaluated_queries)
     n_records = 2 * (4 * n_fit + 3 * n_eval)
-    n_patches = 2 * n_eval * len(layers) * (config.n_random + 1 + 4 * 3 + 2 * 2)
+    n_patches = 2 * n_eval * (1 + len(layers) * (config.n_random + 2 + 4 * 4 + 2))
     total, done = n_records + len(layers) * 4 * config.steps + n_patches, 0
 
     def tick(count: int = 1) -> None:
@@ -364,9 +389,7 @@ def run_verdict(
     timing["record_evaluation"] = time.perf_counter() - t
 
     learned: dict[tuple[str, int], LearnedSubspace] = {}
-    rows: list[dict[str, Any]] = []
-    whole: dict[str, Any] = {}
-    null_summary: dict[str, Any] = {}
+    measured = _Measured()
     fit_ids: dict[str, list[str]] = {}
     if gap.excludes_zero() and gap_resolved:
         t = time.perf_counter()
@@ -374,24 +397,13 @@ def run_verdict(
         covariance_rows = _fit(config, prompts, patcher, tag_patcher, layers, learned, fit_ids, tick)
         timing["fit"] = time.perf_counter() - t
         t = time.perf_counter()
-        _evaluate(
-            config,
-            prompts,
-            patcher,
-            evaluated,
-            layers,
-            learned,
-            fit_ids,
-            covariance_rows,
-            rows,
-            whole,
-            null_summary,
-            tag_patcher,
-            tick,
+        measured = _evaluate(
+            config, prompts, patcher, evaluated, layers, learned, fit_ids, covariance_rows, tag_patcher, tick
         )
         timing["evaluate"] = time.perf_counter() - t
 
     # The family: the candidates' comparisons with the null, Holm-adjusted together.
+    rows = measured.rows
     family_rows = [row for row in rows if row["name"] in CANDIDATES]
     if family_rows:
         for row, adjusted in zip(family_rows, holm([row["p_random"] for row in family_rows]), strict=True):
@@ -413,8 +425,9 @@ def run_verdict(
         resolution=None if resolution is None else resolution.to_dict(),
         family=family,
         subspaces=rows,
-        whole_residual=whole,
-        null=null_summary,
+        whole_residual=measured.whole,
+        null=measured.null,
+        tag_path={"alone": measured.tag_alone, "through_positions": measured.tag_path},
         split={
             "rule": SPLIT_RULE,
             "fit_queries": [q.query_id for q in prompts.fit_queries],
@@ -485,16 +498,35 @@ def _evaluate(
     learned: dict[tuple[str, int], LearnedSubspace],
     fit_ids: dict[str, list[str]],
     covariance_rows: dict[int, Tensor],
-    rows: list[dict[str, Any]],
-    whole: dict[str, Any],
-    null_summary: dict[str, Any],
     tag_patcher: Patcher,
     tick: Callable[[int], None],
-) -> None:
-    """Every learned subspace on the held-out pairs, beside the null, the whole residual and the cross-prompt
-    donors; appends one row per subspace and layer to `rows`."""
+) -> _Measured:
+    """Every learned subspace on the held-out pairs, beside the null, the whole residual, the cross-prompt donors and
+    the path from the tag: one row per subspace and layer."""
+    measured = _Measured()
+    rows, whole, null_summary = measured.rows, measured.whole, measured.null
     examples = evaluated.interchanges
     gaps = np.array([e.gap * e.orientation for e in examples])
+    # Path from the tag: the donor's tag at the input, alone, and with a site downstream held at its clean value.
+    tags = {id(e): tag_edit(e) for e in examples}
+    swaps = {key: edit for key, edit in tags.items() if edit is not None}
+    tag_alone = None
+    if len(swaps) == len(examples):
+        tag_alone = _oriented_edits(patcher, examples, lambda e: [swaps[id(e)]])
+        tick(len(examples))
+        measured.tag_alone = asdict(_share(examples, tag_alone, gaps, config))
+
+    def through(layer: int, basis: Tensor | None) -> dict[str, Any] | None:
+        """The share of the tag's effect that goes through `basis` (None: the whole residual) at the interchanged
+        positions of `layer`: what holding it at the receiver's clean value removes."""
+        if tag_alone is None:
+            return None
+        held = _oriented_edits(
+            patcher, examples, lambda e: [swaps[id(e)], PatchEdit("resid", layer, e.positions, basis=basis, hold=True)]
+        )
+        tick(len(examples))
+        return asdict(_share(examples, tag_alone - held, tag_alone, config))
+
     resampled = _resampled(evaluated, config.tail)
     cross = {
         name: _cross_prompt(
@@ -516,6 +548,7 @@ def _evaluate(
         whole_deltas = _oriented(patcher, examples, None, layer)
         tick(len(examples))
         whole[str(layer)] = asdict(_share(examples, whole_deltas, gaps, config))
+        measured.tag_path[str(layer)] = through(layer, None)
         null_shares = []
         for basis in covariance_matched_subspaces(
             covariance_rows[layer], config.k, config.n_random, seed=config.seed + 1000 + layer
@@ -556,6 +589,7 @@ def _evaluate(
                 "final_loss": subspace.losses[-1] if subspace.losses else None,
                 "train_seconds": subspace.seconds,
                 "overlap_with_tier": _overlap(basis, learned.get(("tier", layer))),
+                "tag_through": through(layer, basis),
             }
             if name in cross:
                 cross_deltas = _oriented(patcher, cross[name], basis, layer)
@@ -572,6 +606,7 @@ def _evaluate(
             for row in rows:
                 if row["name"] == "situational_awareness" and row["layer"] == layer:
                     row["above_negation"] = asdict(_share(examples, sa - negation, gaps, config))
+    return measured
 
 
 def sa_cross_pairs(pairs: Sequence[Any], n: int) -> list[Any]:
@@ -631,14 +666,20 @@ def load_verdict(folder: str | Path) -> VerdictRun:
 def format_verdict_run(run: VerdictRun) -> str:
     lines = [format_verdict(run.result)]
     for row in run.subspaces:
-        share = Interval(**row["share"])
-        direct = Interval(**row["direct"])
-        extra = ""
-        if "cross_prompt" in row:
-            extra = f", cross-prompt {Interval(**row['cross_prompt']).text(percent=False)} nats"
+        text = (
+            f"  {row['name']} layer {row['layer']} (k {row['k']}): share {Interval(**row['share']).text()}, around it "
+            f"{Interval(**row['direct']).text()}, p vs random {row['p_random']:.3f}"
+        )
+        if row.get("cross_prompt") is not None:
+            text += f", cross-prompt {Interval(**row['cross_prompt']).text(percent=False)} nats"
+        if row.get("tag_through") is not None:
+            text += f", tag's effect through it {Interval(**row['tag_through']).text()}"
+        lines.append(text)
+    for layer, share in run.whole_residual.items():
+        path = run.tag_path["through_positions"].get(layer)
         lines.append(
-            f"  {row['name']} layer {row['layer']} (k {row['k']}): share {share.text()}, around it "
-            f"{direct.text()}, p vs random {row['p_random']:.3f}" + extra
+            f"  whole residual at layer {layer}: share {Interval(**share).text()}"
+            + ("" if path is None else f", tag's effect through these positions {Interval(**path).text()}")
         )
     lines.append(f"  time {run.timing['total']:.0f} s")
     return "\n".join(lines)

@@ -38,6 +38,7 @@ import torch
 
 from afprobe import __version__
 from afprobe.analysis.probes import ProbeSet, load_probe_set
+from afprobe.analysis.verdict import ALPHA
 from afprobe.artefacts import ResultRecord, result_file
 from afprobe.behaviour.resolution import Resolution, measure_resolution
 from afprobe.data.prompts import PromptSet, RenderedPrompt, cacheable_prefix_len, common_prefix_length, render_pairs
@@ -51,7 +52,7 @@ from afprobe.model.job import PairedPromptJob
 from afprobe.model.loading import LoadedModel
 from afprobe.model.patching import FeatureEdit, PatchEdit, Patcher, PatchRun
 from afprobe.model.readout import AnswerTokens
-from afprobe.stats import Estimate, benjamini_hochberg, compare_with_random_null, ratio_of_means
+from afprobe.stats import Estimate, compare_with_random_null, holm, ratio_of_means
 
 MEDIATED_DIRECTIONS = ("situational_awareness", "training_context", "refusal")
 
@@ -962,19 +963,22 @@ def _mediation_table(
 
 
 def _correct_over_rows(rows: list[dict[str, Any]], kind: str) -> list[str]:
-    """Benjamini-Hochberg over the rows of one table that were compared with a random null (one family of
-    comparisons), said in each row's reading; returns those readings."""
+    """Holm over the rows of one table that were compared with a random null (one family of comparisons): a row is
+    beyond random only when its adjusted p is below `ALPHA` too. Said in each row's reading; returns those readings."""
     tested = [row for row in rows if row.get("p_vs_random") is not None]
     if not tested:
         return []
-    q = benjamini_hochberg(torch.tensor([row["p_vs_random"] for row in tested], dtype=torch.float64))
+    adjusted = holm([row["p_vs_random"] for row in tested])
     family = f"the {len(tested)} {kind} rows of this table"
-    for row, q_value in zip(tested, q.tolist(), strict=True):
-        row["q_vs_random"] = q_value
+    for row, p_holm in zip(tested, adjusted.tolist(), strict=True):
+        row["p_holm"] = p_holm
         row["corrected_over"] = family
+        if row.get("beyond_random") and p_holm >= ALPHA:
+            row["beyond_random"] = False
+            row["reading"] += "; not beyond random once corrected for the family"
         row["reading"] += (
             f" (p {row['p_vs_random']:.2g} against {row['n_random']} random draws, smallest possible "
-            f"{1 / (1 + row['n_random']):.2g}; Benjamini-Hochberg over {family}: q {q_value:.2g})"
+            f"{1 / (1 + row['n_random']):.2g}; Holm over {family}: {p_holm:.2g})"
         )
     return [row["reading"] for row in tested]
 

@@ -75,6 +75,9 @@ class PatchEdit:
     basis: for `resid`, an orthonormal `[d_model, k]` basis: only the component in its span is patched (k = 0
     patches nothing). None patches the whole vector.
     features: for `resid`, SAE features to patch or ablate instead (an empty set changes nothing).
+    hold: for `resid`, take the values from the receiver's own clean run instead of the donor's: with another edit
+    upstream, this holds a site at its clean value, so the upstream change reaches the output only around it (path
+    patching).
     """
 
     site: Site
@@ -84,6 +87,7 @@ class PatchEdit:
     basis: Float[Tensor, "d_model k"] | None = None
     donor_positions: tuple[int, ...] | None = None  # where in the donor run to read (default: `positions`)
     features: FeatureEdit | None = None  # for `resid`: patch or ablate only these SAE features
+    hold: bool = False  # for `resid`: the receiver's own clean values (path patching)
 
     @property
     def source_positions(self) -> list[int]:
@@ -234,8 +238,11 @@ class Patcher:
             if edit.positions and not 0 <= min(edit.positions) <= max(edit.positions) < len(receiver.tokens):
                 raise AfprobeError(f"positions {edit.positions} outside the run's {len(receiver.tokens)} own tokens")
             source = edit.source_positions
+            if edit.hold and edit.site != "resid":
+                raise AfprobeError(f"hold takes the receiver's residual stream, not its {edit.site}")
+            source_run = receiver if edit.hold else donor
             if len(source) != len(edit.positions) or (
-                source and not 0 <= min(source) <= max(source) < len(donor.tokens)
+                source and not 0 <= min(source) <= max(source) < len(source_run.tokens)
             ):
                 raise AfprobeError(
                     f"donor positions {source} do not pair with positions {edit.positions} inside the donor's "
@@ -299,7 +306,7 @@ class Patcher:
             if layer == start_layer:
                 hidden = seed.to(hidden.dtype)
             for edit in resid_edits.get(layer, []):
-                hidden = _replace(hidden, edit, donor.resid[layer], start)
+                hidden = _replace(hidden, edit, (receiver if edit.hold else donor).resid[layer], start)
             return hidden
 
         with ExitStack() as stack:
