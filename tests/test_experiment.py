@@ -153,3 +153,11 @@ n_boot = 100
     path.write_text(path.read_text().replace("n_random = 1", "n_random = 2"))
     third = run_experiment(load_experiment(path), loaded=tiny_llama)
     assert [name for name, step in third["steps"].items() if not step["skipped"]] == ["steering", "report"]
+    # --only: one step, the stores untouched.
+    assert path.read_text().count("steps = 2") == 1
+    path.write_text(path.read_text().replace("steps = 2", "steps = 3"))
+    fourth = run_experiment(load_experiment(path), loaded=tiny_llama, only=["verdict"])
+    assert [name for name, step in fourth["steps"].items() if not step["skipped"]] == ["verdict", "report"]
+    assert not any(name.startswith("cache") for name in fourth["steps"])
+    with pytest.raises(AfprobeError, match="unknown step verdic"):
+        run_experiment(load_experiment(path), loaded=tiny_llama, only=["verdic"])

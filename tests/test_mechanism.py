@@ -47,8 +47,8 @@ def test_a_planted_tag_reaction_gets_the_tag_token_verdict(tokenizer, tmp_path, 
     assert rows["tier"]["share"]["low"] > 0.8  # it carries the held-out gap ...
     assert abs(rows["tier"]["direct"]["value"]) < 0.1  # ... and nothing runs around it
     assert rows["tag_token"]["cross_prompt"]["low"] > 0  # tag-only prompts move default receivers through it
-    # The path from the tag: the donor's tag at the input is the whole gap, and all of it goes through u.
-    assert run.tag_path["alone"]["value"] == pytest.approx(1.0, abs=1e-3)
+    # The path from the tag: the donor's tag (at layer 1 // 2 = 0: its tokens) is the whole gap, all of it through u.
+    assert run.tag_path["alone"][str(LAYER)]["value"] == pytest.approx(1.0, abs=1e-3)
     assert rows["tier"]["tag_through"]["low"] > 0.9
     # Fitting and evaluation never met, and the file says which queries each used.
     split = json.loads((tmp_path / "verdict" / "verdict.json").read_text())["split"]

@@ -367,6 +367,12 @@ def _organism_command(commands: Any) -> None:
 def _run_command(commands: Any) -> None:
     run = commands.add_parser("run", help="the whole pipeline from one experiment file (experiments/NAME.toml)")
     run.add_argument("experiment", help="an experiment TOML file, e.g. experiments/quickstart.toml")
+    run.add_argument(
+        "--only",
+        default=None,
+        help="run just these steps of the file, e.g. verdict or patching,verdict (stores are cached only when a "
+        "chosen step reads them), then the report",
+    )
 
 
 def _doctor_command(commands: Any) -> None:
@@ -809,7 +815,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             bar.__exit__()
         print(line, flush=True)
 
-    record = run_experiment(config, progress=progress, log=log)
+    only = None if args.only is None else [name.strip() for name in args.only.split(",") if name.strip()]
+    record = run_experiment(config, progress=progress, log=log, only=only)
     steps = record.get("steps") or {
         f"{model}: {name}": step for model, one in record["models"].items() for name, step in one["steps"].items()
     }

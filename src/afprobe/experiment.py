@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,7 @@ ANALYSIS_STEPS: tuple[AnalysisStep, ...] = (
     AnalysisStep("ground_truth", "ground_truth", _check_config, frozenset(), _run_ground_truth),
 )
 STEPS = ("cache", *(step.name for step in ANALYSIS_STEPS), "report")
+STEPS_READING_STORES = frozenset({"probes", "sae", "features"})
 
 
 @dataclass
@@ -452,15 +453,28 @@ def run_experiment(
     loaded: LoadedModel | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] | None = None,
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run every step the config names, in order; returns what run.json holds.
+
+    only: run just these analysis steps (their configs as the file gives them; the stores are cached only when a
+    chosen step reads them: probes, sae, features), then the comparison and the report.
 
     With a [models] table, the whole pipeline runs once per model into `out/NAME/` (stores in
     `activations-NAME`), then `comparison.json` sets the models side by side (`afprobe.analysis.organisms`)
     and one report covers them all. progress(step, done, total) reports long steps; log(line) one line per step
     (the CLI prints them). The results folder is locked for the whole run: a second run into it is refused."""
+    chosen = None if only is None else frozenset(only)
+    unknown = sorted((chosen or frozenset()) - {step.name for step in ANALYSIS_STEPS})
+    if unknown:
+        raise AfprobeError(
+            f"unknown step {', '.join(unknown)} in --only: choose from {', '.join(s.name for s in ANALYSIS_STEPS)}"
+        )
+    absent = sorted(name for name in chosen or () if getattr(config, name) is None)
+    if absent:
+        raise AfprobeError(f"--only {', '.join(absent)}: {config.name} has no [{absent[0]}] table to run")
     with folder_lock(Path(config.out), f"afprobe run {config.name}"):
-        return _run_locked(config, loaded=loaded, progress=progress, log=log)
+        return _run_locked(config, loaded=loaded, progress=progress, log=log, only=chosen)
 
 
 def _run_locked(
@@ -469,9 +483,10 @@ def _run_locked(
     loaded: LoadedModel | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] | None = None,
+    only: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     if config.models is None:
-        return _run_one(config, loaded=loaded, progress=progress, log=log)
+        return _run_one(config, loaded=loaded, progress=progress, log=log, only=only)
     from afprobe.analysis.organisms.comparison import write_comparison
     from afprobe.report import write_report
 
@@ -501,6 +516,7 @@ def _run_locked(
             one,
             progress=None if progress is None else (lambda step, d, t, n=name: progress(f"{n}: {step}", d, t)),
             log=lambda line, n=name: say(f"{n}: {line}"),
+            only=only,
         )
     comparison = write_comparison(out, list(config.models))
     for line in comparison["summary"]:
@@ -520,6 +536,7 @@ def _run_one(
     loaded: LoadedModel | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] | None = None,
+    only: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     from afprobe.report import write_report
 
@@ -552,6 +569,8 @@ def _run_one(
     if loaded is None:
         say(f"loading {job.model}...")
         loaded = job.load()
+    if only is not None and not only & STEPS_READING_STORES:
+        stores = {}
     for name, cache_config in stores.items():
         t0 = time.perf_counter()
         summary = run_cache(cache_config, loaded=loaded, progress=step_progress(f"cache {name}"))
@@ -566,7 +585,7 @@ def _run_one(
 
     for step in ANALYSIS_STEPS:
         step_config = getattr(plan, step.name)
-        if step_config is None:
+        if step_config is None or (only is not None and step.name not in only):
             continue
         t0 = time.perf_counter()
         result = experiment_file(step.artefact, out)

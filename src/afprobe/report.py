@@ -349,13 +349,13 @@ def _verdict_section(path: Path, root: Path, figure: _Figures) -> str:
     whole = "; ".join(f"layer {layer}: {interval(v)}" for layer, v in output["whole_residual"].items())
     path = output.get("tag_path", {})
     through = "; ".join(
-        f"layer {layer}: {interval(v)}" for layer, v in path.get("through_positions", {}).items() if v is not None
+        f"layer {layer}: the tag position at layer {alone['tag_layer']} carries {interval(alone)} of the gap, "
+        f"holding these positions removes {interval(path['through_positions'].get(layer))} of that"
+        for layer, alone in path.get("alone", {}).items()
     )
     parts.append(
         f"<p class='reading'>the whole residual at the interchanged positions carries {html.escape(whole)} of the "
-        f"gap; of the tag's effect (the donor's tag at the input: {html.escape(interval(path.get('alone')))} of the "
-        f"gap), holding those positions at their clean values removes {html.escape(through or 'n/a')}; family: "
-        f"{html.escape(output['family'])}</p>"
+        f"gap; path from the tag: {html.escape(through or 'n/a')}; family: {html.escape(output['family'])}</p>"
     )
     return "\n".join(parts)
 

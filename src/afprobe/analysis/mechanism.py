@@ -131,7 +131,7 @@ class VerdictRun(ResultRecord):
     subspaces: list[dict[str, Any]]  # one row per subspace and layer: the evidence and the diagnostics
     whole_residual: dict[str, Any]  # layer -> share carried by the whole residual at the tail positions
     null: dict[str, Any]  # layer -> the random subspaces' shares (summary) and how they were drawn
-    tag_path: dict[str, Any]  # the donor's tag at the input: its share of the gap, and how much goes through each layer
+    tag_path: dict[str, Any]  # per layer L: the donor's tag residual at L // 2, alone, and how much goes through L
     split: dict[str, Any]
     timing: dict[str, float]
 
@@ -199,16 +199,17 @@ def _oriented_edits(
     )
 
 
-def tag_edit(interchange: Interchange) -> PatchEdit | None:
-    """The donor's tier tag in place of the receiver's, at the input (layer 0): the whole tier difference of a pair
-    whose prompts differ only in the tag. None when the tags differ in length (no position-wise swap)."""
+def tag_edit(interchange: Interchange, layer: int = 0) -> PatchEdit | None:
+    """The donor's residual at its tier tag's positions in place of the receiver's, at `layer` (0: the tag's tokens
+    themselves, the whole tier difference of a pair whose prompts differ only in the tag). None when the tags differ
+    in length (no position-wise swap)."""
     receiver, donor = interchange.receiver, interchange.donor
     mine, theirs = receiver.prompt.tag_span, donor.prompt.tag_span
     if mine is None or theirs is None or mine[1] - mine[0] != theirs[1] - theirs[0]:
         return None
     return PatchEdit(
         "resid",
-        0,
+        layer,
         tuple(range(mine[0] - receiver.offset, mine[1] - receiver.offset)),
         donor_positions=tuple(range(theirs[0] - donor.offset, theirs[1] - donor.offset)),
     )
@@ -261,7 +262,7 @@ class _Measured:
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per subspace and layer
     whole: dict[str, Any] = field(default_factory=dict)  # layer -> the whole residual's share of the gap
     null: dict[str, Any] = field(default_factory=dict)  # layer -> the random subspaces' shares
-    tag_alone: dict[str, Any] | None = None  # the donor's tag at the input, alone: share of the gap
+    tag_alone: dict[str, Any] = field(default_factory=dict)  # layer -> the donor's tag at layer // 2 alone: share
     tag_path: dict[str, Any] = field(default_factory=dict)  # layer -> share of the tag's effect through the positions
 
 
@@ -363,7 +364,7 @@ def run_verdict(
     timing["prefix"] = time.perf_counter() - t
     n_fit, n_eval = len(prompts.fit_queries), len(prompts.evaluated_queries)
     n_records = 2 * (4 * n_fit + 3 * n_eval)
-    n_patches = 2 * n_eval * (1 + len(layers) * (config.n_random + 2 + 4 * 4 + 2))
+    n_patches = 2 * n_eval * len(layers) * (config.n_random + 3 + 4 * 4 + 2)
     total, done = n_records + len(layers) * 4 * config.steps + n_patches, 0
 
     def tick(count: int = 1) -> None:
@@ -507,25 +508,34 @@ def _evaluate(
     rows, whole, null_summary = measured.rows, measured.whole, measured.null
     examples = evaluated.interchanges
     gaps = np.array([e.gap * e.orientation for e in examples])
-    # Path from the tag: the donor's tag at the input, alone, and with a site downstream held at its clean value.
-    tags = {id(e): tag_edit(e) for e in examples}
-    swaps = {key: edit for key, edit in tags.items() if edit is not None}
-    tag_alone = None
-    if len(swaps) == len(examples):
-        tag_alone = _oriented_edits(patcher, examples, lambda e: [swaps[id(e)]])
-        tick(len(examples))
-        measured.tag_alone = asdict(_share(examples, tag_alone, gaps, config))
+    # Path from the tag: the donor's tag-position residual at layer L // 2 (on its way to the decision), alone, and
+    # with a site at layer L held at its clean value. (Swapping the tag at the input turns the receiver into the donor,
+    # and holding a site then is just the reverse interchange, so the tag is taken part way up.)
+    swaps: dict[int, dict[int, PatchEdit]] = {}
+    tag_alone: dict[int, np.ndarray] = {}
+    for layer in layers:
+        edits = {id(e): tag_edit(e, layer // 2) for e in examples}
+        if all(edit is not None for edit in edits.values()):
+            swaps[layer] = {key: edit for key, edit in edits.items() if edit is not None}
+            tag_alone[layer] = _oriented_edits(patcher, examples, lambda e, layer=layer: [swaps[layer][id(e)]])
+            tick(len(examples))
+            measured.tag_alone[str(layer)] = {
+                "tag_layer": layer // 2,
+                **asdict(_share(examples, tag_alone[layer], gaps, config)),
+            }
 
     def through(layer: int, basis: Tensor | None) -> dict[str, Any] | None:
-        """The share of the tag's effect that goes through `basis` (None: the whole residual) at the interchanged
-        positions of `layer`: what holding it at the receiver's clean value removes."""
-        if tag_alone is None:
+        """The share of the tag's effect (its residual at layer // 2) that goes through `basis` (None: the whole
+        residual) at the interchanged positions of `layer`: what holding it at the receiver's clean value removes."""
+        if layer not in swaps:
             return None
         held = _oriented_edits(
-            patcher, examples, lambda e: [swaps[id(e)], PatchEdit("resid", layer, e.positions, basis=basis, hold=True)]
+            patcher,
+            examples,
+            lambda e: [swaps[layer][id(e)], PatchEdit("resid", layer, e.positions, basis=basis, hold=True)],
         )
         tick(len(examples))
-        return asdict(_share(examples, tag_alone - held, tag_alone, config))
+        return asdict(_share(examples, tag_alone[layer] - held, tag_alone[layer], config))
 
     resampled = _resampled(evaluated, config.tail)
     cross = {
@@ -673,13 +683,20 @@ def format_verdict_run(run: VerdictRun) -> str:
         if row.get("cross_prompt") is not None:
             text += f", cross-prompt {Interval(**row['cross_prompt']).text(percent=False)} nats"
         if row.get("tag_through") is not None:
-            text += f", tag's effect through it {Interval(**row['tag_through']).text()}"
+            text += f", of the tag's effect {Interval(**row['tag_through']).text()} through it"
         lines.append(text)
     for layer, share in run.whole_residual.items():
+        alone = run.tag_path["alone"].get(layer)
         path = run.tag_path["through_positions"].get(layer)
         lines.append(
             f"  whole residual at layer {layer}: share {Interval(**share).text()}"
-            + ("" if path is None else f", tag's effect through these positions {Interval(**path).text()}")
+            + (
+                ""
+                if alone is None or path is None
+                else f"; the tag position's residual at layer {alone['tag_layer']} carries "
+                f"{Interval(alone['value'], alone['low'], alone['high']).text()} of the gap, and holding these "
+                f"positions removes {Interval(**path).text()} of that"
+            )
         )
     lines.append(f"  time {run.timing['total']:.0f} s")
     return "\n".join(lines)

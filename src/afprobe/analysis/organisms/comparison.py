@@ -76,6 +76,7 @@ def compare_models(folders: dict[str, Path]) -> dict[str, Any]:
         truth = _read_json(experiment_file("ground_truth", folder))
         patch = _read_json(experiment_file("patching", folder))
         steering = _read_json(experiment_file("steering", folder))
+        verdict = _read_json(experiment_file("verdict", folder))
         stores = ((_read_json(folder / "config.json") or {}).get("steps") or {}).get("cache") or {}
 
         main_gap, sa_gap = (
@@ -100,10 +101,15 @@ def compare_models(folders: dict[str, Path]) -> dict[str, Any]:
             "steering_sa": steer_sa.get("steering"),
             "ablation_sa": steer_sa.get("ablation"),
             "steering_baseline_gap": (steering or {}).get("baseline_gap"),
+            "verdict": None if verdict is None else verdict["verdict"],
         }
 
     verdicts: dict[str, Any] = {}
-    summary: list[str] = []
+    summary: list[str] = [
+        f"{name}: verdict {model['verdict']['verdict']} (rules v{model['verdict']['rules_version']})"
+        for name, model in models.items()
+        if model["verdict"] is not None
+    ]
     for name in ("token", "context"):
         reading = ((models.get(name) or {}).get("ground_truth") or {}).get("reading")
         if reading is not None:
