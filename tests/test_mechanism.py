@@ -17,13 +17,14 @@ from safetensors.torch import load_file
 from afprobe.analysis.mechanism import (
     VerdictConfig,
     complement,
-    format_verdict_run,
     load_verdict,
     run_verdict,
+    sa_cross_pairs,
     tag_edit,
 )
 from afprobe.analysis.subspaces import aligned_tail
 from afprobe.cli import main
+from afprobe.data.contrast import load_contrast_pairs
 from afprobe.errors import AfprobeError
 from afprobe.model.patching import PatchEdit
 from tests.test_subspaces import LAYER, Planted
@@ -38,7 +39,6 @@ def test_a_planted_tag_reaction_gets_the_tag_token_verdict(tokenizer, tmp_path, 
     planted = Planted(tokenizer, "gap")
     weights = [p.detach().clone() for p in planted.loaded.model.parameters()]
     run = run_verdict(_config(tmp_path), loaded=planted.loaded)
-    print(format_verdict_run(run))
     bases = load_file(str(tmp_path / "verdict" / "subspaces.safetensors"))
     u = planted.readout / planted.readout.norm()
     assert float((bases[f"tier.{LAYER}"].T @ u).norm()) > 0.9  # the tier subspace is the planted direction
@@ -104,3 +104,10 @@ def test_holding_a_site_at_its_clean_value_changes_nothing_alone(tokenizer):
     assert moved == pytest.approx(donor.metric, abs=1e-3)
     blocked = planted.patcher.patched_metric(receiver, donor, [swap, held])
     assert blocked == pytest.approx(receiver.metric, abs=1e-4)
+
+
+def test_cross_prompt_donors_cycle_with_their_own_ids():
+    pairs = load_contrast_pairs("situational-awareness-v2")[:3]
+    donors = sa_cross_pairs(pairs, 7)
+    assert len({p.pair_id for p in donors}) == 7  # one donor per evaluation query, however few pairs there are
+    assert [p.first for p in donors] == [pairs[i % 3].first for i in range(7)]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ from afprobe.analysis.verdict import (
 )
 from afprobe.artefacts import ResultRecord, result_file
 from afprobe.behaviour.resolution import measure_resolution
-from afprobe.data.contrast import load_contrast_pairs, render_contrast_set
+from afprobe.data.contrast import ContrastPair, load_contrast_pairs, render_contrast_set
 from afprobe.data.prompts import PromptConfig, PromptSet, Query, cacheable_prefix_len, render_pairs
 from afprobe.data.query_sets import load_queries
 from afprobe.data.splits import SPLIT_RULE, check_disjoint, split_items
@@ -619,9 +619,15 @@ def _evaluate(
     return measured
 
 
-def sa_cross_pairs(pairs: Sequence[Any], n: int) -> list[Any]:
-    """The held-out contrast pairs that give the cross-prompt donors, one per evaluation query (cycling)."""
-    return [pairs[i % len(pairs)] for i in range(n)]
+def sa_cross_pairs(pairs: Sequence[ContrastPair], n: int) -> list[ContrastPair]:
+    """The held-out contrast pairs that give the cross-prompt donors, one per evaluation query (cycling; a pair used
+    again gets its own id, `id.1`, so that each donor stays with its own request)."""
+    return [
+        pairs[i % len(pairs)]
+        if i < len(pairs)
+        else replace(pairs[i % len(pairs)], pair_id=f"{pairs[i % len(pairs)].pair_id}.{i // len(pairs)}")
+        for i in range(n)
+    ]
 
 
 def _overlap(basis: Tensor, other: LearnedSubspace | None) -> float | None:
