@@ -170,8 +170,9 @@ def _record_pairs(
 def _donor_only(run: PatchRun) -> PatchRun:
     """A run kept only to give its residual stream: its KV cache and component outputs are dropped (memory)."""
     run.cache = None
-    run.head_inputs = run.head_inputs[:0]
-    run.mlp_out = run.mlp_out[:0]
+    # New empty tensors, not slices: a slice would keep the whole storage alive.
+    run.head_inputs = run.head_inputs.new_empty((0, *run.head_inputs.shape[1:]))
+    run.mlp_out = run.mlp_out.new_empty((0, *run.mlp_out.shape[1:]))
     return run
 
 
