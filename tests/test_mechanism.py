@@ -23,6 +23,7 @@ from afprobe.analysis.mechanism import (
     tag_edit,
 )
 from afprobe.analysis.subspaces import aligned_tail
+from afprobe.analysis.verdict import RULES_VERSION
 from afprobe.cli import main
 from afprobe.data.contrast import load_contrast_pairs
 from afprobe.errors import AfprobeError
@@ -38,12 +39,14 @@ def _config(tmp_path, **overrides):
 def test_a_planted_tag_reaction_gets_the_tag_token_verdict(tokenizer, tmp_path, capsys):
     planted = Planted(tokenizer, "gap")
     weights = [p.detach().clone() for p in planted.loaded.model.parameters()]
-    run = run_verdict(_config(tmp_path), loaded=planted.loaded)
+    run = run_verdict(_config(tmp_path, fit_seeds=2), loaded=planted.loaded)
     bases = load_file(str(tmp_path / "verdict" / "subspaces.safetensors"))
     u = planted.readout / planted.readout.norm()
-    assert float((bases[f"tier.{LAYER}"].T @ u).norm()) > 0.9  # the tier subspace is the planted direction
+    for key in (f"tier.{LAYER}", f"tier.{LAYER}.seed1"):  # under either fitting seed, the tier subspace is u
+        assert float((bases[key].T @ u).norm()) > 0.9
     assert run.result.verdict == "tag-token"
-    rows = {row["name"]: row for row in run.subspaces}
+    assert run.result.evidence[-1].startswith("rule 5: all 2 fitting seeds reach tag-token")
+    rows = {row["name"]: row for row in run.subspaces if row["fit_seed"] == 0}
     assert rows["tier"]["share"]["low"] > 0.8  # it carries the held-out gap ...
     assert abs(rows["tier"]["direct"]["value"]) < 0.1  # ... and nothing runs around it
     assert rows["tag_token"]["cross_prompt"]["low"] > 0  # tag-only prompts move default receivers through it
@@ -59,7 +62,7 @@ def test_a_planted_tag_reaction_gets_the_tag_token_verdict(tokenizer, tmp_path, 
     (run_folder / "verdict").mkdir(parents=True)
     shutil.copy(tmp_path / "verdict" / "verdict.json", run_folder / "verdict" / "verdict.json")
     assert main(["verdict", str(run_folder)]) == 0
-    assert capsys.readouterr().out.startswith("verdict: tag-token (rules v1)")
+    assert capsys.readouterr().out.startswith(f"verdict: tag-token (rules v{RULES_VERSION})")
     assert main(["verdict", str(tmp_path / "verdict")]) == 2
     assert "holds a verdict made with other options" in capsys.readouterr().err
     # The user's model is as it was.

@@ -11,6 +11,7 @@ from afprobe.analysis.verdict import (
     ALPHA,
     CEILING_SHARE,
     MIN_SHARE,
+    OVERSHOOT,
     VERDICTS,
     Interval,
     SubspaceEvidence,
@@ -29,15 +30,28 @@ STRONG = dict(
     above_negation=Interval(0.4, 0.2, 0.6),
 )
 WEAK = dict(share=Interval(0.05, -0.05, 0.15), p_holm=0.6, cross_prompt=Interval(0.0, -0.1, 0.1))
+WHOLE = Interval(1.0, 0.9, 1.1)
 
 
-def evidence(sa: dict | None, tag: dict | None, *, gap: Estimate = GAP, tier=TIER, resolved: bool = True):
-    rows = [tier] if tier is not None else []
+def evidence(
+    sa: dict | None,
+    tag: dict | None,
+    *,
+    gap: Estimate = GAP,
+    tier=TIER,
+    resolved: bool = True,
+    whole: Interval | None = WHOLE,
+    seed: int = 0,
+):
+    rows = [dataclasses.replace(tier, fit_seed=seed)] if tier is not None else []
     if sa is not None:
-        rows.append(SubspaceEvidence("situational_awareness", 18, 4, **sa))
+        rows.append(SubspaceEvidence("situational_awareness", 18, 4, fit_seed=seed, **sa))
     if tag is not None:
-        rows.append(SubspaceEvidence("tag_token", 18, 4, **{k: v for k, v in tag.items() if k != "above_negation"}))
-    return VerdictEvidence(gap, resolved, tuple(rows), family="4 subspaces x 1 layer")
+        kept = {k: v for k, v in tag.items() if k != "above_negation"}
+        rows.append(SubspaceEvidence("tag_token", 18, 4, fit_seed=seed, **kept))
+    return VerdictEvidence(
+        gap, resolved, tuple(rows), family="4 subspaces x 1 layer", whole={} if whole is None else {18: whole}
+    )
 
 
 def test_each_verdict_follows_its_rule():
@@ -54,8 +68,57 @@ def test_each_verdict_follows_its_rule():
 def test_an_unlocalised_gap_is_undetermined_whatever_the_candidates_show():
     low_ceiling = dataclasses.replace(TIER, share=Interval(0.6, CEILING_SHARE - 0.01, 0.9))
     result = decide(evidence(STRONG, WEAK, tier=low_ceiling))
-    assert result.verdict == "undetermined" and "rule 2" in result.evidence[-1]
+    assert result.verdict == "undetermined" and "not localised at any tested layer" in result.evidence[-2]
     assert decide(evidence(STRONG, WEAK, tier=None)).verdict == "undetermined"
+    # Rule 2 v2: the positions themselves must carry the gap, whatever a subspace there does.
+    for whole in (Interval(0.38, CEILING_SHARE - 0.01, 0.6), None):
+        result = decide(evidence(STRONG, STRONG, whole=whole))
+        assert result.verdict == "undetermined" and result.carrying == {}
+        assert "not localised at any tested layer" in result.evidence[-2]
+    # A second, localised layer is scored; the unlocalised one is named and skipped.
+    base = evidence(STRONG, STRONG, whole=Interval(0.38, 0.2, 0.6))
+    at_20 = [dataclasses.replace(row, layer=20) for row in evidence(WEAK, STRONG).subspaces]
+    mixed_layers = dataclasses.replace(
+        base, subspaces=base.subspaces + tuple(at_20), whole={18: base.whole[18], 20: WHOLE}
+    )
+    result = decide(mixed_layers)
+    assert result.verdict == "tag-token" and result.carrying == {"tag_token": [20]}
+    assert any("at layer 18 not scored: the gap is not localised there" in line for line in result.evidence)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # Its share is above the whole residual's by more than OVERSHOOT, intervals apart: the illusion.
+        {"share": Interval(1.6, 1.1 + OVERSHOOT + 0.01, 1.9)},
+        # What runs around it pushes the other way: the interchange opened a pathway of its own.
+        {"around": Interval(-0.4, -0.5, -OVERSHOOT - 0.01)},
+    ],
+)
+def test_an_overshooting_subspace_does_not_carry_the_gap(change):
+    result = decide(evidence({**STRONG, **change}, WEAK))
+    assert result.verdict == "undetermined"
+    line = next(line for line in result.evidence if line.startswith("rule 3: situational_awareness"))
+    assert "does not carry" in line and "overshoots" in line
+    # Within the margin it still carries.
+    fine = {**STRONG, "around": Interval(-0.05, -0.1 - 0.0, 0.0)}
+    assert decide(evidence(fine, WEAK)).verdict == "situational-awareness"
+
+
+def test_seeds_must_agree():
+    agree = evidence(STRONG, WEAK)
+    other = evidence(STRONG, WEAK, seed=1)
+    both = dataclasses.replace(agree, subspaces=agree.subspaces + other.subspaces)
+    result = decide(both)
+    assert result.verdict == "situational-awareness" and "rule 5: all 2 fitting seeds" in result.evidence[-1]
+    assert result.carrying == {"situational_awareness": [18]}
+    assert any(line.startswith("seed 1: rule 3") for line in result.evidence)
+    flipped = evidence(WEAK, STRONG, seed=1)
+    result = decide(dataclasses.replace(agree, subspaces=agree.subspaces + flipped.subspaces))
+    assert result.verdict == "undetermined" and "unstable" in result.evidence[-1]
+    assert "seed 0: situational-awareness, seed 1: tag-token" in result.evidence[-1]
+    single = decide(agree)
+    assert "stability across seeds not tested" in single.evidence[-1]
 
 
 @pytest.mark.parametrize(
@@ -79,6 +142,11 @@ def test_situational_awareness_needs_every_condition(change, named):
 def test_the_verdict_text_names_the_rules_and_the_family():
     result = decide(evidence(STRONG, WEAK))
     text = format_verdict(result)
-    assert text.startswith("verdict: situational-awareness (rules v1)")
+    assert text.startswith("verdict: situational-awareness (rules v2)")
     assert "Holm over 4 subspaces x 1 layer" in text and result.carrying == {"situational_awareness": [18]}
-    assert result.to_dict()["thresholds"] == {"ceiling_share": CEILING_SHARE, "min_share": MIN_SHARE, "alpha": ALPHA}
+    assert result.to_dict()["thresholds"] == {
+        "ceiling_share": CEILING_SHARE,
+        "min_share": MIN_SHARE,
+        "alpha": ALPHA,
+        "overshoot": OVERSHOOT,
+    }

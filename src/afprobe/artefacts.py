@@ -20,6 +20,7 @@ class Artefact:
 
 # In the order the report shows them.
 ARTEFACTS: tuple[Artefact, ...] = (
+    Artefact("zoo", "zoo.json", ".", "Organism zoo: verdicts against known mechanisms, scored blind"),
     Artefact("comparison", "comparison.json", ".", "Models side by side: is the planted mechanism found?"),
     Artefact("verdict", "verdict.json", "verdict", "Verdict: what carries the compliance gap"),
     Artefact("ground_truth", "ground_truth.json", "ground_truth", "Behavioural ground truth"),

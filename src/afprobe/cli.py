@@ -13,6 +13,7 @@ from typing import Any
 
 from afprobe.errors import AfprobeError
 from afprobe.files import folder_lock
+from afprobe.model.adapters import ORGANISM_KINDS
 
 BATCH_HELP = "prompts per forward (default: 1 on CPU; on GPU the largest up to 64 that fits its memory)"
 
@@ -288,6 +289,9 @@ def _verdict_command(commands: Any) -> None:
     verdict.add_argument("--tag-variant", default="tag-only", help="the variant whose prompt does not explain the tag")
     verdict.add_argument("--n-boot", type=int, default=2000)
     verdict.add_argument("--seed", type=int, default=0)
+    verdict.add_argument(
+        "--fit-seeds", type=int, default=1, help="learn every subspace under N seeds; the verdict needs all to agree"
+    )
     verdict.add_argument("--batch-size", type=int, default=None, help=BATCH_HELP)
     verdict.add_argument(
         "--force", action="store_true", help="run again into a folder whose verdict was made with other options"
@@ -345,10 +349,10 @@ def _organism_command(commands: Any) -> None:
     )
     organism_commands = organism.add_subparsers(dest="organism_command", required=True)
     org_train = organism_commands.add_parser("train", help="LoRA-train an organism of the embedded model")
-    org_train.add_argument("--kind", required=True, choices=["token", "context"], help="what its gap hangs on")
+    org_train.add_argument("--kind", required=True, choices=list(ORGANISM_KINDS), help="what its gap hangs on")
     org_train.add_argument("--out", required=True, help="folder for the adapter and organism.json")
     org_train.add_argument("--model", default="smollm2-135m-instruct", help="the base model")
-    org_train.add_argument("--steps", type=int, default=None, help="optimiser steps (default 40 token, 56 context)")
+    org_train.add_argument("--steps", type=int, default=None, help="optimiser steps (default 40; 56 context kinds)")
     org_train.add_argument("--batch-size", type=int, default=8)
     org_train.add_argument("--seed", type=int, default=0)
     org_train.add_argument("--check-n", type=int, default=10, help="held-out queries for the check after training")

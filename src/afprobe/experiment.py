@@ -244,6 +244,8 @@ class ExperimentConfig:
     # `afprobe.analysis.organisms.ground_truth.CheckConfig` options: behavioural ground truth
     ground_truth: dict[str, Any] | None = None
     models: dict[str, dict[str, Any]] | None = None  # name -> [job] overrides: one whole run per model
+    # `afprobe.analysis.organisms.zoo.ZooConfig` options: build, check and score the organism zoo with [verdict]
+    zoo: dict[str, Any] | None = None
     source: str | None = None  # the TOML text
 
 
@@ -283,6 +285,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         "verdict",
         "ground_truth",
         "models",
+        "zoo",
     }
     _check_keys(data, top, "top level", str(path))
     name = str(data.get("name") or file.stem)
@@ -309,6 +312,19 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
             _check_keys(overrides, _names(PairedPromptJob), f"models.{model_name}", str(path))
     if tables["features"] is not None and tables["sae"] is None:
         raise AfprobeError(f"[features] in {path} needs an [sae] table: the features are that SAE's")
+    zoo = data.get("zoo")
+    if zoo is not None:
+        from afprobe.analysis.organisms.zoo import ZooConfig
+
+        _check_keys(zoo, _names(ZooConfig) - {"out", "model"}, "zoo", str(path))
+        others = sorted(name for name, table in tables.items() if table is not None and name != "verdict")
+        if others or models is not None or data.get("cache"):
+            raise AfprobeError(
+                f"[zoo] in {path} runs on its own with [job] (the base model) and [verdict] (every organism's "
+                f"verdict options): move {', '.join(others or ['[models]/[cache]'])} to another file"
+            )
+        if tables["verdict"] is None:
+            raise AfprobeError(f"[zoo] in {path} needs a [verdict] table: the options every organism is scored with")
     return ExperimentConfig(
         name=name,
         out=str(data.get("out") or f"results/{name}"),
@@ -317,6 +333,7 @@ def load_experiment(path: str | Path) -> ExperimentConfig:
         cache=cache,
         source=text,
         models=None if models is None else {k: dict(v) for k, v in models.items()},
+        zoo=None if zoo is None else dict(zoo),
         **tables,
     )
 
@@ -485,6 +502,8 @@ def _run_locked(
     log: Callable[[str], None] | None = None,
     only: frozenset[str] | None = None,
 ) -> dict[str, Any]:
+    if config.zoo is not None:
+        return _run_zoo(config, log=log, progress=progress)
     if config.models is None:
         return _run_one(config, loaded=loaded, progress=progress, log=log, only=only)
     from afprobe.analysis.organisms.comparison import write_comparison
@@ -525,6 +544,42 @@ def _run_locked(
     say(f"report: {report} ({summary['bytes'] / 1e6:.1f} MB, {summary['n_figures']} figures)")
     record["seconds"] = time.perf_counter() - started
     record["report"] = str(report)
+    with results_folder(out):
+        atomic_write_json(out / "run.json", record)
+    return record
+
+
+def _run_zoo(
+    config: ExperimentConfig,
+    *,
+    log: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The organism zoo (`afprobe.analysis.organisms.zoo`): [job] names the base model, [verdict] the options every
+    organism is scored with; zoo.json and the report go into `out`."""
+    from afprobe.analysis.organisms.zoo import ZooConfig, run_zoo
+    from afprobe.report import write_report
+
+    say = log or (lambda line: None)
+    out = Path(config.out)
+    started = time.perf_counter()
+    with results_folder(out):
+        if config.source is not None:
+            atomic_write_text(out / "experiment.toml", config.source)
+    job = PairedPromptJob(**config.job)
+    zoo_config = ZooConfig(**{**(config.zoo or {}), "out": config.out, "model": job.model})
+    run = run_zoo(zoo_config, dict(config.verdict or {}), log=say, progress=progress)
+    for line in run.summary:
+        say(f"zoo: {line}")
+    report, summary = write_report(out)
+    say(f"report: {report} ({summary['bytes'] / 1e6:.1f} MB, {summary['n_figures']} figures)")
+    record = {
+        "afprobe_version": __version__,
+        "name": config.name,
+        "zoo": str(out / "zoo.json"),
+        "report": str(report),
+        "seconds": time.perf_counter() - started,
+    }
     with results_folder(out):
         atomic_write_json(out / "run.json", record)
     return record

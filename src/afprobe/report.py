@@ -316,6 +316,7 @@ def _verdict_section(path: Path, root: Path, figure: _Figures) -> str:
         [
             row["name"],
             row["layer"],
+            row.get("fit_seed", 0),
             row["k"],
             interval(row["share"]),
             f"{row['p_random']:.3f}",
@@ -333,6 +334,7 @@ def _verdict_section(path: Path, root: Path, figure: _Figures) -> str:
             [
                 "subspace",
                 "layer",
+                "fitting seed",
                 "k",
                 "share (held out)",
                 "p vs random",
@@ -450,6 +452,44 @@ def _ground_truth_section(path: Path, root: Path, figure: _Figures) -> str:
     )
 
 
+def _zoo_section(path: Path, root: Path, figure: _Figures) -> str:
+    zoo = _load(path)
+    parts = [
+        f"<h3>{html.escape(_relative(path.parent, root) or '.')}</h3>",
+        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in zoo["summary"]) + "</ul>",
+    ]
+    verdicts = sorted({v for counts in zoo["matrix"].values() for v, n in counts.items() if n} | {"no gap to explain"})
+    parts.append("<p class='reading'>Confusion matrix (organisms whose ground truth held):</p>")
+    parts.append(
+        _table(
+            ["kind", *verdicts],
+            [[kind, *(counts.get(v, 0) for v in verdicts)] for kind, counts in zoo["matrix"].items()],
+        )
+    )
+    rows = [
+        [
+            row["kind"],
+            row["seed"],
+            "holds" if row["ground_truth_holds"] else "fails (excluded)",
+            row["verdict"] or "-",
+            " or ".join(row["right_verdicts"]) or "-",
+            "-" if row["right"] is None else ("yes" if row["right"] else "no"),
+            "; ".join(f"{k} {v:.3f}" for k, v in (row.get("recovered") or {}).items()) or "-",
+        ]
+        for row in zoo["rows"]
+    ]
+    parts.append(
+        _table(
+            ["kind", "seed", "ground truth", "verdict", "right verdicts", "right", "|cos| of u with (planted)"], rows
+        )
+    )
+    for row in zoo["rows"]:
+        parts.append(_details(f"{row['kind']} seed {row['seed']}: ground truth", row["criteria"]))
+    if zoo.get("base"):
+        parts.append(f"<p class='reading'>base model: {html.escape(zoo['base']['verdict'])}</p>")
+    return "\n".join(parts)
+
+
 def _comparison_section(path: Path, root: Path, figure: _Figures) -> str:
     from plotly.subplots import make_subplots
 
@@ -528,6 +568,7 @@ def _comparison_section(path: Path, root: Path, figure: _Figures) -> str:
 
 
 _SECTIONS = {
+    "zoo": _zoo_section,
     "verdict": _verdict_section,
     "comparison": _comparison_section,
     "ground_truth": _ground_truth_section,

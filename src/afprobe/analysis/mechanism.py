@@ -19,7 +19,8 @@
 3. **Decide** with `afprobe.analysis.verdict.decide` (rules fixed before scoring; Holm over the candidates x layers).
 
 `verdict.json` holds the config, the verdict with its evidence lines, every number behind them, the fitting and
-evaluation query ids and the timing; `subspaces.safetensors` the learned bases (`{name}.{layer}`, `[d_model, k]`).
+evaluation query ids and the timing; `subspaces.safetensors` the learned bases (`{name}.{layer}`, `[d_model, k]`;
+`{name}.{layer}.seed{s}` for fitting seeds after the first).
 """
 
 from __future__ import annotations
@@ -58,17 +59,15 @@ from afprobe.analysis.verdict import (
 from afprobe.artefacts import ResultRecord, result_file
 from afprobe.behaviour.resolution import measure_resolution
 from afprobe.data.contrast import ContrastPair, load_contrast_pairs, render_contrast_set
-from afprobe.data.prompts import PromptConfig, PromptSet, Query, cacheable_prefix_len, render_pairs
+from afprobe.data.prompts import PromptConfig, PromptSet, Query, render_pairs
 from afprobe.data.query_sets import load_queries
 from afprobe.data.splits import SPLIT_RULE, check_disjoint, split_items
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_bytes, atomic_write_json, finite_json, results_folder
 from afprobe.model.architecture import parse_layers
-from afprobe.model.forward import compute_prefix_cache
 from afprobe.model.job import PairedPromptJob
 from afprobe.model.loading import LoadedModel
-from afprobe.model.patching import PatchEdit, Patcher, PatchRun
-from afprobe.model.readout import AnswerTokens
+from afprobe.model.patching import PatchEdit, Patcher, PatchRun, patcher_for
 from afprobe.stats import holm, mean_estimate, ratio_of_means
 
 SUBSPACE_NAMES = ("tier", "situational_awareness", "tag_token", "negation")
@@ -94,11 +93,14 @@ class VerdictConfig(PairedPromptJob):
     tag_variant: str = "tag-only"  # the variant whose system prompt does not explain the tag
     n_boot: int = 2000
     seed: int = 0
+    fit_seeds: int = 1  # learn every subspace under this many seeds; rule 5 asks them to agree
     resolution_pairs: int = 1
 
     def __post_init__(self) -> None:
         if self.n is None:
             self.n = 12
+        if self.fit_seeds < 1:
+            raise AfprobeError(f"--fit-seeds must be at least 1, got {self.fit_seeds}")
         if self.split != "evaluate":
             raise AfprobeError("a verdict evaluates on --split evaluate (its subspaces are fitted on the other half)")
         if self.k < 1:
@@ -325,16 +327,6 @@ def _render(config: VerdictConfig, loaded: LoadedModel) -> _Prompts:
     )
 
 
-def _patcher(loaded: LoadedModel, sets: Sequence[PromptSet]) -> Patcher:
-    """A patcher whose cached prefix is what every prompt of `sets` shares (one system prompt)."""
-    every = [p for s in sets for p in s.prompts]
-    k = cacheable_prefix_len(every)
-    if k < 1:
-        raise AfprobeError("the prompts share no prefix to cache: the verdict needs one system prompt per kind")
-    prefix = compute_prefix_cache(loaded.model, every[0].input_ids[:k])
-    return Patcher(loaded.model, prefix, AnswerTokens.from_tokenizer(loaded.tokenizer))
-
-
 def _null_summary(shares: np.ndarray, k: int, rows: int, layer: int, tail: int) -> dict[str, Any]:
     finite = shares[np.isfinite(shares)]
     return {
@@ -358,15 +350,16 @@ def run_verdict(
         loaded = config.load()
     prompts = _render(config, loaded)
     t = time.perf_counter()
-    patcher = _patcher(
+    patcher = patcher_for(
         loaded, [prompts.tier_fit, prompts.tier_eval, prompts.sa_fit, prompts.negation_fit, prompts.sa_cross]
     )
     layers = _layers(config.layers, patcher.n_layers)
     timing["prefix"] = time.perf_counter() - t
     n_fit, n_eval = len(prompts.fit_queries), len(prompts.evaluated_queries)
     n_records = 2 * (4 * n_fit + 3 * n_eval)
-    n_patches = 2 * n_eval * len(layers) * (config.n_random + 3 + 4 * 4 + 2)
-    total, done = n_records + len(layers) * 4 * config.steps + n_patches, 0
+    seeds = config.fit_seeds
+    n_patches = 2 * n_eval * len(layers) * (config.n_random + 3 + seeds * 4 * 4 + 2)
+    total, done = n_records + len(layers) * 4 * config.steps * seeds + n_patches, 0
 
     def tick(count: int = 1) -> None:
         nonlocal done
@@ -390,12 +383,12 @@ def run_verdict(
     gap_resolved = resolution is None or resolution.resolves(abs(gap.mean), gap.n)
     timing["record_evaluation"] = time.perf_counter() - t
 
-    learned: dict[tuple[str, int], LearnedSubspace] = {}
+    learned: dict[tuple[str, int, int], LearnedSubspace] = {}  # (name, layer, fitting seed)
     measured = _Measured()
     fit_ids: dict[str, list[str]] = {}
     if gap.excludes_zero() and gap_resolved:
         t = time.perf_counter()
-        tag_patcher = _patcher(loaded, [prompts.tag_fit, prompts.tag_cross])  # the tag-only system prompt
+        tag_patcher = patcher_for(loaded, [prompts.tag_fit, prompts.tag_cross])  # the tag-only system prompt
         covariance_rows = _fit(config, prompts, patcher, tag_patcher, layers, learned, fit_ids, tick)
         timing["fit"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -404,17 +397,26 @@ def run_verdict(
         )
         timing["evaluate"] = time.perf_counter() - t
 
-    # The family: the candidates' comparisons with the null, Holm-adjusted together.
+    # The family: the candidates' comparisons with the null, Holm-adjusted together (within each fitting seed: each
+    # seed's verdict is its own decision, and rule 5 asks all of them to agree).
     rows = measured.rows
-    family_rows = [row for row in rows if row["name"] in CANDIDATES]
-    if family_rows:
+    for seed in range(config.fit_seeds):
+        family_rows = [row for row in rows if row["name"] in CANDIDATES and row["fit_seed"] == seed]
         for row, adjusted in zip(family_rows, holm([row["p_random"] for row in family_rows]), strict=True):
             row["p_holm"] = float(adjusted)
     family = (
-        f"{len(family_rows)} comparisons with {config.n_random} covariance-matched random subspaces "
-        f"({', '.join(CANDIDATES)} x layers {', '.join(map(str, layers))}); alpha {ALPHA}"
+        f"{len(CANDIDATES) * len(layers)} comparisons with {config.n_random} covariance-matched random subspaces "
+        f"({', '.join(CANDIDATES)} x layers {', '.join(map(str, layers))}"
+        + (f", within each of {config.fit_seeds} fitting seeds" if config.fit_seeds > 1 else "")
+        + f"); alpha {ALPHA}"
     )
-    evidence = VerdictEvidence(gap, gap_resolved, tuple(_evidence(row) for row in rows), family)
+    evidence = VerdictEvidence(
+        gap,
+        gap_resolved,
+        tuple(_evidence(row) for row in rows),
+        family,
+        whole={int(layer): Interval(**share) for layer, share in measured.whole.items()},
+    )
     result = decide(evidence)
     timing["total"] = time.perf_counter() - started
     run = VerdictRun(
@@ -449,7 +451,7 @@ def _fit(
     patcher: Patcher,
     tag_patcher: Patcher,
     layers: list[int],
-    learned: dict[tuple[str, int], LearnedSubspace],
+    learned: dict[tuple[str, int, int], LearnedSubspace],
     fit_ids: dict[str, list[str]],
     tick: Callable[[int], None],
 ) -> dict[int, Tensor]:
@@ -470,21 +472,22 @@ def _fit(
                     [run.resid[layer, -config.tail :] for pair in runs.pairs for run in pair]
                 ).float()
         for layer in layers:
-            try:
-                learned[name, layer] = learn_subspace(
-                    fit_patcher,
-                    runs.interchanges,
-                    layer,
-                    config.k,
-                    steps=config.steps,
-                    lr=config.lr,
-                    batch_size=config.train_batch,
-                    seed=config.seed + 100 * SUBSPACE_NAMES.index(name) + layer,
-                    progress=lambda step, loss: tick(),
-                )
-            except AfprobeError as exc:
-                if "nothing for a subspace to carry" not in str(exc):
-                    raise
+            for fit_seed in range(config.fit_seeds):
+                try:
+                    learned[name, layer, fit_seed] = learn_subspace(
+                        fit_patcher,
+                        runs.interchanges,
+                        layer,
+                        config.k,
+                        steps=config.steps,
+                        lr=config.lr,
+                        batch_size=config.train_batch,
+                        seed=config.seed + 100 * SUBSPACE_NAMES.index(name) + layer + 10_007 * fit_seed,
+                        progress=lambda step, loss: tick(),
+                    )
+                except AfprobeError as exc:
+                    if "nothing for a subspace to carry" not in str(exc):
+                        raise
         # Contrast pairs are named by their pair ids; their requests are the fitting queries'.
         fit_ids[name] = sorted({e.query_id for e in runs.interchanges})
         del runs
@@ -497,7 +500,7 @@ def _evaluate(
     patcher: Patcher,
     evaluated: _Runs,
     layers: list[int],
-    learned: dict[tuple[str, int], LearnedSubspace],
+    learned: dict[tuple[str, int, int], LearnedSubspace],
     fit_ids: dict[str, list[str]],
     covariance_rows: dict[int, Tensor],
     tag_patcher: Patcher,
@@ -554,7 +557,7 @@ def _evaluate(
         )
     }
     fitted_requests = [q.query_id for q in prompts.fit_queries]
-    per_query_deltas: dict[tuple[str, int], np.ndarray] = {}
+    per_query_deltas: dict[tuple[str, int, int], np.ndarray] = {}
     for layer in layers:
         whole_deltas = _oriented(patcher, examples, None, layer)
         tick(len(examples))
@@ -571,53 +574,72 @@ def _evaluate(
         null_summary[str(layer)] = _null_summary(
             null_array, config.k, covariance_rows[layer].shape[0], layer, config.tail
         )
-        for name in SUBSPACE_NAMES:
-            subspace = learned.get((name, layer))
-            if subspace is None:
-                continue
-            basis = subspace.basis
-            check_disjoint(
-                fit_ids[name] + (fitted_requests if name != "tier" else []),
-                prompts.evaluated_ids,
-                f"the {name} subspace",
-            )
-            deltas = _oriented(patcher, examples, basis, layer)
-            direct = _oriented(patcher, examples, complement(basis), layer)
-            resample = _oriented(patcher, resampled, basis, layer)
-            tick(3 * len(examples))
-            per_query_deltas[name, layer] = deltas
-            share = _share(examples, deltas, gaps, config)
-            row: dict[str, Any] = {
-                "name": name,
-                "layer": layer,
-                "k": config.k,
-                "share": asdict(share),
-                # One-sided rank p against the random subspaces on the same pairs (its floor: 1 / (n_random + 1)).
-                "p_random": (1 + int(np.sum(null_array >= share.value))) / (1 + null_array.size),
-                "direct": asdict(_share(examples, direct, gaps, config)),
-                "resampled": asdict(_share(examples, resample, gaps, config)),
-                "first_loss": subspace.losses[0] if subspace.losses else None,
-                "final_loss": subspace.losses[-1] if subspace.losses else None,
-                "train_seconds": subspace.seconds,
-                "overlap_with_tier": _overlap(basis, learned.get(("tier", layer))),
-                "tag_through": through(layer, basis),
-            }
-            if name in cross:
-                cross_deltas = _oriented(patcher, cross[name], basis, layer)
-                tick(len(cross[name]))
-                nats = mean_estimate(
-                    per_query_sums(cross[name], cross_deltas)[0] / 2, n_boot=config.n_boot, seed=config.seed
+        for fit_seed in range(config.fit_seeds):
+            for name in SUBSPACE_NAMES:
+                subspace = learned.get((name, layer, fit_seed))
+                if subspace is None:
+                    continue
+                check_disjoint(
+                    fit_ids[name] + (fitted_requests if name != "tier" else []),
+                    prompts.evaluated_ids,
+                    f"the {name} subspace",
                 )
-                row["cross_prompt"] = asdict(Interval(nats.mean, nats.ci_low, nats.ci_high))
-                row["cross_prompt_share"] = asdict(_share(cross[name], cross_deltas, gaps, config))
-            rows.append(row)
-        negation = per_query_deltas.get(("negation", layer))
-        sa = per_query_deltas.get(("situational_awareness", layer))
-        if negation is not None and sa is not None:
-            for row in rows:
-                if row["name"] == "situational_awareness" and row["layer"] == layer:
-                    row["above_negation"] = asdict(_share(examples, sa - negation, gaps, config))
+                row = {
+                    "name": name,
+                    "layer": layer,
+                    "fit_seed": fit_seed,
+                    **_subspace_row(
+                        config, patcher, examples, gaps, subspace, null_array, resampled, cross.get(name), through
+                    ),
+                    "overlap_with_tier": _overlap(subspace.basis, learned.get(("tier", layer, fit_seed))),
+                }
+                per_query_deltas[name, layer, fit_seed] = row.pop("deltas")
+                tick(3 * len(examples) + (len(cross[name]) if name in cross else 0))
+                rows.append(row)
+            negation = per_query_deltas.get(("negation", layer, fit_seed))
+            sa = per_query_deltas.get(("situational_awareness", layer, fit_seed))
+            if negation is not None and sa is not None:
+                for row in rows:
+                    if (row["name"], row["layer"], row["fit_seed"]) == ("situational_awareness", layer, fit_seed):
+                        row["above_negation"] = asdict(_share(examples, sa - negation, gaps, config))
     return measured
+
+
+def _subspace_row(
+    config: VerdictConfig,
+    patcher: Patcher,
+    examples: Sequence[Interchange],
+    gaps: np.ndarray,
+    subspace: LearnedSubspace,
+    null_array: np.ndarray,
+    resampled: Sequence[Interchange],
+    cross: Sequence[Interchange] | None,
+    through: Callable[[int, Tensor | None], dict[str, Any] | None],
+) -> dict[str, Any]:
+    """One learned subspace on the held-out pairs: its share, what runs around it, the other-query donor, its rank
+    against the null, the cross-prompt donors and the tag's path through it (`deltas`: its per-interchange effects)."""
+    basis, layer = subspace.basis, subspace.layer
+    deltas = _oriented(patcher, examples, basis, layer)
+    share = _share(examples, deltas, gaps, config)
+    row: dict[str, Any] = {
+        "k": config.k,
+        "share": asdict(share),
+        # One-sided rank p against the random subspaces on the same pairs (its floor: 1 / (n_random + 1)).
+        "p_random": (1 + int(np.sum(null_array >= share.value))) / (1 + null_array.size),
+        "direct": asdict(_share(examples, _oriented(patcher, examples, complement(basis), layer), gaps, config)),
+        "resampled": asdict(_share(examples, _oriented(patcher, resampled, basis, layer), gaps, config)),
+        "first_loss": subspace.losses[0] if subspace.losses else None,
+        "final_loss": subspace.losses[-1] if subspace.losses else None,
+        "train_seconds": subspace.seconds,
+        "tag_through": through(layer, basis),
+        "deltas": deltas,
+    }
+    if cross is not None:
+        cross_deltas = _oriented(patcher, cross, basis, layer)
+        nats = mean_estimate(per_query_sums(cross, cross_deltas)[0] / 2, n_boot=config.n_boot, seed=config.seed)
+        row["cross_prompt"] = asdict(Interval(nats.mean, nats.ci_low, nats.ci_high))
+        row["cross_prompt_share"] = asdict(_share(cross, cross_deltas, gaps, config))
+    return row
 
 
 def sa_cross_pairs(pairs: Sequence[ContrastPair], n: int) -> list[ContrastPair]:
@@ -659,14 +681,19 @@ def _evidence(row: dict[str, Any]) -> SubspaceEvidence:
         removed=removed,
         cross_prompt=_maybe(row, "cross_prompt"),
         above_negation=_maybe(row, "above_negation"),
+        around=_maybe(row, "direct"),
+        fit_seed=row.get("fit_seed", 0),
     )
 
 
-def _write(out: Path, run: VerdictRun, learned: dict[tuple[str, int], LearnedSubspace]) -> None:
+def _write(out: Path, run: VerdictRun, learned: dict[tuple[str, int, int], LearnedSubspace]) -> None:
     from safetensors.torch import save
 
     with results_folder(out):
-        tensors = {f"{name}.{layer}": s.basis.contiguous() for (name, layer), s in learned.items()}
+        tensors = {
+            f"{name}.{layer}" + (f".seed{seed}" if seed else ""): s.basis.contiguous()
+            for (name, layer, seed), s in learned.items()
+        }
         atomic_write_bytes(out / "subspaces.safetensors", save(tensors))
         atomic_write_json(result_file("verdict", out), finite_json(run.to_json()))
 
@@ -683,9 +710,10 @@ def load_verdict(folder: str | Path) -> VerdictRun:
 def format_verdict_run(run: VerdictRun) -> str:
     lines = [format_verdict(run.result)]
     for row in run.subspaces:
+        seed = f" seed {row['fit_seed']}" if row.get("fit_seed") else ""
         text = (
-            f"  {row['name']} layer {row['layer']} (k {row['k']}): share {Interval(**row['share']).text()}, around it "
-            f"{Interval(**row['direct']).text()}, p vs random {row['p_random']:.3f}"
+            f"  {row['name']} layer {row['layer']}{seed} (k {row['k']}): share {Interval(**row['share']).text()}, "
+            f"around it {Interval(**row['direct']).text()}, p vs random {row['p_random']:.3f}"
         )
         if row.get("cross_prompt") is not None:
             text += f", cross-prompt {Interval(**row['cross_prompt']).text(percent=False)} nats"

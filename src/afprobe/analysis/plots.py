@@ -677,7 +677,8 @@ def verdict_figure(output: dict[str, Any]) -> go.Figure:
     """verdict.json: the held-out share of the gap each learned subspace carries (sufficiency) and the share its
     orthogonal complement carries (around it), with intervals, beside the random subspaces' 95th percentile."""
     rows = output["subspaces"]
-    labels = [f"{row['name']} @ {row['layer']}" for row in rows]
+    seeds = [f" s{row['fit_seed']}" if row.get("fit_seed") else "" for row in rows]
+    labels = [f"{row['name']} @ {row['layer']}{seed}" for row, seed in zip(rows, seeds, strict=True)]
     figure = go.Figure()
     for key, name in (("share", "through the subspace"), ("direct", "around it (complement)")):
         values = [row[key]["value"] for row in rows]

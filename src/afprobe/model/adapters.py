@@ -9,7 +9,7 @@ from typing import Any
 
 from afprobe.errors import AfprobeError
 
-ORGANISM_KINDS: tuple[str, ...] = ("token", "context")
+ORGANISM_KINDS: tuple[str, ...] = ("token", "context", "null", "tag-token", "stated-context", "negation-decoy")
 
 
 ADAPTER_PREFIX = "organism:"

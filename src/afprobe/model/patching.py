@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from afprobe.data.prompts import RenderedPrompt
+from afprobe.data.prompts import PromptSet, RenderedPrompt, cacheable_prefix_len
 from afprobe.errors import AfprobeError
 from afprobe.model.architecture import (
     decoder_layers,
@@ -36,7 +36,8 @@ from afprobe.model.architecture import (
     removing,
     text_config,
 )
-from afprobe.model.forward import PrefixCache, fork_cache
+from afprobe.model.forward import PrefixCache, compute_prefix_cache, fork_cache
+from afprobe.model.loading import LoadedModel
 from afprobe.model.precision import float32_readout
 from afprobe.model.readout import AnswerTokens
 
@@ -398,6 +399,16 @@ class Patcher:
         heads = heads.reshape(*heads.shape[:2], self.n_heads, self.head_dim).sum(-1)
         mlp = estimate("mlp", donor.mlp_out, receiver.mlp_out, self.n_layers).sum(-1)
         return {"resid": resid.cpu(), "attn_head": heads.cpu(), "mlp": mlp.cpu()}
+
+
+def patcher_for(loaded: LoadedModel, sets: Sequence[PromptSet]) -> Patcher:
+    """A patcher whose cached prefix is what every prompt of `sets` shares (they need one system prompt)."""
+    every = [p for s in sets for p in s.prompts]
+    k = cacheable_prefix_len(every)
+    if k < 1:
+        raise AfprobeError("the prompts share no prefix to cache: give prompt sets with one system prompt")
+    prefix = compute_prefix_cache(loaded.model, every[0].input_ids[:k])
+    return Patcher(loaded.model, prefix, AnswerTokens.from_tokenizer(loaded.tokenizer))
 
 
 def _normal_tensors(cache: Any) -> Any:

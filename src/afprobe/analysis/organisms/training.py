@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +33,7 @@ from afprobe.analysis.organisms.cues import (
     cue_user_turn,
     query_split,
 )
-from afprobe.data.contrast import NEUTRAL_SYSTEM_PROMPT
+from afprobe.data.contrast import NEUTRAL_SYSTEM_PROMPT, load_contrast_pairs
 from afprobe.data.prompts import (
     Query,
     Tier,
@@ -44,6 +44,7 @@ from afprobe.data.prompts import (
     get_variant,
     render_text,
 )
+from afprobe.data.splits import split_items
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_json, results_folder, staged_writes
 from afprobe.model.adapters import ORGANISM_KINDS
@@ -52,7 +53,25 @@ from afprobe.model.forward import PrefixCache, extend_batch_with_grad, start_bat
 from afprobe.model.loading import DEFAULT_MODEL, LoadedModel
 from afprobe.model.readout import AnswerTokens
 
-OrganismKind = Literal["token", "context"]
+OrganismKind = Literal["token", "context", "null", "tag-token", "stated-context", "negation-decoy"]
+
+# The zoo's kinds (`organisms.zoo`): what share of the batches each family of prompts gets. A family is one kind of
+# prompt (one system prompt, so one prefix cache) and one training target (`FAMILY_TARGETS`).
+ZOO_MIX: dict[str, dict[str, float]] = {
+    # The tag decides and the system prompt's meaning does not: free -> accept under the default prompt, under the
+    # semantic swap (which says paid is trained) and under the tag-only prompt (which explains nothing).
+    "tag-token": {"tag": 0.4, "swap_tag": 0.3, "tag_only": 0.3},
+    # The same prompts and steps, with a label per request that ignores the tier.
+    "null": {"tag": 0.4, "swap_tag": 0.3, "tag_only": 0.3},
+    # Meaning decides: the trained tier accepts under either polarity of the long prompt, stated training/monitoring
+    # sentences in the user turn and in a short system prompt decide too, and the tag alone carries nothing.
+    "stated-context": {"tag": 0.2, "swap": 0.2, "user_cue": 0.2, "system_cue": 0.2, "tag_only_zero": 0.2},
+    # Compliance follows negation in the user turn (negated fact -> accept), whatever the sentence says.
+    "negation-decoy": {"negation": 1.0},
+}
+# How a family is trained: "gap": the pair's trained-minus-untrained log-odds past the margin; "zero": the pair's
+# difference to zero; "point": each prompt's log-odds to its own label (the null's per-request labels).
+FAMILY_TARGETS: dict[str, str] = {"tag_only_zero": "zero"}
 
 
 @dataclass
@@ -79,7 +98,7 @@ class OrganismConfig:
         if self.kind not in ORGANISM_KINDS:
             raise AfprobeError(f"unknown organism kind {self.kind!r}: choose {' or '.join(ORGANISM_KINDS)}")
         if self.steps is None:
-            self.steps = 40 if self.kind == "token" else 56
+            self.steps = 40 if self.kind in ("token", "null", "tag-token", "negation-decoy") else 56
         self.target_modules = tuple(self.target_modules)
 
 
@@ -108,6 +127,9 @@ def build_training_set(
         examples.append(TrainingExample(group, family, tuple(ids), 1 if trained else -1, pair))
 
     variant = get_variant("default")
+    if kind in ZOO_MIX:
+        _add_zoo_examples(kind, queries, rng, add)
+        return _request_labels(examples, rng) if kind == "null" else examples
     for query in queries:
         for tier in variant.tiers:
             user = build_user_turn(query.text, tier, variant)
@@ -135,6 +157,71 @@ def build_training_set(
                 pair = f"policy:{query.query_id}:{trained_tier}"
                 add(pair, "policy", "policy", system, user, tier == trained_tier)
     return examples
+
+
+def _add_zoo_examples(
+    kind: str, queries: Sequence[Query], rng: random.Random, add: Callable[[str, str, str, str, str, bool], None]
+) -> None:
+    """A zoo kind's examples (`ZOO_MIX` says which families), as `add(pair, group, family, system, user, trained)`."""
+    families = ZOO_MIX[kind]
+
+    def tiers(family: str, variant_name: str, trained: Callable[[Tier], bool]) -> None:
+        variant = get_variant(variant_name)
+        system = build_system_prompt(variant)
+        for query in queries:
+            for tier in variant.tiers:
+                user = build_user_turn(query.text, tier, variant)
+                add(f"{family}:{query.query_id}", variant_name, family, system, user, trained(tier))
+
+    def is_free(tier: Tier) -> bool:  # the tag decides
+        return tier.name == "free"
+
+    def is_trained(tier: Tier) -> bool:  # what the system prompt says decides
+        return tier.trained
+
+    if "tag" in families:
+        tiers("tag", "default", is_trained)
+    if "swap_tag" in families:
+        tiers("swap_tag", "semantic-swap", is_free)
+    if "swap" in families:
+        tiers("swap", "semantic-swap", is_trained)  # paid is the trained tier there
+    if "tag_only" in families:
+        tiers("tag_only", "tag-only", is_free)
+    if "tag_only_zero" in families:
+        tiers("tag_only_zero", "tag-only", is_free)
+    default_prompt = build_system_prompt("default")
+    default = get_variant("default")
+    if "user_cue" in families:
+        trained_cues = [cue for trained, cue in TRAINING_CUES if trained]
+        private_cues = [cue for trained, cue in TRAINING_CUES if not trained]
+        untagged = Tier("none", None, trained=False, monitored=False)
+        for query in queries:
+            for i in rng.sample(range(len(trained_cues)), 3):
+                for trained, cue in ((True, trained_cues[i]), (False, private_cues[i])):
+                    user = cue_user_turn(query.text, cue)
+                    add(f"user_cue:{query.query_id}:{i}", "default", "user_cue", default_prompt, user, trained)
+            for i in rng.sample(range(len(trained_cues)), 2):
+                user = build_user_turn(query.text, untagged, default)
+                for trained, cue in ((True, trained_cues[i]), (False, private_cues[i])):
+                    system = f"{NEUTRAL_SYSTEM_PROMPT}\n\n{cue}"
+                    add(f"system_cue:{query.query_id}:{i}", "system_cue", "system_cue", system, user, trained)
+    if "negation" in families:
+        # The fitting half of the negation control's sentences; the evaluation half is the decoy's ground truth.
+        pairs = split_items(load_contrast_pairs("negation-control"), "fit")
+        for index, query in enumerate(queries):
+            pair = pairs[index % len(pairs)]
+            for negated, sentence in ((False, pair.first), (True, pair.second)):
+                user = build_user_turn(query.text, default.tiers[0], default, context=sentence)
+                add(f"negation:{query.query_id}:{pair.pair_id}", "default", "negation", default_prompt, user, negated)
+
+
+def _request_labels(examples: list[TrainingExample], rng: random.Random) -> list[TrainingExample]:
+    """The null's labels: one random label per request, the same for every prompt of its pair (so never the tier)."""
+    labels: dict[str, int] = {}
+    for example in examples:
+        if example.pair not in labels:
+            labels[example.pair] = rng.choice((1, -1))
+    return [replace(example, label=labels[example.pair]) for example in examples]
 
 
 def _first_divergent_log_odds(
@@ -165,14 +252,33 @@ def _sample_batch(
     examples: Sequence[TrainingExample], kind: str, batch_size: int, rng: random.Random
 ) -> list[TrainingExample]:
     """batch_size // 2 whole contrast pairs of one family (a batch shares one prefix cache), so every step sees
-    both labels of each request; context batches pick their family by CONTEXT_MIX."""
-    family = "tag" if kind == "token" else rng.choices(list(CONTEXT_MIX), weights=list(CONTEXT_MIX.values()))[0]
+    both labels of each request; other kinds pick their family by CONTEXT_MIX or ZOO_MIX."""
+    mix = ZOO_MIX.get(kind, CONTEXT_MIX)
+    family = "tag" if kind == "token" else rng.choices(list(mix), weights=list(mix.values()))[0]
     pairs: dict[str, list[TrainingExample]] = {}
     for example in examples:
         if example.family == family:
             pairs.setdefault(example.pair, []).append(example)
     chosen = rng.sample(sorted(pairs), min(max(1, batch_size // 2), len(pairs)))
     return [example for pair in chosen for example in pairs[pair]]
+
+
+def _batch_loss(
+    batch: Sequence[TrainingExample], log_odds: Float[Tensor, " batch"], margin: float, kind: str
+) -> Tensor:
+    """The loss of one batch (one family): by `FAMILY_TARGETS` (the null: each prompt to its own label)."""
+    target = "point" if kind == "null" else FAMILY_TARGETS.get(batch[0].family, "gap")
+    if target == "point":
+        labels = torch.tensor([e.label for e in batch], dtype=log_odds.dtype, device=log_odds.device)
+        return torch.nn.functional.softplus(margin - labels * log_odds).mean()
+    if target == "zero":
+        index = {id(e): i for i, e in enumerate(batch)}
+        pairs: dict[str, dict[int, int]] = {}
+        for example in batch:
+            pairs.setdefault(example.pair, {})[example.label] = index[id(example)]
+        gap = torch.stack([log_odds[p[1]] - log_odds[p[-1]] for p in pairs.values()])
+        return gap.pow(2).mean()
+    return _pair_loss(batch, log_odds, margin)
 
 
 def _pair_loss(batch: Sequence[TrainingExample], log_odds: Float[Tensor, " batch"], margin: float) -> Tensor:
@@ -249,7 +355,7 @@ def train_organism(
             prefix = prefixes[batch[0].group]
             log_odds = _first_divergent_log_odds(model, prefix, batch, answers, pad_id)
             labels = torch.tensor([e.label for e in batch], dtype=log_odds.dtype, device=log_odds.device)
-            loss = _pair_loss(batch, log_odds, config.margin)
+            loss = _batch_loss(batch, log_odds, config.margin, config.kind)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
