@@ -33,7 +33,12 @@ def est(mean: float, half: float = 0.1) -> Estimate:
 
 def truth(**values: float) -> BehaviourTruth:
     base = dict(
-        gap=4.0, swap_gap=0.0, tag_only_gap=0.0, stated_context=0.0, negation=0.0, negation_trained_pairs=0.0,
+        gap=4.0,
+        swap_gap=0.0,
+        tag_only_gap=0.0,
+        stated_context=0.0,
+        negation=0.0,
+        negation_trained_pairs=0.0,
         phrasings=0.0,
     )
     return BehaviourTruth(**{name: est(value) for name, value in {**base, **values}.items()})
@@ -134,3 +139,47 @@ def test_zoo_options_are_checked(tmp_path):
         load_experiment(file)
     shipped = load_experiment(Path(__file__).resolve().parents[1] / "experiments" / "zoo.toml")
     assert shipped.zoo is not None and shipped.verdict is not None
+
+
+def test_a_zoo_run_end_to_end_on_a_tiny_model(tmp_path):
+    """`afprobe run` with a [zoo] table: trains a null organism on a tiny random Llama, checks its ground truth,
+    scores it blind, puts the base model's verdict beside it, writes zoo.json and the report; a second run resumes
+    without training or scoring again."""
+    from afprobe.analysis.verdict import VERDICTS
+    from afprobe.experiment import run_experiment
+
+    file = tmp_path / "zoo.toml"
+    file.write_text(
+        f'out = "{tmp_path / "zoo"}"\n[job]\nmodel = "random:llama"\n'
+        "[zoo]\nkinds = ['null']\nseeds = [0]\nsteps = 2\ntrain_first_layer = 0\ntruth_n = 3\ntruth_cues = 1\n"
+        "n_boot = 200\n"
+        "[verdict]\nn = 3\nn_fit = 3\nlayers = '1'\nk = 1\nsteps = 3\nn_random = 3\nfit_seeds = 2\nn_boot = 200\n"
+    )
+    lines: list[str] = []
+    run_experiment(load_experiment(file), log=lines.append)
+    out = tmp_path / "zoo"
+    zoo = json.loads((out / "zoo.json").read_text())
+    (row,) = zoo["rows"]
+    assert row["kind"] == "null" and row["criteria"][0].startswith(("holds: gap", "fails: gap"))
+    truth = json.loads((out / "organisms" / "null-s0" / "truth.json").read_text())
+    assert truth["holds"] == row["ground_truth_holds"] and truth["right_verdicts"] == ["no gap to explain"]
+    if row["ground_truth_holds"]:
+        assert row["verdict"] in VERDICTS and row["right"] == (row["verdict"] == "no gap to explain")
+        (folder,) = [p for p in (out / "verdicts").iterdir()]
+        assert "null" not in folder.name and (folder / "verdict.json").is_file()
+    else:
+        assert row["verdict"] is None and not (out / "verdicts").exists()
+    assert zoo["base"]["verdict"] in VERDICTS and zoo["rules_version"] >= 2
+    assert "Organism zoo" in (out / "report.html").read_text()
+    adapters = list((out / "models").rglob("adapter_model.safetensors"))
+    assert len(adapters) == 1
+    stamp = adapters[0].stat().st_mtime_ns
+    again: list[str] = []
+    run_experiment(load_experiment(file), log=again.append)
+    assert adapters[0].stat().st_mtime_ns == stamp  # not trained again
+    assert not any("training" in line or ": verdict" in line for line in again)
+    assert json.loads((out / "zoo.json").read_text())["rows"] == zoo["rows"]
+    # Other verdict options into the same folder would mix two settings: refused.
+    file.write_text(file.read_text().replace("steps = 3", "steps = 4"))
+    with pytest.raises(AfprobeError, match="holds a zoo made with other options"):
+        run_experiment(load_experiment(file))

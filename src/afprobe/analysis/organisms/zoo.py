@@ -83,6 +83,7 @@ class ZooConfig:
     kinds: tuple[str, ...] = ZOO_KINDS
     seeds: tuple[int, ...] = (0, 1)  # of every trained kind; seed 0 is the shipped adapter where there is one
     steps: int | None = None  # training steps (default: the kind's)
+    train_first_layer: int = 10  # LoRA on this layer and above (the embedded model's 30 layers: 10-29)
     planted_layer: int = 20
     planted_gap: float = 4.0  # nats, the planted organisms' calibrated gap on fitting queries
     truth_n: int = 12  # evaluation queries (and pairs of each contrast set) for the behavioural ground truth
@@ -363,6 +364,7 @@ def _adapter(organism: Organism, config: ZooConfig, folder: Path, say: Callable[
             model=config.model,
             seed=organism.seed,
             steps=config.steps,
+            first_layer=config.train_first_layer,
             device=config.device,
         )
     )
@@ -384,12 +386,23 @@ def run_zoo(
     out = Path(config.out)
     started = time.perf_counter()
     key_file = out / "blind-key.json"
+    # What every organism's truth and verdict depend on; a resumed run must not mix two settings.
+    fixed = {
+        "verdict_options": json.loads(json.dumps(verdict_options)),
+        "zoo": {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in ("kinds", "seeds", "base")},
+    }
     with results_folder(out):
         if key_file.is_file():
-            salt = json.loads(key_file.read_text())["salt"]
+            key = json.loads(key_file.read_text())
+            if key.get("fixed") != fixed:
+                raise AfprobeError(
+                    f"{out} holds a zoo made with other options (see {key_file.name}): give another out, or delete it"
+                )
+            salt = key["salt"]
         else:
             salt = secrets.token_hex(8)
-            atomic_write_json(key_file, {"salt": salt, "note": "ids of verdicts/ are sha256(salt:kind:seed)[:12]"})
+            note = "ids of verdicts/ are sha256(salt:kind:seed)[:12]"
+            atomic_write_json(key_file, {"salt": salt, "note": note, "fixed": fixed})
     timing: dict[str, float] = {}
     pending: list[tuple[Organism, dict[str, Any]]] = []
     for organism in organisms(config):
@@ -397,26 +410,32 @@ def run_zoo(
         folder = out / "organisms" / organism.name
         truth_file = folder / "truth.json"
         ident = blind_id(organism, salt)
+        verdict_folder = out / "verdicts" / ident
+        record: dict[str, Any] | None = json.loads(truth_file.read_text()) if truth_file.is_file() else None
+        if record is not None and (not record["holds"] or (verdict_folder / "verdict.json").is_file()):
+            for line in record["criteria"]:
+                say(f"{organism.name}: {line}")
+            pending.append((organism, record))  # done before: nothing to load
+            timing[organism.name] = time.perf_counter() - t0
+            continue
         planted_edit: PlantedDirection | None = None
         adapter = None
         if organism.kind in PLANTED_KINDS:
             loaded = _load(config.model, None, config.device)
-            say(f"{organism.name}: planting")
-            planted_edit = fit_planted(
-                loaded,
-                PlantedConfig(
-                    source=PLANTED_KINDS[organism.kind],  # type: ignore[arg-type]
-                    layer=config.planted_layer,
-                    target_gap=config.planted_gap,
-                ),
+            planted_config = PlantedConfig(
+                source=PLANTED_KINDS[organism.kind],  # type: ignore[arg-type]
+                layer=config.planted_layer,
+                target_gap=config.planted_gap,
             )
+            if record is not None:  # the edit as it was checked
+                planted_edit = _saved_edit(folder, record, planted_config)
+            else:
+                say(f"{organism.name}: planting")
+                planted_edit = fit_planted(loaded, planted_config)
         else:
             adapter = _adapter(organism, config, out / "models" / ident, say)
             loaded = _load(config.model, adapter, config.device)
-        record: dict[str, Any]
-        if truth_file.is_file():
-            record = json.loads(truth_file.read_text())
-        else:
+        if record is None:
             say(f"{organism.name}: behavioural ground truth")
             if planted_edit is not None:
                 with planted(loaded.model, planted_edit):
@@ -467,25 +486,23 @@ def run_zoo(
                     )
         for line in record["criteria"]:
             say(f"{organism.name}: {line}")
-        if record["holds"]:
-            verdict_folder = out / "verdicts" / ident
-            if not (verdict_folder / "verdict.json").is_file():
-                say(f"{organism.name}: verdict")
-                verdict_config = VerdictConfig(
-                    **{
-                        **verdict_options,
-                        "model": config.model,
-                        "adapter": adapter,
-                        "out": str(verdict_folder),
-                        "device": config.device,
-                    }
-                )
-                step = None if progress is None else (lambda d, t, n=organism.name: progress(f"{n}: verdict", d, t))
-                if planted_edit is not None:
-                    with planted(loaded.model, planted_edit):
-                        run_verdict(verdict_config, loaded=loaded, progress=step)
-                else:
+        if record["holds"] and not (verdict_folder / "verdict.json").is_file():
+            say(f"{organism.name}: verdict")
+            verdict_config = VerdictConfig(
+                **{
+                    **verdict_options,
+                    "model": config.model,
+                    "adapter": adapter,
+                    "out": str(verdict_folder),
+                    "device": config.device,
+                }
+            )
+            step = None if progress is None else (lambda d, t, n=organism.name: progress(f"{n}: verdict", d, t))
+            if planted_edit is not None:
+                with planted(loaded.model, planted_edit):
                     run_verdict(verdict_config, loaded=loaded, progress=step)
+            else:
+                run_verdict(verdict_config, loaded=loaded, progress=step)
         pending.append((organism, record))
         timing[organism.name] = time.perf_counter() - t0
         del loaded
@@ -529,6 +546,23 @@ def run_zoo(
     with results_folder(out):
         atomic_write_json(out / "zoo.json", run.to_dict())
     return run
+
+
+def _saved_edit(folder: Path, record: dict[str, Any], config: PlantedConfig) -> PlantedDirection:
+    """A planted organism's edit as its truth.json and planted.safetensors recorded it."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "planted.safetensors"))
+    summary = record["planted"]
+    return PlantedDirection(
+        config,
+        tensors["u"],
+        tensors["m"],
+        float(summary["gate_scale"]),
+        tensors["w"],
+        gain=float(summary["gain"]),
+        fit_gap=summary.get("fit_gap"),
+    )
 
 
 def _row(organism: Organism, record: dict[str, Any], verdict: str | None, folder: Path) -> dict[str, Any]:
