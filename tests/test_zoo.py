@@ -183,3 +183,21 @@ def test_a_zoo_run_end_to_end_on_a_tiny_model(tmp_path):
     file.write_text(file.read_text().replace("steps = 3", "steps = 4"))
     with pytest.raises(AfprobeError, match="holds a zoo made with other options"):
         run_experiment(load_experiment(file))
+
+
+def test_the_zoo_figure_is_the_confusion_matrix():
+    from afprobe.analysis.plots import zoo_figure
+    from afprobe.analysis.verdict import VERDICTS
+
+    rows = [
+        {"kind": "tag-token", "verdict": "tag-token"},
+        {"kind": "tag-token", "verdict": "mixed"},
+        {"kind": "null", "verdict": "no gap to explain"},
+    ]
+    figure = zoo_figure({"matrix": confusion_matrix(rows), "rules_version": 2})
+    heatmap = figure.data[0]
+    assert list(heatmap.y) == ["tag-token", "null"] and list(heatmap.x) == list(VERDICTS)
+    assert [list(r) for r in heatmap.z] == [
+        [1 if v in ("tag-token", "mixed") else 0 for v in VERDICTS],
+        [1 if v == "no gap to explain" else 0 for v in VERDICTS],
+    ]

@@ -460,6 +460,10 @@ def _zoo_section(path: Path, root: Path, figure: _Figures) -> str:
     ]
     verdicts = sorted({v for counts in zoo["matrix"].values() for v, n in counts.items() if n} | {"no gap to explain"})
     parts.append("<p class='reading'>Confusion matrix (organisms whose ground truth held):</p>")
+    if zoo["matrix"]:
+        from afprobe.analysis import plots
+
+        parts.append(figure(plots.zoo_figure(zoo)))
     parts.append(
         _table(
             ["kind", *verdicts],

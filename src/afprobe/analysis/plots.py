@@ -706,3 +706,29 @@ def verdict_figure(output: dict[str, Any]) -> go.Figure:
         height=420,
     )
     return figure
+
+
+def zoo_figure(zoo: dict[str, Any]) -> go.Figure:
+    """zoo.json: the confusion matrix (kinds x verdicts, organisms whose ground truth held) as a heatmap."""
+    from afprobe.analysis.verdict import VERDICTS
+
+    kinds = list(zoo["matrix"])
+    counts = [[zoo["matrix"][kind].get(verdict, 0) for verdict in VERDICTS] for kind in kinds]
+    figure = go.Figure(
+        go.Heatmap(
+            z=counts,
+            x=list(VERDICTS),
+            y=kinds,
+            text=counts,
+            texttemplate="%{text}",
+            colorscale="Blues",
+            showscale=False,
+        )
+    )
+    figure.update_layout(
+        title=f"organism zoo: verdicts by kind (rules v{zoo['rules_version']})",
+        xaxis_title="verdict",
+        yaxis_title="kind",
+        height=120 + 60 * max(1, len(kinds)),
+    )
+    return figure
