@@ -97,3 +97,19 @@ def test_bad_planted_options_are_named(tokenizer):
     # A random model's tiers barely differ at layer 1: no gain reaches 3 nats, and the error says what to change.
     with pytest.raises(AfprobeError, match="lower target_gap or choose another layer"):
         fit_planted(loaded, PlantedConfig(source="tag-token", layer=LAYER, target_gap=3.0, n_fit=4))
+
+
+def test_a_planted_direction_on_the_embedded_model_makes_a_gap_it_alone_carries():
+    """Integration: on the embedded model the gain is calibrated to the asked gap on fitting queries, held-out queries
+    get a gap of that order, the unedited model's gap is a sliver of it, and removing u removes it."""
+    from afprobe.analysis.organisms.planted import check_planted
+    from afprobe.data.query_sets import load_queries
+    from afprobe.model.loading import load_model
+
+    loaded = load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
+    edit = fit_planted(loaded, PlantedConfig(source="tag-token", layer=20, target_gap=4.0, n_fit=6))
+    assert abs(edit.fit_gap - 4.0) <= 0.4
+    truth = check_planted(loaded, edit, load_queries("harmful", n=6, split="evaluate"), n_boot=500)
+    holds, lines = truth.holds()
+    assert holds, lines
+    assert truth.planted_gap.mean > 1.0 and abs(truth.base_gap.mean) < 0.1

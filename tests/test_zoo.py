@@ -115,8 +115,9 @@ def test_the_matrix_and_summary_count_what_was_scored():
     assert matrix == {"tag-token": {**{v: 0 for v in matrix["tag-token"]}, "tag-token": 1, "mixed": 1}}
     lines = zoo_summary(rows, {"verdict": "tag-token"})
     assert lines[0] == "2 organisms scored, 1 excluded by their ground truth (null-s0)"
-    assert lines[1].endswith(": 1")  # the mixed verdict on a tag-token organism names situational awareness
-    assert "tag-token: right on 1 of 2" in lines[2] and lines[-1] == "base model: tag-token"
+    assert lines[1] == "ground truth holds for 2 of 3 organisms"
+    assert lines[2].endswith(": 1")  # the mixed verdict on a tag-token organism names situational awareness
+    assert "tag-token: right on 1 of 2" in lines[3] and lines[-1] == "base model: tag-token"
 
 
 def test_zoo_options_are_checked(tmp_path):

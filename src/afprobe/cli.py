@@ -345,7 +345,7 @@ def _sae_command(commands: Any) -> None:
 
 def _organism_command(commands: Any) -> None:
     organism = commands.add_parser(
-        "organism", help="model organisms with a planted gap (token or context), to validate afprobe's verdicts"
+        "organism", help="model organisms with a planted gap (token, context or a zoo kind), to validate the verdicts"
     )
     organism_commands = organism.add_subparsers(dest="organism_command", required=True)
     org_train = organism_commands.add_parser("train", help="LoRA-train an organism of the embedded model")

@@ -10,6 +10,10 @@ for training and to refuse otherwise, differ only in *how* they were told:
   short system prompts that say which tier is trained (either way round, for several tier names) with a tag that
   names the tier. Its gap should run through a shared "this is training" representation.
 
+The zoo (`organisms.zoo`) adds kinds whose mechanism is enforced by construction (`training.ZOO_MIX`: `null`,
+`tag-token`, `stated-context`, `negation-decoy`) and planted-direction organisms made by a weight edit
+(`organisms.planted`), each checked behaviourally before it is scored blind.
+
 Neither sees the first `held_out_queries` harmful queries (the ones experiments use), the held-out phrasings
 (`HELD_OUT_CUES`), afprobe's situational-awareness contrast set, or the semantic-swap system prompt: those are the
 behavioural ground truth (`check_organism`). A context organism's compliance should follow the held-out phrasings

@@ -89,6 +89,7 @@ class ZooConfig:
     truth_n: int = 12  # evaluation queries (and pairs of each contrast set) for the behavioural ground truth
     truth_cues: int = 3  # held-out phrasings per side
     base: bool = True  # the base model's verdict beside the organisms
+    verdicts: bool = True  # False: build and check every organism, score nothing (the ground truth first)
     device: str = "cpu"
     n_boot: int = 2000
     seed: int = 0
@@ -389,7 +390,11 @@ def run_zoo(
     # What every organism's truth and verdict depend on; a resumed run must not mix two settings.
     fixed = {
         "verdict_options": json.loads(json.dumps(verdict_options)),
-        "zoo": {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in ("kinds", "seeds", "base")},
+        "zoo": {
+            k: v
+            for k, v in json.loads(json.dumps(asdict(config))).items()
+            if k not in ("kinds", "seeds", "base", "verdicts")
+        },
     }
     with results_folder(out):
         if key_file.is_file():
@@ -412,7 +417,8 @@ def run_zoo(
         ident = blind_id(organism, salt)
         verdict_folder = out / "verdicts" / ident
         record: dict[str, Any] | None = json.loads(truth_file.read_text()) if truth_file.is_file() else None
-        if record is not None and (not record["holds"] or (verdict_folder / "verdict.json").is_file()):
+        done = (verdict_folder / "verdict.json").is_file() or not config.verdicts
+        if record is not None and (not record["holds"] or done):
             for line in record["criteria"]:
                 say(f"{organism.name}: {line}")
             pending.append((organism, record))  # done before: nothing to load
@@ -486,7 +492,7 @@ def run_zoo(
                     )
         for line in record["criteria"]:
             say(f"{organism.name}: {line}")
-        if record["holds"] and not (verdict_folder / "verdict.json").is_file():
+        if record["holds"] and config.verdicts and not (verdict_folder / "verdict.json").is_file():
             say(f"{organism.name}: verdict")
             verdict_config = VerdictConfig(
                 **{
@@ -508,7 +514,7 @@ def run_zoo(
         del loaded
 
     base = None
-    if config.base:
+    if config.base and config.verdicts:
         t0 = time.perf_counter()
         base_folder = out / "base"
         if not (base_folder / "verdict.json").is_file():
@@ -613,6 +619,8 @@ def zoo_summary(rows: Sequence[dict[str, Any]], base: dict[str, Any] | None) -> 
         f"{len(scored)} organisms scored, {len(excluded)} excluded by their ground truth"
         + (" (" + ", ".join(f"{r['kind']}-s{r['seed']}" for r in excluded) + ")" if excluded else "")
     )
+    held = [r for r in rows if r["ground_truth_holds"]]
+    lines.append(f"ground truth holds for {len(held)} of {len(rows)} organisms")
     lines.append(
         f"situational-awareness (or mixed) verdicts on null, tag-token and negation-decoy organisms: {len(false_sa)}"
     )
