@@ -44,6 +44,35 @@ def test_held_out_material_never_reaches_training(tokenizer):
     assert abs(sum(e.label for e in examples)) <= len(examples) // 10
 
 
+def test_zoo_kinds_never_train_on_what_their_ground_truth_measures(tokenizer):
+    from afprobe.analysis.organisms.training import ZOO_MIX
+    from afprobe.data.splits import split_items
+
+    _, train = query_split(50)
+    negation_fit = split_items(load_contrast_pairs("negation-control"), "fit")
+    negation_evaluate = split_items(load_contrast_pairs("negation-control"), "evaluate")
+    for kind in ZOO_MIX:
+        examples = build_training_set(tokenizer, kind, train, random.Random(0))
+        assert {e.family for e in examples} == set(ZOO_MIX[kind])
+        texts = [tokenizer.decode(e.input_ids) for e in examples]
+        for _, cue in HELD_OUT_CUES:
+            assert not any(cue in t for t in texts), (kind, cue)
+        for name in ("situational-awareness", "situational-awareness-v2"):
+            for pair in load_contrast_pairs(name):
+                assert not any(pair.first in t or pair.second in t for t in texts), (kind, pair.pair_id)
+        for pair in negation_evaluate:  # the decoy's held-out sentences
+            assert not any(pair.first in t or pair.second in t for t in texts), (kind, pair.pair_id)
+        if kind == "negation-decoy":
+            assert any(negation_fit[0].second in t for t in texts)
+        # Every pair has both sides; the null's labels ignore the tier (one label per pair), the others' never do.
+        by_pair: dict[str, list[int]] = {}
+        for e in examples:
+            by_pair.setdefault(e.pair, []).append(e.label)
+        assert all(len(labels) == 2 for labels in by_pair.values())
+        same = sum(labels[0] == labels[1] for labels in by_pair.values())
+        assert same == (len(by_pair) if kind == "null" else 0)
+
+
 def test_unknown_organism_and_kind_are_clear_errors():
     with pytest.raises(AfprobeError, match="organism:token"):
         resolve_adapter("organism:nope")
