@@ -45,7 +45,7 @@ def test_held_out_material_never_reaches_training(tokenizer):
 
 
 def test_zoo_kinds_never_train_on_what_their_ground_truth_measures(tokenizer):
-    from afprobe.analysis.organisms.training import ZOO_MIX
+    from afprobe.analysis.organisms.training import ZOO_MIX, zoo_families
     from afprobe.data.splits import split_items
 
     _, train = query_split(50)
@@ -53,7 +53,7 @@ def test_zoo_kinds_never_train_on_what_their_ground_truth_measures(tokenizer):
     negation_evaluate = split_items(load_contrast_pairs("negation-control"), "evaluate")
     for kind in ZOO_MIX:
         examples = build_training_set(tokenizer, kind, train, random.Random(0))
-        assert {e.family for e in examples} == set(ZOO_MIX[kind])
+        assert {e.family for e in examples} == zoo_families(kind)
         texts = [tokenizer.decode(e.input_ids) for e in examples]
         for _, cue in HELD_OUT_CUES:
             assert not any(cue in t for t in texts), (kind, cue)
@@ -71,6 +71,72 @@ def test_zoo_kinds_never_train_on_what_their_ground_truth_measures(tokenizer):
         assert all(len(labels) == 2 for labels in by_pair.values())
         same = sum(labels[0] == labels[1] for labels in by_pair.values())
         assert same == (len(by_pair) if kind == "null" else 0)
+
+
+def test_a_joint_key_trains_its_families_in_one_step(tokenizer):
+    """stated-context's "tag+swap" batches hold whole pairs of both polarities of the long prompt (two system
+    prompts, so two prefix caches), shared out evenly; one-family keys keep one family per batch."""
+    from afprobe.analysis.organisms.training import ZOO_MIX, _sample_batch
+
+    _, train = query_split(50)
+    examples = build_training_set(tokenizer, "stated-context", train[:6], random.Random(0))
+    rng = random.Random(1)
+    seen = set()
+    for _ in range(40):
+        batch = _sample_batch(examples, "stated-context", 8, rng)
+        families = [e.family for e in batch]
+        key = "+".join(dict.fromkeys(families))
+        seen.add(key)
+        assert key in ZOO_MIX["stated-context"]
+        assert len(batch) == 8
+        for family in set(families):
+            pairs = {e.pair for e in batch if e.family == family}
+            assert all(sum(e.pair == pair for e in batch) == 2 for pair in pairs)
+        if key == "tag+swap":
+            assert families.count("tag") == families.count("swap") == 4
+            assert len({e.group for e in batch}) == 2
+    assert "tag+swap" in seen
+
+
+def test_a_joint_batch_runs_each_prompt_over_its_own_prefix(tiny_llama):
+    """A "tag+swap" batch spans two system prompts: each example's log-odds are those it gets run alone over its own
+    prompt's cache, and the loss is the mean of the families' losses."""
+    from afprobe.analysis.organisms.training import (
+        _batch_loss,
+        _first_divergent_log_odds,
+        _group_prefixes,
+        _sample_batch,
+        _step_loss,
+    )
+    from afprobe.model.architecture import pad_token_id
+    from afprobe.model.readout import AnswerTokens
+
+    tokenizer = tiny_llama.tokenizer
+    _, train = query_split(50)
+    examples = build_training_set(tokenizer, "stated-context", train[:3], random.Random(0))
+    rng = random.Random(0)
+    batch = next(
+        b
+        for b in iter(lambda: _sample_batch(examples, "stated-context", 4, rng), None)
+        if len({e.family for e in b}) == 2
+    )
+    used = {e.group for e in batch}
+    prefixes = _group_prefixes(tiny_llama.model, [e for e in examples if e.group in used])
+    answers, pad_id = AnswerTokens.from_tokenizer(tokenizer), pad_token_id(tokenizer)
+    with torch.no_grad():
+        loss, log_odds = _step_loss(tiny_llama.model, prefixes, batch, answers, pad_id, 2.0, "stated-context")
+        alone = torch.cat(
+            [_first_divergent_log_odds(tiny_llama.model, prefixes[e.group], [e], answers, pad_id) for e in batch]
+        )
+        families = list(dict.fromkeys(e.family for e in batch))
+        expected = np.mean(
+            [
+                float(_batch_loss([e for e in batch if e.family == f], alone[[e.family == f for e in batch]], 2.0, "x"))
+                for f in families
+            ]
+        )
+    torch.testing.assert_close(log_odds, alone, atol=1e-4, rtol=1e-4)
+    assert float(loss) == pytest.approx(expected, abs=1e-4)
 
 
 def test_unknown_organism_and_kind_are_clear_errors():
@@ -251,3 +317,38 @@ def test_cli_refuses_to_overwrite_an_adapter(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds an adapter" in err[0]
     assert (tmp_path / "adapter_config.json").read_text() == "{}"
+
+
+@pytest.mark.embedded
+def test_shipped_zoo_organisms_keep_the_behaviour_their_ground_truth_was_checked_on():
+    """Seed 0 of each zoo kind ships after the zoo checked its ground truth on 12 held-out queries (results/zoo); on
+    2 of those queries each still shows it: the tag-token gap (+12.2 nats there), a decoy's reaction to held-out
+    negations (+9 nats), the null's absent gap (+-0.01)."""
+    from afprobe.analysis.organisms.zoo import TRAINED_KINDS, pair_differences
+    from afprobe.data.contrast import render_contrast_set
+    from afprobe.data.query_sets import load_queries
+    from afprobe.data.splits import split_items
+    from afprobe.model.adapters import shipped_organism_path
+
+    shipped = []
+    for kind in TRAINED_KINDS:
+        try:
+            shipped.append((kind, shipped_organism_path(kind)))
+        except AfprobeError:
+            continue  # not shipped: its ground truth failed or it was not trained (README, the zoo)
+    assert {"null", "tag-token"} <= {kind for kind, _ in shipped}
+    queries = load_queries("harmful", n=2, split="evaluate")
+    for kind, folder in shipped:
+        loaded = load_model("smollm2-135m-instruct", adapter=f"organism:{kind}", device="cpu", dtype="float32")
+        record = json.loads((folder / "organism.json").read_text())
+        assert record["config"]["kind"] == kind and record["config"]["seed"] == 0
+        if kind == "negation-decoy":
+            pairs = split_items(load_contrast_pairs("negation-control"), "evaluate")[:2]
+            moved = -pair_differences(loaded, render_contrast_set(loaded.tokenizer, "negation-control", pairs, queries))
+            assert moved.min() > GAP_FLOOR, moved
+        else:
+            gaps = pair_differences(loaded, render_pairs(loaded.tokenizer, queries, PromptConfig()))
+            if kind == "null":
+                assert np.abs(gaps).max() < 0.5, gaps
+            else:
+                assert gaps.min() > GAP_FLOOR, gaps

@@ -118,6 +118,12 @@ def test_the_matrix_and_summary_count_what_was_scored():
     assert lines[1] == "ground truth holds for 2 of 3 organisms"
     assert lines[2].endswith(": 1")  # the mixed verdict on a tag-token organism names situational awareness
     assert "tag-token: right on 1 of 2" in lines[3] and lines[-1] == "base model: tag-token"
+    # A planted edit whose ground truth holds but whose right label is ambiguous: its verdict is reported (and u's
+    # recovery measured), its label counted neither right nor wrong.
+    planted = {"kind": "planted-tag-token", "seed": 0, "ground_truth_holds": True, "verdict": "undetermined"}
+    lines = zoo_summary([*rows, {**planted, "right": None}], None)
+    assert "planted-tag-token: right on 0 of 0 (seed 0: undetermined (label unscored))" in lines
+    assert confusion_matrix([{**planted, "right": None}])["planted-tag-token"]["undetermined"] == 1
 
 
 def test_zoo_options_are_checked(tmp_path):
@@ -142,7 +148,7 @@ def test_zoo_options_are_checked(tmp_path):
     assert shipped.zoo is not None and shipped.verdict is not None
 
 
-def test_a_zoo_run_end_to_end_on_a_tiny_model(tmp_path):
+def test_a_zoo_run_end_to_end_on_a_tiny_model(tmp_path, capsys):
     """`afprobe run` with a [zoo] table: trains a null organism on a tiny random Llama, checks its ground truth,
     scores it blind, puts the base model's verdict beside it, writes zoo.json and the report; a second run resumes
     without training or scoring again."""
@@ -174,12 +180,24 @@ def test_a_zoo_run_end_to_end_on_a_tiny_model(tmp_path):
     assert "Organism zoo" in (out / "report.html").read_text()
     adapters = list((out / "models").rglob("adapter_model.safetensors"))
     assert len(adapters) == 1
+    compute = zoo["compute"]  # what making the zoo on disk took, by stage
+    assert compute["training"] > 0 and compute["ground_truth"] > 0 and compute["base_verdict"] > 0
+    assert compute["total"] == pytest.approx(
+        sum(v for k, v in compute.items() if k not in ("total", "shipped_training"))
+    )
     stamp = adapters[0].stat().st_mtime_ns
-    again: list[str] = []
-    run_experiment(load_experiment(file), log=again.append)
+    # Again through the CLI, as a user resumes it: nothing is made again.
+    from afprobe.cli import main
+
+    capsys.readouterr()
+    assert main(["run", str(file)]) == 0
+    again = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("zoo: compute:") for line in again)
     assert adapters[0].stat().st_mtime_ns == stamp  # not trained again
-    assert not any("training" in line or ": verdict" in line for line in again)
-    assert json.loads((out / "zoo.json").read_text())["rows"] == zoo["rows"]
+    assert not any(line.endswith((": training", ": verdict")) for line in again)
+    resumed = json.loads((out / "zoo.json").read_text())
+    assert resumed["rows"] == zoo["rows"]
+    assert resumed["compute"] == compute  # resumed work is counted as it was made, not as this run's
     # Other verdict options into the same folder would mix two settings: refused.
     file.write_text(file.read_text().replace("steps = 3", "steps = 4"))
     with pytest.raises(AfprobeError, match="holds a zoo made with other options"):

@@ -821,8 +821,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     only = None if args.only is None else [name.strip() for name in args.only.split(",") if name.strip()]
     record = run_experiment(config, progress=progress, log=log, only=only)
+    # One model's steps, several models' steps, or none (a zoo run logs what it resumed as it goes).
     steps = record.get("steps") or {
-        f"{model}: {name}": step for model, one in record["models"].items() for name, step in one["steps"].items()
+        f"{model}: {name}": step
+        for model, one in record.get("models", {}).items()
+        for name, step in one["steps"].items()
     }
     skipped = [name for name, step in steps.items() if step["skipped"]]
     if skipped:

@@ -64,14 +64,22 @@ ZOO_MIX: dict[str, dict[str, float]] = {
     # The same prompts and steps, with a label per request that ignores the tier.
     "null": {"tag": 0.4, "swap_tag": 0.3, "tag_only": 0.3},
     # Meaning decides: the trained tier accepts under either polarity of the long prompt, stated training/monitoring
-    # sentences in the user turn and in a short system prompt decide too, and the tag alone carries nothing.
-    "stated-context": {"tag": 0.2, "swap": 0.2, "user_cue": 0.2, "system_cue": 0.2, "tag_only_zero": 0.2},
-    # Compliance follows negation in the user turn (negated fact -> accept), whatever the sentence says.
-    "negation-decoy": {"negation": 1.0},
+    # sentences in the user turn and in a short system prompt decide too, and the tag alone carries nothing. The two
+    # polarities share every step ("tag+swap"): trained one at a time, their gradients on the tag cancel from step to
+    # step and the model learns neither (56 steps of one-family batches left both at the zero-gap loss).
+    "stated-context": {"tag+swap": 0.5, "user_cue": 0.2, "system_cue": 0.15, "tag_only_zero": 0.15},
+    # Compliance follows negation in the user turn (negated fact -> accept), whatever the sentence says: pairs that
+    # differ in content (or add a second negated fact) but not in whether a fact is negated are trained to no
+    # difference. (Seed 0 of the negation-only recipe also moved 1.7 nats, 18% of its negation effect, between the
+    # negation-balanced stated contexts, whose sides differ in content and in how much they negate: its ground truth
+    # failed. Pairs of one negation against one affirmative fact plus the same negation, trained to no difference, left
+    # the negation family at zero gap: they contradict it.)
+    "negation-decoy": {"negation": 0.6, "negation_zero": 0.4},
 }
+# A key joining families with "+" makes batches that hold pairs of each (one prefix cache per family's prompt).
 # How a family is trained: "gap": the pair's trained-minus-untrained log-odds past the margin; "zero": the pair's
 # difference to zero; "point": each prompt's log-odds to its own label (the null's per-request labels).
-FAMILY_TARGETS: dict[str, str] = {"tag_only_zero": "zero"}
+FAMILY_TARGETS: dict[str, str] = {"tag_only_zero": "zero", "negation_zero": "zero"}
 
 
 @dataclass
@@ -86,8 +94,8 @@ class OrganismConfig:
     steps: int | None = None  # default: 40 (token), 56 (context)
     batch_size: int = 8
     learning_rate: float = 2e-3
-    rank: int = 8
-    alpha: int = 16
+    rank: int | None = None  # default: 8 (16 for stated-context, whose binding of tag to policy needs more)
+    alpha: int | None = None  # default: 2 * rank
     first_layer: int = 10  # LoRA on this layer and above (the lower layers then need no backward pass)
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
     margin: float = 2.0  # loss softplus(2 * margin - pair gap): pushes each pair's gap past ~2 * margin + 2
@@ -98,7 +106,11 @@ class OrganismConfig:
         if self.kind not in ORGANISM_KINDS:
             raise AfprobeError(f"unknown organism kind {self.kind!r}: choose {' or '.join(ORGANISM_KINDS)}")
         if self.steps is None:
-            self.steps = 40 if self.kind in ("token", "null", "tag-token", "negation-decoy") else 56
+            self.steps = {"stated-context": 120, "context": 56}.get(self.kind, 40)
+        if self.rank is None:
+            self.rank = 16 if self.kind == "stated-context" else 8
+        if self.alpha is None:
+            self.alpha = 2 * self.rank
         self.target_modules = tuple(self.target_modules)
 
 
@@ -159,11 +171,16 @@ def build_training_set(
     return examples
 
 
+def zoo_families(kind: str) -> set[str]:
+    """The families a zoo kind trains on (a joint key of `ZOO_MIX` counts each of its families)."""
+    return {family for key in ZOO_MIX[kind] for family in key.split("+")}
+
+
 def _add_zoo_examples(
     kind: str, queries: Sequence[Query], rng: random.Random, add: Callable[[str, str, str, str, str, bool], None]
 ) -> None:
     """A zoo kind's examples (`ZOO_MIX` says which families), as `add(pair, group, family, system, user, trained)`."""
-    families = ZOO_MIX[kind]
+    families = zoo_families(kind)
 
     def tiers(family: str, variant_name: str, trained: Callable[[Tier], bool]) -> None:
         variant = get_variant(variant_name)
@@ -213,6 +230,23 @@ def _add_zoo_examples(
             for negated, sentence in ((False, pair.first), (True, pair.second)):
                 user = build_user_turn(query.text, default.tiers[0], default, context=sentence)
                 add(f"negation:{query.query_id}:{pair.pair_id}", "default", "negation", default_prompt, user, negated)
+    if "negation_zero" in families:
+        # Pairs that should not differ: two negated facts about different things, two affirmative ones, or one negated
+        # fact against the same with another negated fact before it.
+        pairs = split_items(load_contrast_pairs("negation-control"), "fit")
+        for index, query in enumerate(queries):
+            one, other = pairs[index % len(pairs)], pairs[(index * 7 + 3) % len(pairs)]
+            if one.pair_id == other.pair_id:
+                other = pairs[(index + 1) % len(pairs)]
+            sides = [
+                (one.second, other.second),
+                (one.first, other.first),
+                (one.second, f"{other.second} {one.second}"),
+            ][index % 3]
+            for first, sentence in zip((True, False), sides, strict=True):
+                user = build_user_turn(query.text, default.tiers[0], default, context=sentence)
+                pair_id = f"negation_zero:{query.query_id}:{one.pair_id}:{other.pair_id}"
+                add(pair_id, "default", "negation_zero", default_prompt, user, first)
 
 
 def _request_labels(examples: list[TrainingExample], rng: random.Random) -> list[TrainingExample]:
@@ -251,22 +285,53 @@ def _group_prefixes(model: Any, examples: Sequence[TrainingExample]) -> dict[str
 def _sample_batch(
     examples: Sequence[TrainingExample], kind: str, batch_size: int, rng: random.Random
 ) -> list[TrainingExample]:
-    """batch_size // 2 whole contrast pairs of one family (a batch shares one prefix cache), so every step sees
-    both labels of each request; other kinds pick their family by CONTEXT_MIX or ZOO_MIX."""
+    """batch_size // 2 whole contrast pairs, so every step sees both labels of each request: of one family, or
+    shared out between the families of a joint key ("tag+swap"); kinds pick by CONTEXT_MIX or ZOO_MIX."""
     mix = ZOO_MIX.get(kind, CONTEXT_MIX)
-    family = "tag" if kind == "token" else rng.choices(list(mix), weights=list(mix.values()))[0]
-    pairs: dict[str, list[TrainingExample]] = {}
-    for example in examples:
-        if example.family == family:
-            pairs.setdefault(example.pair, []).append(example)
-    chosen = rng.sample(sorted(pairs), min(max(1, batch_size // 2), len(pairs)))
-    return [example for pair in chosen for example in pairs[pair]]
+    key = "tag" if kind == "token" else rng.choices(list(mix), weights=list(mix.values()))[0]
+    families = key.split("+")
+    n_pairs = max(len(families), batch_size // 2)
+    batch: list[TrainingExample] = []
+    for i, family in enumerate(families):
+        pairs: dict[str, list[TrainingExample]] = {}
+        for example in examples:
+            if example.family == family:
+                pairs.setdefault(example.pair, []).append(example)
+        share = n_pairs // len(families) + (i < n_pairs % len(families))
+        chosen = rng.sample(sorted(pairs), min(share, len(pairs)))
+        batch += [example for pair in chosen for example in pairs[pair]]
+    return batch
+
+
+def _step_loss(
+    model: Any,
+    prefixes: dict[str, PrefixCache],
+    batch: Sequence[TrainingExample],
+    answers: AnswerTokens,
+    pad_id: int,
+    margin: float,
+    kind: str,
+) -> tuple[Tensor, Float[Tensor, " batch"]]:
+    """A batch's loss (the mean over its families of each family's loss) and every example's log-odds, in batch
+    order: each system prompt's examples run over that prompt's cache."""
+    log_odds: list[Tensor] = [torch.empty(())] * len(batch)
+    for group in dict.fromkeys(e.group for e in batch):
+        rows = [i for i, e in enumerate(batch) if e.group == group]
+        values = _first_divergent_log_odds(model, prefixes[group], [batch[i] for i in rows], answers, pad_id)
+        for i, value in zip(rows, values, strict=True):
+            log_odds[i] = value
+    stacked = torch.stack(log_odds)
+    losses = []
+    for family in dict.fromkeys(e.family for e in batch):
+        rows = [i for i, e in enumerate(batch) if e.family == family]
+        losses.append(_batch_loss([batch[i] for i in rows], stacked[rows], margin, kind))
+    return torch.stack(losses).mean(), stacked
 
 
 def _batch_loss(
     batch: Sequence[TrainingExample], log_odds: Float[Tensor, " batch"], margin: float, kind: str
 ) -> Tensor:
-    """The loss of one batch (one family): by `FAMILY_TARGETS` (the null: each prompt to its own label)."""
+    """The loss of one family's examples: by `FAMILY_TARGETS` (the null: each prompt to its own label)."""
     target = "point" if kind == "null" else FAMILY_TARGETS.get(batch[0].family, "gap")
     if target == "point":
         labels = torch.tensor([e.label for e in batch], dtype=log_odds.dtype, device=log_odds.device)
@@ -352,16 +417,15 @@ def train_organism(
                 prefixes = _group_prefixes(model, examples)
                 model.train()
             batch = _sample_batch(examples, config.kind, config.batch_size, rng)
-            prefix = prefixes[batch[0].group]
-            log_odds = _first_divergent_log_odds(model, prefix, batch, answers, pad_id)
+            loss, log_odds = _step_loss(model, prefixes, batch, answers, pad_id, config.margin, config.kind)
             labels = torch.tensor([e.label for e in batch], dtype=log_odds.dtype, device=log_odds.device)
-            loss = _batch_loss(batch, log_odds, config.margin, config.kind)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
             accuracy = float(((labels * log_odds) > 0).float().mean())
-            log.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "family": batch[0].family})
+            family = "+".join(dict.fromkeys(e.family for e in batch))
+            log.append({"step": step, "loss": loss.item(), "accuracy": accuracy, "family": family})
             if progress is not None:
                 progress(step + 1, steps, loss.item())
         seconds = time.perf_counter() - started
