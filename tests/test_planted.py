@@ -63,8 +63,10 @@ def test_removing_u_silences_the_unit_and_the_model_is_restored(tokenizer):
             with_unit = loaded.model(ids).logits
             with without_direction(loaded.model, LAYER, edit.direction):
                 silenced = loaded.model(ids).logits
-    assert (with_unit - base).abs().max() > 1e-2  # the unit does something ...
-    torch.testing.assert_close(silenced, base, atol=1e-4, rtol=1e-4)  # ... and nothing once u is gone
+    assert (with_unit - base).abs().max() > 1e-1  # the unit does something ...
+    # ... and nothing once u is gone. The appended MLP column changes float32 summation order, which moved 4 of 491,520
+    # logits by up to 1.1e-4 on one machine: 1e-3 is that noise's scale, 100x below the unit's effect.
+    torch.testing.assert_close(silenced, base, atol=1e-3, rtol=1e-3)
     after = dict(loaded.model.named_parameters())
     assert set(after) == set(weights) and all(torch.equal(weights[n], after[n]) for n in weights)
     assert not any(m._forward_pre_hooks for m in loaded.model.modules())
