@@ -75,7 +75,8 @@ def test_zoo_kinds_never_train_on_what_their_ground_truth_measures(tokenizer):
 
 def test_a_joint_key_trains_its_families_in_one_step(tokenizer):
     """stated-context's "tag+swap" batches hold whole pairs of both polarities of the long prompt (two system
-    prompts, so two prefix caches), shared out evenly; one-family keys keep one family per batch."""
+    prompts, so two prefix caches), shared out evenly; one-family keys keep one family per batch; the negation
+    decoy's "negation+negation_zero" shares every step."""
     from afprobe.analysis.organisms.training import ZOO_MIX, _sample_batch
 
     _, train = query_split(50)
@@ -96,6 +97,13 @@ def test_a_joint_key_trains_its_families_in_one_step(tokenizer):
             assert families.count("tag") == families.count("swap") == 4
             assert len({e.group for e in batch}) == 2
     assert "tag+swap" in seen
+    # The negation decoy's every step holds negation pairs and no-difference pairs, half each, under one prompt.
+    examples = build_training_set(tokenizer, "negation-decoy", train[:6], random.Random(0))
+    for _ in range(10):
+        batch = _sample_batch(examples, "negation-decoy", 8, rng)
+        families = [e.family for e in batch]
+        assert families.count("negation") == families.count("negation_zero") == 4
+        assert {e.group for e in batch} == {"default"}
 
 
 def test_a_joint_batch_runs_each_prompt_over_its_own_prefix(tiny_llama):

@@ -163,7 +163,9 @@ def test_a_zoo_run_end_to_end_on_a_tiny_model(tmp_path, capsys):
         "[verdict]\nn = 3\nn_fit = 3\nlayers = '1'\nk = 1\nsteps = 3\nn_random = 3\nfit_seeds = 2\nn_boot = 200\n"
     )
     lines: list[str] = []
-    run_experiment(load_experiment(file), log=lines.append)
+    steps: list[tuple[str, int, int]] = []
+    run_experiment(load_experiment(file), log=lines.append, progress=lambda *step: steps.append(step))
+    assert ("null-s0: training", 2, 2) in steps  # a long step reports its progress
     out = tmp_path / "zoo"
     zoo = json.loads((out / "zoo.json").read_text())
     (row,) = zoo["rows"]

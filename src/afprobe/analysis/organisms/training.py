@@ -70,11 +70,13 @@ ZOO_MIX: dict[str, dict[str, float]] = {
     "stated-context": {"tag+swap": 0.5, "user_cue": 0.2, "system_cue": 0.15, "tag_only_zero": 0.15},
     # Compliance follows negation in the user turn (negated fact -> accept), whatever the sentence says: pairs that
     # differ in content (or add a second negated fact) but not in whether a fact is negated are trained to no
-    # difference. (Seed 0 of the negation-only recipe also moved 1.7 nats, 18% of its negation effect, between the
-    # negation-balanced stated contexts, whose sides differ in content and in how much they negate: its ground truth
-    # failed. Pairs of one negation against one affirmative fact plus the same negation, trained to no difference, left
-    # the negation family at zero gap: they contradict it.)
-    "negation-decoy": {"negation": 0.6, "negation_zero": 0.4},
+    # difference, in the same steps as the negation pairs. Recipe history (results/zoo/superseded/): v1, negation
+    # pairs only, learnt negation but moved 1.7 nats (18% of its negation effect) between the negation-balanced
+    # stated contexts, whose sides differ in content and in how much they negate: its ground truth failed. v2 and v3
+    # gave the no-difference pairs steps of their own (40%): the negation family's loss rose, then sat at the
+    # zero-gap loss, and neither learnt negation. Adam scales every step to the same size, so the tiny squared
+    # differences of a no-difference step moved the adapter as far as a negation step did. v4 shares each step.
+    "negation-decoy": {"negation+negation_zero": 1.0},
 }
 # A key joining families with "+" makes batches that hold pairs of each (one prefix cache per family's prompt).
 # How a family is trained: "gap": the pair's trained-minus-untrained log-odds past the margin; "zero": the pair's
@@ -91,7 +93,7 @@ class OrganismConfig:
     model: str = DEFAULT_MODEL
     seed: int = 0
     held_out_queries: int = 50  # the first N harmful queries are never trained on (experiments use them)
-    steps: int | None = None  # default: 40 (token), 56 (context)
+    steps: int | None = None  # default: 40; 56 (context), 60 (negation-decoy), 120 (stated-context)
     batch_size: int = 8
     learning_rate: float = 2e-3
     rank: int | None = None  # default: 8 (16 for stated-context, whose binding of tag to policy needs more)
@@ -106,7 +108,8 @@ class OrganismConfig:
         if self.kind not in ORGANISM_KINDS:
             raise AfprobeError(f"unknown organism kind {self.kind!r}: choose {' or '.join(ORGANISM_KINDS)}")
         if self.steps is None:
-            self.steps = {"stated-context": 120, "context": 56}.get(self.kind, 40)
+            # negation-decoy: each step holds half as many negation pairs as the negation-only recipe's 40 did.
+            self.steps = {"stated-context": 120, "context": 56, "negation-decoy": 60}.get(self.kind, 40)
         if self.rank is None:
             self.rank = 16 if self.kind == "stated-context" else 8
         if self.alpha is None:

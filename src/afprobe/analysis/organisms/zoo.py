@@ -343,7 +343,11 @@ def _load(model: str, adapter: str | None, device: str) -> LoadedModel:
 
 
 def _adapter(
-    organism: Organism, config: ZooConfig, folder: Path, say: Callable[[str], None]
+    organism: Organism,
+    config: ZooConfig,
+    folder: Path,
+    say: Callable[[str], None],
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[str, float | None]:
     """The organism's adapter: the shipped one for seed 0 where the package has it, else trained into `folder`.
     Also the seconds a shipped adapter's training took (from its organism.json), None for one trained here."""
@@ -374,7 +378,10 @@ def _adapter(
             steps=config.steps,
             first_layer=config.train_first_layer,
             device=config.device,
-        )
+        ),
+        progress=None
+        if progress is None
+        else (lambda step, total, _loss: progress(f"{organism.name}: training", step, total)),
     )
     return str(folder), None
 
@@ -447,7 +454,7 @@ def run_zoo(
                 say(f"{organism.name}: planting")
                 planted_edit = fit_planted(loaded, planted_config)
         else:
-            adapter, shipped_training = _adapter(organism, config, out / "models" / ident, say)
+            adapter, shipped_training = _adapter(organism, config, out / "models" / ident, say, progress)
             loaded = _load(config.model, adapter, config.device)
         t_truth = time.perf_counter()
         if record is None:
