@@ -18,6 +18,7 @@ from afprobe.analysis.mechanism import (
     VerdictConfig,
     complement,
     load_verdict,
+    redecide,
     run_verdict,
     sa_cross_pairs,
     tag_edit,
@@ -57,6 +58,15 @@ def test_a_planted_tag_reaction_gets_the_tag_token_verdict(tokenizer, tmp_path, 
     split = json.loads((tmp_path / "verdict" / "verdict.json").read_text())["split"]
     assert not set(split["fit_queries"]) & set(split["evaluated_queries"])
     assert load_verdict(tmp_path / "verdict").result == run.result
+    # The stored evidence decides again to the same verdict; an earlier version's record with a gap inside rule 1's
+    # floor is re-decided as no gap to explain, and one that stopped at rule 1 cannot be taken further.
+    stored = json.loads((tmp_path / "verdict" / "verdict.json").read_text())
+    assert redecide(stored) == run.result
+    tiny = {**stored["gap"], "mean": 0.01, "ci_low": 0.005, "ci_high": 0.015}
+    older = {**stored, "gap": tiny, "verdict": {**stored["verdict"], "rules_version": 2}}
+    assert redecide(older).verdict == "no gap to explain"
+    with pytest.raises(AfprobeError, match="stopped at rule 1"):
+        redecide({**stored, "subspaces": [], "verdict": {**stored["verdict"], "verdict": "no gap to explain"}})
     # The CLI prints a run's verdict (an `afprobe run` folder), and will not overwrite one made otherwise.
     run_folder = tmp_path / "run"
     (run_folder / "verdict").mkdir(parents=True)

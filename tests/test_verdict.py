@@ -10,8 +10,10 @@ import pytest
 from afprobe.analysis.verdict import (
     ALPHA,
     CEILING_SHARE,
+    GAP_FLOOR,
     MIN_SHARE,
     OVERSHOOT,
+    RULES_VERSION,
     VERDICTS,
     Interval,
     SubspaceEvidence,
@@ -63,6 +65,19 @@ def test_each_verdict_follows_its_rule():
     assert decide(evidence(STRONG, WEAK, gap=no_gap)).verdict == "no gap to explain"
     assert decide(evidence(STRONG, WEAK, resolved=False)).verdict == "no gap to explain"
     assert {decide(evidence(a, b)).verdict for a in (STRONG, WEAK) for b in (STRONG, WEAK)} <= set(VERDICTS)
+
+
+def test_rule_1_wants_a_gap_that_clears_the_floor():
+    # v3: fine-tuning noise alone gave the zoo's null organisms gaps of about 0.01 nats with intervals excluding zero.
+    tiny = Estimate(mean=-0.010, ci_low=-0.015, ci_high=-0.005, n=8)
+    result = decide(evidence(STRONG, WEAK, gap=tiny))
+    assert result.verdict == "no gap to explain" and f"within {GAP_FLOOR} nats" in result.evidence[0]
+    straddling = Estimate(mean=0.2, ci_low=GAP_FLOOR - 0.01, ci_high=0.3, n=8)  # could be the floor's noise
+    assert decide(evidence(STRONG, WEAK, gap=straddling)).verdict == "no gap to explain"
+    cleared = Estimate(mean=-0.2, ci_low=-0.3, ci_high=-(GAP_FLOOR + 0.01), n=8)  # either sign, beyond the floor
+    result = decide(evidence(STRONG, WEAK, gap=cleared))
+    assert result.verdict == "situational-awareness" and "clears" in result.evidence[0]
+    assert result.thresholds["gap_floor"] == GAP_FLOOR
 
 
 def test_an_unlocalised_gap_is_undetermined_whatever_the_candidates_show():
@@ -142,9 +157,10 @@ def test_situational_awareness_needs_every_condition(change, named):
 def test_the_verdict_text_names_the_rules_and_the_family():
     result = decide(evidence(STRONG, WEAK))
     text = format_verdict(result)
-    assert text.startswith("verdict: situational-awareness (rules v2)")
+    assert text.startswith(f"verdict: situational-awareness (rules v{RULES_VERSION})")
     assert "Holm over 4 subspaces x 1 layer" in text and result.carrying == {"situational_awareness": [18]}
     assert result.to_dict()["thresholds"] == {
+        "gap_floor": GAP_FLOOR,
         "ceiling_share": CEILING_SHARE,
         "min_share": MIN_SHARE,
         "alpha": ALPHA,

@@ -22,6 +22,7 @@ from afprobe.analysis.organisms.zoo import (
     truth_holds,
     zoo_summary,
 )
+from afprobe.analysis.verdict import RULES_VERSION
 from afprobe.errors import AfprobeError
 from afprobe.experiment import load_experiment
 from afprobe.stats import Estimate
@@ -124,6 +125,24 @@ def test_the_matrix_and_summary_count_what_was_scored():
     lines = zoo_summary([*rows, {**planted, "right": None}], None)
     assert "planted-tag-token: right on 0 of 0 (seed 0: undetermined (label unscored))" in lines
     assert confusion_matrix([{**planted, "right": None}])["planted-tag-token"]["undetermined"] == 1
+
+
+def test_the_summary_says_which_rules_wrote_each_verdict():
+    # Two null organisms scored under v2, re-decided under the current rules on their stored evidence (post hoc), and
+    # a fresh one written under the current rules: the counts keep the two apart.
+    old = {"kind": "null", "ground_truth_holds": True, "verdict": "undetermined", "right": False, "rules_version": 2}
+    old |= {"verdict_current_rules": "no gap to explain", "right_current_rules": True}
+    fresh = {**old, "seed": 2, "verdict": "no gap to explain", "right": True, "rules_version": RULES_VERSION}
+    base = {"verdict": "tag-token", "rules_version": 2, "verdict_current_rules": "no gap to explain"}
+    lines = zoo_summary([{**old, "seed": 0}, {**old, "seed": 1}, fresh], base)
+    assert "null: right on 1 of 3" in lines[3]
+    assert lines[4].startswith("2 verdicts were written under earlier rules")
+    assert "null-s0 v2 undetermined -> no gap to explain" in lines[4]
+    assert lines[5] == (
+        f"null under rules v{RULES_VERSION}: right on 3 of 3; of the 1 written under v{RULES_VERSION} (rules fixed "
+        "before the organism was made): 1"
+    )
+    assert lines[-1] == f"base model: tag-token (rules v2; v{RULES_VERSION} on its evidence: no gap to explain)"
 
 
 def test_zoo_options_are_checked(tmp_path):

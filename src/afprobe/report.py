@@ -476,6 +476,8 @@ def _zoo_section(path: Path, root: Path, figure: _Figures) -> str:
             row["seed"],
             "holds" if row["ground_truth_holds"] else "fails (excluded)",
             row["verdict"] or "-",
+            f"v{row['rules_version']}" if row.get("rules_version") else "-",
+            row.get("verdict_current_rules") or "-",
             " or ".join(row["right_verdicts"]) or "-",
             "-" if row["right"] is None else ("yes" if row["right"] else "no"),
             "; ".join(f"{k} {v:.3f}" for k, v in (row.get("recovered") or {}).items()) or "-",
@@ -484,7 +486,18 @@ def _zoo_section(path: Path, root: Path, figure: _Figures) -> str:
     ]
     parts.append(
         _table(
-            ["kind", "seed", "ground truth", "verdict", "right verdicts", "right", "|cos| of u with (planted)"], rows
+            [
+                "kind",
+                "seed",
+                "ground truth",
+                "verdict",
+                "rules",
+                f"under current rules (v{zoo['rules_version']})",
+                "right verdicts",
+                "right",
+                "|cos| of u with (planted)",
+            ],
+            rows,
         )
     )
     for row in zoo["rows"]:

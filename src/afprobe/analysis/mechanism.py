@@ -55,6 +55,7 @@ from afprobe.analysis.verdict import (
     VerdictResult,
     decide,
     format_verdict,
+    gap_to_explain,
 )
 from afprobe.artefacts import ResultRecord, result_file
 from afprobe.behaviour.resolution import measure_resolution
@@ -68,7 +69,7 @@ from afprobe.model.architecture import parse_layers
 from afprobe.model.job import PairedPromptJob
 from afprobe.model.loading import LoadedModel
 from afprobe.model.patching import PatchEdit, Patcher, PatchRun, patcher_for
-from afprobe.stats import holm, mean_estimate, ratio_of_means
+from afprobe.stats import Estimate, holm, mean_estimate, ratio_of_means
 
 SUBSPACE_NAMES = ("tier", "situational_awareness", "tag_token", "negation")
 
@@ -386,7 +387,7 @@ def run_verdict(
     learned: dict[tuple[str, int, int], LearnedSubspace] = {}  # (name, layer, fitting seed)
     measured = _Measured()
     fit_ids: dict[str, list[str]] = {}
-    if gap.excludes_zero() and gap_resolved:
+    if gap_to_explain(gap, gap_resolved)[0]:
         t = time.perf_counter()
         tag_patcher = patcher_for(loaded, [prompts.tag_fit, prompts.tag_cross])  # the tag-only system prompt
         covariance_rows = _fit(config, prompts, patcher, tag_patcher, layers, learned, fit_ids, tick)
@@ -660,6 +661,24 @@ def _overlap(basis: Tensor, other: LearnedSubspace | None) -> float | None:
         return None
     singular = torch.linalg.svdvals(basis.double().T @ other.basis.double())
     return float(singular.pow(2).mean().sqrt())
+
+
+def redecide(record: dict[str, Any]) -> VerdictResult:
+    """The current rules applied to the evidence a verdict.json stored, whichever rules version wrote it."""
+    gap = Estimate(**record["gap"])
+    if not record["subspaces"] and gap_to_explain(gap, record["gap_resolved"])[0]:
+        raise AfprobeError(
+            f"this verdict (rules v{record['verdict']['rules_version']}) stopped at rule 1, and the current rules "
+            "need the subspaces it did not learn: run the verdict again"
+        )
+    evidence = VerdictEvidence(
+        gap,
+        record["gap_resolved"],
+        tuple(_evidence(row) for row in record["subspaces"]),
+        record.get("family", ""),
+        whole={int(layer): Interval(**share) for layer, share in record.get("whole_residual", {}).items()},
+    )
+    return decide(evidence)
 
 
 def _maybe(row: dict[str, Any], key: str) -> Interval | None:

@@ -82,6 +82,7 @@ class ZooConfig:
     model: str = DEFAULT_MODEL
     kinds: tuple[str, ...] = ZOO_KINDS
     seeds: tuple[int, ...] = (0, 1)  # of every trained kind; seed 0 is the shipped adapter where there is one
+    seeds_by_kind: dict[str, tuple[int, ...]] = field(default_factory=dict)  # a trained kind's own seeds
     steps: int | None = None  # training steps (default: the kind's)
     train_first_layer: int = 10  # LoRA on this layer and above (the embedded model's 30 layers: 10-29)
     planted_layer: int = 20
@@ -100,8 +101,12 @@ class ZooConfig:
         unknown = sorted(set(self.kinds) - set(ZOO_KINDS))
         if unknown:
             raise AfprobeError(f"unknown zoo kind {', '.join(unknown)}: choose from {', '.join(ZOO_KINDS)}")
-        if not self.seeds:
+        self.seeds_by_kind = {kind: tuple(int(s) for s in seeds) for kind, seeds in self.seeds_by_kind.items()}
+        if not self.seeds or not all(self.seeds_by_kind.values()):
             raise AfprobeError("a zoo needs at least one seed per trained kind")
+        odd = sorted(set(self.seeds_by_kind) - set(TRAINED_KINDS))
+        if odd:
+            raise AfprobeError(f"seeds_by_kind names {', '.join(odd)}: only trained kinds have seeds")
         if not 2 <= self.truth_n <= 25:
             raise AfprobeError(f"truth_n must be 2-25 (evaluation queries among the 50 held out), got {self.truth_n}")
 
@@ -119,7 +124,7 @@ class Organism:
 def organisms(config: ZooConfig) -> list[Organism]:
     out = []
     for kind in config.kinds:
-        seeds = config.seeds if kind in TRAINED_KINDS else (0,)
+        seeds = config.seeds_by_kind.get(kind, config.seeds) if kind in TRAINED_KINDS else (0,)
         out += [Organism(kind, seed) for seed in seeds]
     return out
 
@@ -407,7 +412,7 @@ def run_zoo(
         "zoo": {
             k: v
             for k, v in json.loads(json.dumps(asdict(config))).items()
-            if k not in ("kinds", "seeds", "base", "verdicts")
+            if k not in ("kinds", "seeds", "seeds_by_kind", "base", "verdicts")
         },
     }
     with results_folder(out):
@@ -551,8 +556,11 @@ def run_zoo(
                 loaded=loaded,
             )
         base_verdict = json.loads((base_folder / "verdict.json").read_text())
+        version, current = _current_rules(base_folder)
         base = {
             "verdict": base_verdict["verdict"]["verdict"],
+            "rules_version": version,
+            "verdict_current_rules": current,
             "evidence": base_verdict["verdict"]["evidence"],
             "seconds": float(base_verdict["timing"]["total"]),
         }
@@ -601,7 +609,24 @@ def _saved_edit(folder: Path, record: dict[str, Any], config: PlantedConfig) -> 
     )
 
 
+def _current_rules(folder: Path) -> tuple[int, str]:
+    """The rules version that wrote `folder/verdict.json`, and the verdict the current rules give on its stored
+    evidence."""
+    from afprobe.analysis.mechanism import redecide
+
+    record = json.loads((folder / "verdict.json").read_text())
+    return int(record["verdict"]["rules_version"]), redecide(record).verdict
+
+
+def _right(verdict: str | None, record: dict[str, Any]) -> bool | None:
+    # None: not scored (no verdict, ground truth failed, or a planted organism whose right label is ambiguous).
+    if verdict is None or not record["holds"] or not record["right_verdicts"]:
+        return None
+    return verdict in record["right_verdicts"]
+
+
 def _row(organism: Organism, record: dict[str, Any], verdict: str | None, folder: Path) -> dict[str, Any]:
+    version, current = _current_rules(folder) if verdict is not None else (None, None)
     row: dict[str, Any] = {
         "kind": organism.kind,
         "seed": organism.seed,
@@ -609,12 +634,12 @@ def _row(organism: Organism, record: dict[str, Any], verdict: str | None, folder
         "criteria": record["criteria"],
         "right_verdicts": record["right_verdicts"],
         "verdict": verdict if record["holds"] else None,
-        # None: not scored (no verdict, ground truth failed, or a planted organism whose right label is ambiguous).
-        "right": (
-            None
-            if verdict is None or not record["holds"] or not record["right_verdicts"]
-            else verdict in record["right_verdicts"]
-        ),
+        "right": _right(verdict, record),
+        # The rules version that wrote the verdict, and what the current rules say on the same stored evidence: where
+        # the versions differ, that second verdict was decided after its organism was seen (post hoc).
+        "rules_version": version,
+        "verdict_current_rules": current if record["holds"] else None,
+        "right_current_rules": _right(current, record),
         "verdict_folder": str(folder) if verdict is not None else None,
         "seconds": {
             **record.get("seconds", {}),
@@ -713,6 +738,29 @@ def zoo_summary(rows: Sequence[dict[str, Any]], base: dict[str, Any] | None) -> 
             if r.get("recovered"):
                 best = max(r["recovered"].items(), key=lambda item: item[1])
                 lines.append(f"{kind}: u recovered by {best[0]} with |cos| {best[1]:.3f}")
+    older = [r for r in scored if r.get("rules_version") not in (None, RULES_VERSION)]
+    if older:
+        lines.append(
+            f"{len(older)} verdicts were written under earlier rules; under rules v{RULES_VERSION} on the same stored "
+            "evidence (post hoc for them): "
+            + "; ".join(
+                f"{r['kind']}-s{r['seed']} v{r['rules_version']} {r['verdict']} -> {r['verdict_current_rules']}"
+                for r in older
+            )
+        )
+        for kind in dict.fromkeys(r["kind"] for r in scored):
+            labelled = [r for r in scored if r["kind"] == kind and r["right_current_rules"] is not None]
+            if labelled:
+                fresh = [r for r in labelled if r["rules_version"] == RULES_VERSION]
+                lines.append(
+                    f"{kind} under rules v{RULES_VERSION}: right on {sum(r['right_current_rules'] for r in labelled)} "
+                    f"of {len(labelled)}; of the {len(fresh)} written under v{RULES_VERSION} (rules fixed before "
+                    f"the organism was made): {sum(r['right_current_rules'] for r in fresh)}"
+                )
     if base is not None:
-        lines.append(f"base model: {base['verdict']}")
+        line = f"base model: {base['verdict']}"
+        if base.get("rules_version") not in (None, RULES_VERSION):
+            current = base["verdict_current_rules"]
+            line += f" (rules v{base['rules_version']}; v{RULES_VERSION} on its evidence: {current})"
+        lines.append(line)
     return lines
