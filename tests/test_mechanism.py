@@ -81,8 +81,12 @@ def test_a_planted_tag_reaction_gets_the_tag_token_verdict(tokenizer, tmp_path, 
 
 def test_no_gap_gets_no_gap_to_explain(tokenizer, tmp_path):
     planted = Planted(tokenizer, "gap", silence_tag=True)
-    run = run_verdict(_config(tmp_path, steps=5, n_random=5), loaded=planted.loaded)
+    steps: list[tuple[int, int]] = []
+    run = run_verdict(
+        _config(tmp_path, steps=5, n_random=5), loaded=planted.loaded, progress=lambda *s: steps.append(s)
+    )
     assert run.result.verdict == "no gap to explain"
+    assert steps[-1][0] == steps[-1][1]  # the progress bar ends full, not stopped part way
     assert run.result.evidence[0].startswith("rule 1:")
     assert run.subspaces == [] and "fit" not in run.timing  # nothing is learnt for a gap that is not there
 

@@ -397,6 +397,8 @@ def run_verdict(
             config, prompts, patcher, evaluated, layers, learned, fit_ids, covariance_rows, tag_patcher, tick
         )
         timing["evaluate"] = time.perf_counter() - t
+    else:
+        tick(total - done)  # rule 1 has decided: the work counted for fitting and evaluating is not needed
 
     # The family: the candidates' comparisons with the null, Holm-adjusted together (within each fitting seed: each
     # seed's verdict is its own decision, and rule 5 asks all of them to agree).
