@@ -153,6 +153,11 @@ def test_zoo_options_are_checked(tmp_path):
     ]
     with pytest.raises(AfprobeError, match="unknown zoo kind"):
         ZooConfig(kinds=("dragon",))
+    # A kind can have seeds of its own (the zoo's fourth null); a planted edit has none to give.
+    own = ZooConfig(kinds=("null", "tag-token"), seeds=(0, 1), seeds_by_kind={"null": [0, 3]})
+    assert [o.name for o in organisms(own)] == ["null-s0", "null-s3", "tag-token-s0", "tag-token-s1"]
+    with pytest.raises(AfprobeError, match="only trained kinds have seeds"):
+        ZooConfig(seeds_by_kind={"planted-tag-token": [1]})
     file = tmp_path / "zoo.toml"
     file.write_text('[job]\nmodel = "smollm2-135m-instruct"\n[zoo]\nseeds = [0]\n[verdict]\nn = 4\n[probes]\n')
     with pytest.raises(AfprobeError, match="runs on its own"):
