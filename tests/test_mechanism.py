@@ -51,6 +51,9 @@ def test_a_planted_tag_reaction_gets_the_tag_token_verdict(tokenizer, tmp_path, 
     assert rows["tier"]["share"]["low"] > 0.8  # it carries the held-out gap ...
     assert abs(rows["tier"]["direct"]["value"]) < 0.1  # ... and nothing runs around it
     assert rows["tag_token"]["cross_prompt"]["low"] > 0  # tag-only prompts move default receivers through it
+    # ... and their two tags move the same receivers apart by the gap's size (rule 3c, v4): the tag is all there is.
+    assert rows["tag_token"]["cross_prompt_contrast"]["low"] > 0.8
+    assert "each tier's mean" in run.null[str(LAYER)]["drawn_from"]
     # The path from the tag: the donor's tag (at layer 1 // 2 = 0: its tokens) is the whole gap, all of it through u.
     assert run.tag_path["alone"][str(LAYER)]["value"] == pytest.approx(1.0, abs=1e-3)
     assert rows["tier"]["tag_through"]["low"] > 0.9
@@ -65,6 +68,13 @@ def test_a_planted_tag_reaction_gets_the_tag_token_verdict(tokenizer, tmp_path, 
     tiny = {**stored["gap"], "mean": 0.01, "ci_low": 0.005, "ci_high": 0.015}
     older = {**stored, "gap": tiny, "verdict": {**stored["verdict"], "rules_version": 2}}
     assert redecide(older).verdict == "no gap to explain"
+    v3 = {
+        **stored,
+        "subspaces": [{k: v for k, v in row.items() if k != "cross_prompt_contrast"} for row in stored["subspaces"]],
+        "verdict": {**stored["verdict"], "rules_version": 3},
+    }
+    with pytest.raises(AfprobeError, match="did not measure the cross-prompt contrast"):
+        redecide(v3)  # v4's rule 3c reads what a v3 run did not measure
     with pytest.raises(AfprobeError, match="stopped at rule 1"):
         redecide({**stored, "subspaces": [], "verdict": {**stored["verdict"], "verdict": "no gap to explain"}})
     # The CLI prints a run's verdict (an `afprobe run` folder), and will not overwrite one made otherwise.

@@ -13,6 +13,7 @@ from afprobe.analysis.subspaces import (
     covariance_matched_subspaces,
     interchange_share,
     learn_subspace,
+    without_tier_means,
 )
 from afprobe.data.prompts import PromptConfig, render_pairs
 from afprobe.data.query_sets import load_queries
@@ -150,3 +151,30 @@ def test_no_gap_means_nothing_to_learn(tokenizer):
     assert all(e.gap == 0.0 for e in examples)
     with pytest.raises(AfprobeError, match="nothing for a subspace to carry"):
         learn_subspace(silent.patcher, examples, LAYER, 1, steps=2)
+
+
+def test_the_null_is_drawn_without_the_tier_difference():
+    """Rules v4: where the tier difference dominates the residual's variance, random subspaces drawn from all the rows
+    lie along it (the null would already hold the effect); drawn without the tier means, they lie along it no more
+    than along any direction of the same within-tier variance. Position structure is kept."""
+    generator = torch.Generator().manual_seed(0)
+    d, pairs, pos = 16, 40, 3
+    positions = torch.randn(pos, d, generator=generator)
+    tier = torch.zeros(d)
+    tier[0] = 20.0  # the effect: far beyond the within-tier spread of 1
+    trained = positions + tier + torch.randn(pairs, pos, d, generator=generator)
+    untrained = positions + torch.randn(pairs, pos, d, generator=generator)
+    rows = without_tier_means(trained, untrained)
+    assert rows.shape == (2 * pairs * pos, d)
+    assert torch.allclose(rows.reshape(2, pairs, pos, d).mean(1)[0], rows.reshape(2, pairs, pos, d).mean(1)[1])
+    e0 = torch.zeros(d)
+    e0[0] = 1.0
+
+    def along_tier(activations):
+        bases = covariance_matched_subspaces(activations, 1, 200, seed=2)
+        return float(torch.stack([(b.T @ e0).norm() for b in bases]).mean())
+
+    with_effect = along_tier(torch.cat([trained, untrained]).reshape(-1, d))
+    without = along_tier(rows)
+    assert with_effect > 0.6  # the old null: random directions lie mostly along the tier direction
+    assert without < 0.3  # the v4 null: e0 is one direction among the data's others

@@ -29,9 +29,15 @@ STRONG = dict(
     share=Interval(0.6, 0.45, 0.75),
     p_holm=0.01,
     cross_prompt=Interval(0.4, 0.2, 0.6),
+    cross_prompt_contrast=Interval(0.5, 0.3, 0.7),
     above_negation=Interval(0.4, 0.2, 0.6),
 )
-WEAK = dict(share=Interval(0.05, -0.05, 0.15), p_holm=0.6, cross_prompt=Interval(0.0, -0.1, 0.1))
+WEAK = dict(
+    share=Interval(0.05, -0.05, 0.15),
+    p_holm=0.6,
+    cross_prompt=Interval(0.0, -0.1, 0.1),
+    cross_prompt_contrast=Interval(0.0, -0.1, 0.1),
+)
 WHOLE = Interval(1.0, 0.9, 1.1)
 
 
@@ -142,7 +148,8 @@ def test_seeds_must_agree():
         ({"share": Interval(0.5, MIN_SHARE - 0.01, 0.7)}, "share"),
         ({"p_holm": ALPHA}, "Holm p"),
         ({"p_holm": None}, "no random-subspace null"),
-        ({"cross_prompt": Interval(0.2, -0.01, 0.4)}, "cross-prompt"),
+        ({"cross_prompt_contrast": Interval(0.4, MIN_SHARE - 0.01, 0.6)}, "cross-prompt contrast"),
+        ({"cross_prompt_contrast": None}, "no cross-prompt contrast"),
         ({"above_negation": Interval(0.1, -0.1, 0.3)}, "above negation"),
         ({"above_negation": None}, "no negation control"),
     ],
@@ -152,6 +159,21 @@ def test_situational_awareness_needs_every_condition(change, named):
     assert result.verdict == "undetermined"
     line = next(line for line in result.evidence if line.startswith("rule 3: situational_awareness"))
     assert "does not carry" in line and named in line
+
+
+def test_a_donor_that_only_differs_from_the_receiver_is_no_contrast():
+    # Rules v4, 3c: tag-token-s2's situational-awareness subspace moved default receivers +2.93 nats toward the
+    # trained tier with either side of the stated-context contrast as donor (the v2 test passed), while the two sides
+    # moved the same receivers alike. That is no evidence the contrast prompts use the subspace the tiers use.
+    shift_only = {
+        **STRONG,
+        "cross_prompt": Interval(2.93, 1.5, 4.3),
+        "cross_prompt_contrast": Interval(0.02, -0.03, 0.07),
+    }
+    result = decide(evidence(shift_only, WEAK))
+    assert result.verdict == "undetermined" and RULES_VERSION >= 4
+    line = next(line for line in result.evidence if line.startswith("rule 3: situational_awareness"))
+    assert "does not carry" in line and f"< {MIN_SHARE:.0%}" in line
 
 
 def test_the_verdict_text_names_the_rules_and_the_family():

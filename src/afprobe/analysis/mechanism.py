@@ -12,10 +12,11 @@
    at the last `tail` tokens in both directions: the share of the gap its interchange carries (sufficiency), the
    share its orthogonal complement carries (the direct effect: what runs around it), and the share when its value
    comes from another query of the donor's tier (resample: does it carry the tier, or the query?). Beside them
-   `n_random` random subspaces of the same dimension drawn from the activations' covariance at that layer (the
-   null, on the same pairs), the whole residual at the same positions (what any subspace there can carry), and, for
-   the two candidates, the **cross-prompt interchange**: the subspace's value taken from a stated-context prompt
-   (or a tag-only prompt) of the same request, patched into a default-prompt receiver of the other tier.
+   `n_random` random subspaces of the same dimension drawn from the activations' covariance at that layer without
+   the tier difference (the null, on the same pairs), the whole residual at the same positions (what any subspace
+   there can carry), and, for the two candidates, the **cross-prompt interchange**: the subspace's value taken from
+   a stated-context prompt (or a tag-only prompt) of the same request, patched into default-prompt receivers, and
+   the **contrast** between the two sides of that prompt in the same receivers (rule 3c).
 3. **Decide** with `afprobe.analysis.verdict.decide` (rules fixed before scoring; Holm over the candidates x layers).
 
 `verdict.json` holds the config, the verdict with its evidence lines, every number behind them, the fitting and
@@ -45,10 +46,12 @@ from afprobe.analysis.subspaces import (
     covariance_matched_subspaces,
     learn_subspace,
     per_query_sums,
+    without_tier_means,
 )
 from afprobe.analysis.verdict import (
     ALPHA,
     CANDIDATES,
+    RULES_VERSION,
     Interval,
     SubspaceEvidence,
     VerdictEvidence,
@@ -242,12 +245,17 @@ def _resampled(runs: _Runs, tail: int) -> list[Interchange]:
 
 def _cross_prompt(evaluated: _Runs, donors: list[tuple[PatchRun, PatchRun]], tail: int) -> list[Interchange]:
     """Default-prompt receivers of each evaluation query, donors of another prompt kind with the same request: the
-    trained-like donor (monitored; the free tag) into the untrained receiver, and the reverse."""
+    trained-like donor (monitored; the free tag) into the untrained receiver, and the reverse (the first two of each
+    query's four), then the same donors into the other receivers. Oriented (+1 trained-like donor, -1 untrained-like)
+    and summed over a query's four, the changes are twice the contrast: how far the two donors move the same receiver
+    apart, whichever tier it is (rules v4)."""
     out = []
     for (trained, untrained), (donor_trained, donor_untrained) in zip(evaluated.pairs, donors, strict=True):
         out += [
             aligned_tail(untrained, donor_trained, orientation=1, n_tail=tail),
             aligned_tail(trained, donor_untrained, orientation=-1, n_tail=tail),
+            aligned_tail(trained, donor_trained, orientation=1, n_tail=tail),
+            aligned_tail(untrained, donor_untrained, orientation=-1, n_tail=tail),
         ]
     return out
 
@@ -333,7 +341,8 @@ def _null_summary(shares: np.ndarray, k: int, rows: int, layer: int, tail: int) 
     return {
         "n": int(shares.size),
         "k": k,
-        "drawn_from": f"the covariance of {rows} fitting-run residuals at layer {layer}, last {tail} positions",
+        "drawn_from": f"the covariance of {rows} fitting-run residuals at layer {layer}, last {tail} positions, "
+        "each tier's mean at each position replaced by both tiers' mean (rules v4)",
         "mean": float(finite.mean()) if finite.size else None,
         "quantiles": {str(q): float(np.quantile(finite, q)) if finite.size else None for q in (0.5, 0.9, 0.95, 0.99)},
         "max": float(finite.max()) if finite.size else None,
@@ -359,7 +368,7 @@ def run_verdict(
     n_fit, n_eval = len(prompts.fit_queries), len(prompts.evaluated_queries)
     n_records = 2 * (4 * n_fit + 3 * n_eval)
     seeds = config.fit_seeds
-    n_patches = 2 * n_eval * len(layers) * (config.n_random + 3 + seeds * 4 * 4 + 2)
+    n_patches = 2 * n_eval * len(layers) * (config.n_random + 3 + seeds * (4 * 4 + 2 * 2))
     total, done = n_records + len(layers) * 4 * config.steps * seeds + n_patches, 0
 
     def tick(count: int = 1) -> None:
@@ -471,9 +480,11 @@ def _fit(
         runs = _Runs(_record_pairs(fit_patcher, prompt_set, for_grad=True, tick=tick), config.tail)
         if name == "tier":
             for layer in layers:  # the null's covariance: the fitting runs at the interchanged positions
-                covariance_rows[layer] = torch.cat(
-                    [run.resid[layer, -config.tail :] for pair in runs.pairs for run in pair]
-                ).float()
+                trained, untrained = (
+                    torch.stack([pair[side].resid[layer, -config.tail :] for pair in runs.pairs]).float()
+                    for side in (0, 1)
+                )
+                covariance_rows[layer] = without_tier_means(trained, untrained)
         for layer in layers:
             for fit_seed in range(config.fit_seeds):
                 try:
@@ -639,9 +650,19 @@ def _subspace_row(
     }
     if cross is not None:
         cross_deltas = _oriented(patcher, cross, basis, layer)
-        nats = mean_estimate(per_query_sums(cross, cross_deltas)[0] / 2, n_boot=config.n_boot, seed=config.seed)
+        one_sided = [i for i in range(len(cross)) if i % 4 < 2]  # each donor into the other tier's receiver
+        sided = [cross[i] for i in one_sided]
+        nats = mean_estimate(
+            per_query_sums(sided, cross_deltas[one_sided])[0] / 2, n_boot=config.n_boot, seed=config.seed
+        )
         row["cross_prompt"] = asdict(Interval(nats.mean, nats.ci_low, nats.ci_high))
-        row["cross_prompt_share"] = asdict(_share(cross, cross_deltas, gaps, config))
+        row["cross_prompt_share"] = asdict(_share(sided, cross_deltas[one_sided], gaps, config))
+        # Rule 3c (v4): the two donors' difference in the same receivers, as a share of the tier gap (a query's four
+        # oriented changes sum to twice it, its two tier interchanges to twice its gap).
+        contrast, tier_gaps = per_query_sums(cross, cross_deltas)[0], per_query_sums(examples, gaps)[0]
+        row["cross_prompt_contrast"] = asdict(
+            _interval(ratio_of_means(contrast, tier_gaps, n_boot=config.n_boot, seed=config.seed))
+        )
     return row
 
 
@@ -673,6 +694,16 @@ def redecide(record: dict[str, Any]) -> VerdictResult:
             f"this verdict (rules v{record['verdict']['rules_version']}) stopped at rule 1, and the current rules "
             "need the subspaces it did not learn: run the verdict again"
         )
+    missing = [
+        f"{row['name']} at layer {row['layer']}"
+        for row in record["subspaces"]
+        if row["name"] in CANDIDATES and "cross_prompt_contrast" not in row
+    ]
+    if missing and gap_to_explain(gap, record["gap_resolved"])[0]:
+        raise AfprobeError(
+            f"this verdict (rules v{record['verdict']['rules_version']}) did not measure the cross-prompt contrast "
+            f"rules v{RULES_VERSION} read ({missing[0]}): run the verdict again"
+        )
     evidence = VerdictEvidence(
         gap,
         record["gap_resolved"],
@@ -701,6 +732,7 @@ def _evidence(row: dict[str, Any]) -> SubspaceEvidence:
         p_holm=row.get("p_holm"),
         removed=removed,
         cross_prompt=_maybe(row, "cross_prompt"),
+        cross_prompt_contrast=_maybe(row, "cross_prompt_contrast"),
         above_negation=_maybe(row, "above_negation"),
         around=_maybe(row, "direct"),
         fit_seed=row.get("fit_seed", 0),
@@ -738,6 +770,8 @@ def format_verdict_run(run: VerdictRun) -> str:
         )
         if row.get("cross_prompt") is not None:
             text += f", cross-prompt {Interval(**row['cross_prompt']).text(percent=False)} nats"
+        if row.get("cross_prompt_contrast") is not None:
+            text += f", cross-prompt contrast {Interval(**row['cross_prompt_contrast']).text()}"
         if row.get("tag_through") is not None:
             text += f", of the tag's effect {Interval(**row['tag_through']).text()} through it"
         lines.append(text)

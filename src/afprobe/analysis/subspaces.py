@@ -286,6 +286,18 @@ def interchange_share(
     )
 
 
+def without_tier_means(
+    trained: Float[Tensor, "pairs pos d_model"], untrained: Float[Tensor, "pairs pos d_model"]
+) -> Float[Tensor, "rows d_model"]:
+    """Both tiers' rows with each tier's mean at each position replaced by the two tiers' mean there: what varies
+    across queries and positions, without the tier difference the subspaces are asked to explain. Random subspaces
+    drawn from all the rows would hold that difference in proportion to its variance, so where it dominates (a large
+    gap) the null would already contain the effect it is the null for."""
+    both = (trained.mean(0) + untrained.mean(0)) / 2
+    rows = [side - side.mean(0) + both for side in (trained, untrained)]
+    return torch.cat(rows).reshape(-1, trained.shape[-1])
+
+
 def covariance_matched_subspaces(
     activations: Float[Tensor, "n d_model"], k: int, n_subspaces: int, *, seed: int = 0
 ) -> list[Float[Tensor, "d_model k"]]:

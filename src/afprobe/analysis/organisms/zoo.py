@@ -609,13 +609,17 @@ def _saved_edit(folder: Path, record: dict[str, Any], config: PlantedConfig) -> 
     )
 
 
-def _current_rules(folder: Path) -> tuple[int, str]:
+def _current_rules(folder: Path) -> tuple[int, str | None]:
     """The rules version that wrote `folder/verdict.json`, and the verdict the current rules give on its stored
-    evidence."""
+    evidence (None: it does not hold what the current rules read)."""
     from afprobe.analysis.mechanism import redecide
 
     record = json.loads((folder / "verdict.json").read_text())
-    return int(record["verdict"]["rules_version"]), redecide(record).verdict
+    try:
+        current: str | None = redecide(record).verdict
+    except AfprobeError:
+        current = None
+    return int(record["verdict"]["rules_version"]), current
 
 
 def _right(verdict: str | None, record: dict[str, Any]) -> bool | None:
@@ -744,7 +748,8 @@ def zoo_summary(rows: Sequence[dict[str, Any]], base: dict[str, Any] | None) -> 
             f"{len(older)} verdicts were written under earlier rules; under rules v{RULES_VERSION} on the same stored "
             "evidence (post hoc for them): "
             + "; ".join(
-                f"{r['kind']}-s{r['seed']} v{r['rules_version']} {r['verdict']} -> {r['verdict_current_rules']}"
+                f"{r['kind']}-s{r['seed']} v{r['rules_version']} {r['verdict']} -> "
+                + (r["verdict_current_rules"] or "not decidable (its evidence lacks what they read)")
                 for r in older
             )
         )
@@ -761,6 +766,9 @@ def zoo_summary(rows: Sequence[dict[str, Any]], base: dict[str, Any] | None) -> 
         line = f"base model: {base['verdict']}"
         if base.get("rules_version") not in (None, RULES_VERSION):
             current = base["verdict_current_rules"]
-            line += f" (rules v{base['rules_version']}; v{RULES_VERSION} on its evidence: {current})"
+            line += (
+                f" (rules v{base['rules_version']}; v{RULES_VERSION} on its evidence: "
+                f"{current or 'not decidable, its evidence lacks what they read'})"
+            )
         lines.append(line)
     return lines
