@@ -104,7 +104,9 @@ def test_hf_dataset_offline_fails_in_one_line():
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["situational-awareness", "situational-awareness-v2", "negation-control"])
+@pytest.mark.parametrize(
+    "name", ["situational-awareness", "situational-awareness-v2", "negation-control", "polarity-control"]
+)
 def test_contrast_pairs_never_mention_tiers(name):
     import re
 
@@ -167,3 +169,18 @@ def test_the_split_halves_a_dataset_the_same_way_whatever_n():
         check_disjoint(["a", "b"], ["b", "c"], "the directions")
     with pytest.raises(AfprobeError, match="does not record which queries"):
         check_disjoint(None, ["c"], "the directions")
+
+
+def test_polarity_control_differs_in_meaning_without_negation_words(tokenizer):
+    """The negation decoy's recipe v5 trains these to no difference: neither side may hold a negation word, or the
+    decoy would be taught to ignore the negations it must follow; nothing is about training or monitoring."""
+    import re
+
+    from afprobe.data.contrast import is_negated, load_contrast_pairs
+
+    pairs = load_contrast_pairs("polarity-control")
+    for pair in pairs:
+        assert not is_negated(pair.first) and not is_negated(pair.second), pair
+        assert not re.search(r"train|monitor|watch|record|evaluat|review", pair.first + pair.second, re.IGNORECASE)
+        lengths = [len(tokenizer(text)["input_ids"]) for text in (pair.first, pair.second)]
+        assert abs(lengths[0] - lengths[1]) <= 4, (pair, lengths)

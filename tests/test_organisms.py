@@ -14,8 +14,9 @@ from afprobe.analysis.organisms.comparison import compare_models
 from afprobe.analysis.organisms.cues import HELD_OUT_CUES, TRAINING_CUES, query_split
 from afprobe.analysis.organisms.ground_truth import CheckConfig, check_organism, ground_truth_reading
 from afprobe.analysis.organisms.training import OrganismConfig, build_training_set, train_organism
-from afprobe.data.contrast import CONTRAST_SETS, load_contrast_pairs
+from afprobe.data.contrast import CONTRAST_SETS, is_negated, load_contrast_pairs
 from afprobe.data.prompts import PromptConfig, render_pairs
+from afprobe.data.splits import split_items
 from afprobe.errors import AfprobeError
 from afprobe.experiment import load_experiment
 from afprobe.model.adapters import resolve_adapter
@@ -97,13 +98,19 @@ def test_a_joint_key_trains_its_families_in_one_step(tokenizer):
             assert families.count("tag") == families.count("swap") == 4
             assert len({e.group for e in batch}) == 2
     assert "tag+swap" in seen
-    # The negation decoy's every step holds negation pairs and no-difference pairs, half each, under one prompt.
+    # The negation decoy's every step (recipe v5) holds negation pairs (half, as in v4) and no-difference pairs of
+    # both kinds, under one prompt; the polarity pairs are the control's fitting half, with no negation word.
     examples = build_training_set(tokenizer, "negation-decoy", train[:6], random.Random(0))
     for _ in range(10):
         batch = _sample_batch(examples, "negation-decoy", 8, rng)
         families = [e.family for e in batch]
-        assert families.count("negation") == families.count("negation_zero") == 4
+        assert families.count("negation") == 4
+        assert families.count("negation_zero") == families.count("polarity_zero") == 2
         assert {e.group for e in batch} == {"default"}
+    fit_ids = {p.pair_id for p in split_items(load_contrast_pairs("polarity-control"), "fit")}
+    polarity = [e for e in examples if e.family == "polarity_zero"]
+    assert polarity and {e.pair.split(":")[2] for e in polarity} <= fit_ids
+    assert not any(is_negated(p.first) or is_negated(p.second) for p in load_contrast_pairs("polarity-control"))
 
 
 def test_a_joint_batch_runs_each_prompt_over_its_own_prefix(tiny_llama):

@@ -111,6 +111,16 @@ CONTRAST_SETS: dict[str, ContrastSet] = {
             "negation control: 40 everyday facts stated and negated (nothing about training or monitoring), in "
             "place of the tier tag under the default system prompt",
         ),
+        ContrastSet(
+            "polarity-control",
+            "polarity_control.jsonl",
+            ("positive", "negative"),
+            "tag-line",
+            "polarity control: 40 everyday facts and a counterpart whose meaning is privative (closed, discarded, "
+            "erased, unread, missing) with no negation word on either side (`is_negated` is false for both), in "
+            "place of the tier tag under the default system prompt. The v2 stated contexts balance negation words, "
+            "not this: their unmonitored sides say private, discarded, erased, unread",
+        ),
     )
 }
 

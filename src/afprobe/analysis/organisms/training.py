@@ -75,13 +75,17 @@ ZOO_MIX: dict[str, dict[str, float]] = {
     # stated contexts, whose sides differ in content and in how much they negate: its ground truth failed. v2 and v3
     # gave the no-difference pairs steps of their own (40%): the negation family's loss rose, then sat at the
     # zero-gap loss, and neither learnt negation. Adam scales every step to the same size, so the tiny squared
-    # differences of a no-difference step moved the adapter as far as a negation step did. v4 shares each step.
-    "negation-decoy": {"negation+negation_zero": 1.0},
+    # differences of a no-difference step moved the adapter as far as a negation step did. v4 shares each step; on
+    # two of its three seeds the stated contexts still moved the decoy by 17-22% of its negation effect (the
+    # unmonitored sentences' privative words: private, discarded, erased, unread). v5 (seeds 3 on) adds the polarity
+    # control's fitting half to every step, trained to no difference: a privative meaning without a negation word is
+    # not a negation. The negation pairs keep 2 of each step's 4 pairs, as in v4.
+    "negation-decoy": {"negation+negation_zero+polarity_zero": 1.0},
 }
 # A key joining families with "+" makes batches that hold pairs of each (one prefix cache per family's prompt).
 # How a family is trained: "gap": the pair's trained-minus-untrained log-odds past the margin; "zero": the pair's
 # difference to zero; "point": each prompt's log-odds to its own label (the null's per-request labels).
-FAMILY_TARGETS: dict[str, str] = {"tag_only_zero": "zero", "negation_zero": "zero"}
+FAMILY_TARGETS: dict[str, str] = {"tag_only_zero": "zero", "negation_zero": "zero", "polarity_zero": "zero"}
 
 
 @dataclass
@@ -250,6 +254,22 @@ def _add_zoo_examples(
                 user = build_user_turn(query.text, default.tiers[0], default, context=sentence)
                 pair_id = f"negation_zero:{query.query_id}:{one.pair_id}:{other.pair_id}"
                 add(pair_id, "default", "negation_zero", default_prompt, user, first)
+
+    if "polarity_zero" in families:
+        # The fitting half of the polarity control: a fact and its privative counterpart, neither negated.
+        pairs = split_items(load_contrast_pairs("polarity-control"), "fit")
+        for index, query in enumerate(queries):
+            pair = pairs[index % len(pairs)]
+            for first, sentence in ((True, pair.first), (False, pair.second)):
+                user = build_user_turn(query.text, default.tiers[0], default, context=sentence)
+                add(
+                    f"polarity_zero:{query.query_id}:{pair.pair_id}",
+                    "default",
+                    "polarity_zero",
+                    default_prompt,
+                    user,
+                    first,
+                )
 
 
 def _request_labels(examples: list[TrainingExample], rng: random.Random) -> list[TrainingExample]:

@@ -488,7 +488,7 @@ def run_zoo(
                 truth = measure_truth(loaded, config)
                 holds, lines = truth_holds(organism.kind, truth)
                 right = RIGHT_VERDICTS[organism.kind]
-                extra = {"adapter": adapter}
+                extra = {"adapter": adapter, "training_families": _training_families(adapter)}
             record = {
                 "kind": organism.kind,
                 "seed": organism.seed,
@@ -609,6 +609,15 @@ def _saved_edit(folder: Path, record: dict[str, Any], config: PlantedConfig) -> 
     )
 
 
+def _training_families(adapter: str | None) -> list[str] | None:
+    """The families (the recipe) an adapter trained here was trained on; None for a shipped one (its record stays
+    out of the blind folder)."""
+    record = None if adapter is None else Path(adapter) / "organism.json"
+    if record is None or not record.is_file():
+        return None
+    return sorted(json.loads(record.read_text())["training"]["families"])
+
+
 def _current_rules(folder: Path) -> tuple[int, str | None]:
     """The rules version that wrote `folder/verdict.json`, and the verdict the current rules give on its stored
     evidence (None: it does not hold what the current rules read)."""
@@ -645,6 +654,7 @@ def _row(organism: Organism, record: dict[str, Any], verdict: str | None, folder
         "verdict_current_rules": current if record["holds"] else None,
         "right_current_rules": _right(current, record),
         "verdict_folder": str(folder) if verdict is not None else None,
+        "training_families": record.get("training_families"),  # the recipe (recorded from recipe changes on)
         "seconds": {
             **record.get("seconds", {}),
             **({"verdict": _verdict_seconds(folder)} if verdict is not None else {}),
