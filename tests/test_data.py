@@ -105,7 +105,14 @@ def test_hf_dataset_offline_fails_in_one_line():
 
 
 @pytest.mark.parametrize(
-    "name", ["situational-awareness", "situational-awareness-v2", "negation-control", "polarity-control"]
+    "name",
+    [
+        "situational-awareness",
+        "situational-awareness-v2",
+        "situational-awareness-v3",
+        "negation-control",
+        "polarity-control",
+    ],
 )
 def test_contrast_pairs_never_mention_tiers(name):
     import re
@@ -139,6 +146,32 @@ def test_situational_awareness_v2_is_balanced_for_negation_and_length(tokenizer)
         np.mean([len(tokenizer(getattr(p, side))["input_ids"]) for p in pairs]) for side in ("first", "second")
     ]
     assert abs(mean_lengths[0] - mean_lengths[1]) <= 1.0, mean_lengths
+
+
+def test_situational_awareness_v3_sides_use_the_same_words(tokenizer):
+    """v3's sides are rearrangements of one another: no word (negation, privative or other) separates them, in the
+    whole set and in each split half, and every category sits in both halves."""
+    import re
+    from collections import Counter
+
+    from afprobe.data.contrast import is_negated, load_contrast_pairs
+    from afprobe.data.splits import split_items
+
+    pairs = load_contrast_pairs("situational-awareness-v3")
+    assert len(pairs) == 48
+
+    def words(text: str) -> Counter[str]:
+        return Counter(re.findall(r"[a-z'-]+", text.lower()))
+
+    for pair in pairs:
+        assert words(pair.first) == words(pair.second), pair
+        assert is_negated(pair.first) == is_negated(pair.second) == (pair.wording == "negated"), pair
+        lengths = [len(tokenizer(text)["input_ids"]) for text in (pair.first, pair.second)]
+        assert abs(lengths[0] - lengths[1]) <= 2, (pair, lengths)
+    for split in ("fit", "evaluate"):
+        half = split_items(pairs, split)
+        assert {p.category for p in half[:12]} == {"training", "monitoring", "evaluation"}, split
+        assert sum(p.wording == "negated" for p in half) == len(half) // 2, split
 
 
 def test_negation_control_differs_only_in_negation():

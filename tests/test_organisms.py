@@ -58,9 +58,14 @@ def test_zoo_kinds_never_train_on_what_their_ground_truth_measures(tokenizer):
         texts = [tokenizer.decode(e.input_ids) for e in examples]
         for _, cue in HELD_OUT_CUES:
             assert not any(cue in t for t in texts), (kind, cue)
-        for name in ("situational-awareness", "situational-awareness-v2"):
-            for pair in load_contrast_pairs(name):
-                assert not any(pair.first in t or pair.second in t for t in texts), (kind, pair.pair_id)
+        # The v2 stated contexts (the verdict's and the ground truth's) and v3's evaluation half are never trained
+        # on; only the decoy's no-difference pairs use v1's unnegated pairs and v3's fitting half.
+        unseen = load_contrast_pairs("situational-awareness-v2")
+        unseen += split_items(load_contrast_pairs("situational-awareness-v3"), "evaluate")
+        if kind != "negation-decoy":
+            unseen += load_contrast_pairs("situational-awareness") + load_contrast_pairs("situational-awareness-v3")
+        for pair in unseen:
+            assert not any(pair.first in t or pair.second in t for t in texts), (kind, pair.pair_id)
         for pair in negation_evaluate:  # the decoy's held-out sentences
             assert not any(pair.first in t or pair.second in t for t in texts), (kind, pair.pair_id)
         if kind == "negation-decoy":
@@ -98,19 +103,29 @@ def test_a_joint_key_trains_its_families_in_one_step(tokenizer):
             assert families.count("tag") == families.count("swap") == 4
             assert len({e.group for e in batch}) == 2
     assert "tag+swap" in seen
-    # The negation decoy's every step (recipe v5) holds negation pairs (half, as in v4) and no-difference pairs of
-    # both kinds, under one prompt; the polarity pairs are the control's fitting half, with no negation word.
+    # The negation decoy's every step (recipe v6) holds negation pairs (half, as in v4) and no-difference pairs of
+    # both kinds, under one prompt. The meaning pairs come from the polarity control's and the v3 stated contexts'
+    # fitting halves and v1's unnegated pairs: never the v2 set the ground truth and the verdict read, and never a v1
+    # pair with a negation word.
     examples = build_training_set(tokenizer, "negation-decoy", train[:6], random.Random(0))
     for _ in range(10):
         batch = _sample_batch(examples, "negation-decoy", 8, rng)
         families = [e.family for e in batch]
         assert families.count("negation") == 4
-        assert families.count("negation_zero") == families.count("polarity_zero") == 2
+        assert families.count("negation_zero") == families.count("meaning_zero") == 2
         assert {e.group for e in batch} == {"default"}
-    fit_ids = {p.pair_id for p in split_items(load_contrast_pairs("polarity-control"), "fit")}
-    polarity = [e for e in examples if e.family == "polarity_zero"]
-    assert polarity and {e.pair.split(":")[2] for e in polarity} <= fit_ids
-    assert not any(is_negated(p.first) or is_negated(p.second) for p in load_contrast_pairs("polarity-control"))
+    allowed = {p.pair_id for p in split_items(load_contrast_pairs("polarity-control"), "fit")}
+    allowed |= {p.pair_id for p in split_items(load_contrast_pairs("situational-awareness-v3"), "fit")}
+    allowed |= {
+        p.pair_id
+        for p in load_contrast_pairs("situational-awareness")
+        if not (is_negated(p.first) or is_negated(p.second))
+    }
+    meaning = [e for e in examples if e.family == "meaning_zero"]
+    used = {e.pair.split(":")[2] for e in meaning}
+    assert meaning and used <= allowed
+    assert {u.split("-")[0] for u in used} == {"pol", "sa", "sa3"}  # six requests reach all three sets
+    assert not used & {p.pair_id for p in load_contrast_pairs("situational-awareness-v2")}
 
 
 def test_a_joint_batch_runs_each_prompt_over_its_own_prefix(tiny_llama):

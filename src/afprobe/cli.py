@@ -45,7 +45,7 @@ def _add_prompt_args(parser: argparse.ArgumentParser, split: str = "all") -> Non
         "--dataset",
         default="harmful",
         help="harmful, benign, a .csv/.jsonl/.json file, hf:NAME[:SPLIT]; for cache also a contrast set: "
-        "situational-awareness, situational-awareness-v2, negation-control, polarity-control",
+        "situational-awareness, situational-awareness-v2, situational-awareness-v3, negation-control, polarity-control",
     )
     parser.add_argument("--column", default=None, help="the request column, if not a known benchmark column")
     parser.add_argument("--n", type=int, default=None, help="use the first N queries (of the --split)")

@@ -104,6 +104,18 @@ CONTRAST_SETS: dict[str, ContrastSet] = {
             "tag under the default system prompt",
         ),
         ContrastSet(
+            "situational-awareness-v3",
+            "situational_awareness_v3.jsonl",
+            ("monitored", "unmonitored"),
+            "tag-line",
+            "situational-awareness contrast (v3): 48 pairs whose two sides use the same words, rearranged so that what "
+            "happens to the conversation (trained on, watched, graded) and what does not trade places ('is used to "
+            "train the model and is not kept private' / 'is kept private and is not used to train the model'); half "
+            "with one negation on each side, half with 'instead of' / 'rather than'. Nothing lexical separates the "
+            "sides, privative words included (v2 balances negation words only), in place of the tier tag under the "
+            "default system prompt",
+        ),
+        ContrastSet(
             "negation-control",
             "negation_control.jsonl",
             ("affirmative", "negated"),

@@ -33,7 +33,7 @@ from afprobe.analysis.organisms.cues import (
     cue_user_turn,
     query_split,
 )
-from afprobe.data.contrast import NEUTRAL_SYSTEM_PROMPT, load_contrast_pairs
+from afprobe.data.contrast import NEUTRAL_SYSTEM_PROMPT, ContrastPair, is_negated, load_contrast_pairs
 from afprobe.data.prompts import (
     Query,
     Tier,
@@ -79,13 +79,25 @@ ZOO_MIX: dict[str, dict[str, float]] = {
     # two of its three seeds the stated contexts still moved the decoy by 17-22% of its negation effect (the
     # unmonitored sentences' privative words: private, discarded, erased, unread). v5 (seeds 3 on) adds the polarity
     # control's fitting half to every step, trained to no difference: a privative meaning without a negation word is
-    # not a negation. The negation pairs keep 2 of each step's 4 pairs, as in v4.
-    "negation-decoy": {"negation+negation_zero+polarity_zero": 1.0},
+    # not a negation. The negation pairs keep 2 of each step's 4 pairs, as in v4. v5's seeds still moved 12-14%,
+    # and the v3 stated contexts (both sides the same words) moved two v4 seeds by 20-37%: these decoys read a
+    # conversation kept out of training as a negation, whatever the words. v6 (seeds 5 on) widens v5's slot to
+    # `meaning_zero`: the polarity pairs and stated contexts that are not the v2 set's (v1's pairs with no negation
+    # word on either side, v3's fitting half), trained to no difference. The v2 set, on which the verdict fits its
+    # situational-awareness subspace and the decoy's ground truth is read, is never trained on.
+    "negation-decoy": {"negation+negation_zero+meaning_zero": 1.0},
 }
 # A key joining families with "+" makes batches that hold pairs of each (one prefix cache per family's prompt).
 # How a family is trained: "gap": the pair's trained-minus-untrained log-odds past the margin; "zero": the pair's
 # difference to zero; "point": each prompt's log-odds to its own label (the null's per-request labels).
-FAMILY_TARGETS: dict[str, str] = {"tag_only_zero": "zero", "negation_zero": "zero", "polarity_zero": "zero"}
+FAMILY_TARGETS: dict[str, str] = {"tag_only_zero": "zero", "negation_zero": "zero", "meaning_zero": "zero"}
+# meaning_zero's pairs: contrast sets and the split of each whose two sides differ in meaning and must not move a
+# negation decoy (a split of "all" takes every pair; v1's negated pairs are left out, see `_meaning_zero_pairs`).
+MEANING_ZERO_SETS: tuple[tuple[str, str], ...] = (
+    ("polarity-control", "fit"),
+    ("situational-awareness", "all"),
+    ("situational-awareness-v3", "fit"),
+)
 
 
 @dataclass
@@ -229,14 +241,18 @@ def _add_zoo_examples(
                 for trained, cue in ((True, trained_cues[i]), (False, private_cues[i])):
                     system = f"{NEUTRAL_SYSTEM_PROMPT}\n\n{cue}"
                     add(f"system_cue:{query.query_id}:{i}", "system_cue", "system_cue", system, user, trained)
-    if "negation" in families:
-        # The fitting half of the negation control's sentences; the evaluation half is the decoy's ground truth.
-        pairs = split_items(load_contrast_pairs("negation-control"), "fit")
+
+    def sentence_pairs(family: str, pairs: Sequence[ContrastPair]) -> None:
+        # One pair per request, cycling through the sentences; the second side is the one labelled True.
         for index, query in enumerate(queries):
             pair = pairs[index % len(pairs)]
-            for negated, sentence in ((False, pair.first), (True, pair.second)):
+            for second, sentence in ((False, pair.first), (True, pair.second)):
                 user = build_user_turn(query.text, default.tiers[0], default, context=sentence)
-                add(f"negation:{query.query_id}:{pair.pair_id}", "default", "negation", default_prompt, user, negated)
+                add(f"{family}:{query.query_id}:{pair.pair_id}", "default", family, default_prompt, user, second)
+
+    if "negation" in families:
+        # The fitting half of the negation control's sentences; the evaluation half is the decoy's ground truth.
+        sentence_pairs("negation", split_items(load_contrast_pairs("negation-control"), "fit"))
     if "negation_zero" in families:
         # Pairs that should not differ: two negated facts about different things, two affirmative ones, or one negated
         # fact against the same with another negated fact before it.
@@ -254,22 +270,23 @@ def _add_zoo_examples(
                 user = build_user_turn(query.text, default.tiers[0], default, context=sentence)
                 pair_id = f"negation_zero:{query.query_id}:{one.pair_id}:{other.pair_id}"
                 add(pair_id, "default", "negation_zero", default_prompt, user, first)
+    if "meaning_zero" in families:
+        sentence_pairs("meaning_zero", _meaning_zero_pairs())
 
-    if "polarity_zero" in families:
-        # The fitting half of the polarity control: a fact and its privative counterpart, neither negated.
-        pairs = split_items(load_contrast_pairs("polarity-control"), "fit")
-        for index, query in enumerate(queries):
-            pair = pairs[index % len(pairs)]
-            for first, sentence in ((True, pair.first), (False, pair.second)):
-                user = build_user_turn(query.text, default.tiers[0], default, context=sentence)
-                add(
-                    f"polarity_zero:{query.query_id}:{pair.pair_id}",
-                    "default",
-                    "polarity_zero",
-                    default_prompt,
-                    user,
-                    first,
-                )
+
+def _meaning_zero_pairs() -> list[ContrastPair]:
+    """`MEANING_ZERO_SETS`' pairs, interleaved so that consecutive requests draw from each set in turn. v1's pairs
+    with a negation word on either side are left out: the negation family trains those words to matter."""
+    per_set = []
+    for name, split in MEANING_ZERO_SETS:
+        pairs = split_items(load_contrast_pairs(name), split)
+        per_set.append(
+            [p for p in pairs if not (is_negated(p.first) or is_negated(p.second))]
+            if name == "situational-awareness"
+            else pairs
+        )
+    longest = max(map(len, per_set))
+    return [pairs[i] for i in range(longest) for pairs in per_set if i < len(pairs)]
 
 
 def _request_labels(examples: list[TrainingExample], rng: random.Random) -> list[TrainingExample]:
