@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_cache.py
 	$(BIN)/python benchmarks/bench_patch.py --pairs 2 --layers 0-30:6 --naive-cells 12
 	$(BIN)/python benchmarks/bench_subspace.py --pairs 2 --steps 2 --layer 18 --k 4
+	$(BIN)/python benchmarks/bench_null.py --pairs 4 --layer 20 --n-random 100 --naive-subspaces 2
 	$(BIN)/python benchmarks/bench_verdict.py --pairs 50 --layers 20
 
 conformance: install

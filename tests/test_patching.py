@@ -145,6 +145,69 @@ def test_identity_patches_and_whole_run_patches(tiny_model):
     )
 
 
+def test_packed_patches_equal_one_forward_each(tiny_model):
+    prompt_set, patcher, free, paid = _setup(tiny_model, n=3)
+    # Other queries' runs: in a random model the tier alone moves the metric by too little to test.
+    pairs = make_pairs(prompt_set)
+    other, third = patcher.record(pairs[1].untrained), patcher.record(pairs[2].trained)
+    d, n = free.resid.shape[-1], patcher.n_layers
+    generator = torch.Generator().manual_seed(0)
+    everything = tuple(range(len(free.tokens)))
+    tail = everything[-4:]
+    bases = [torch.linalg.qr(torch.randn(d, 16, generator=generator))[0] for _ in range(5)]
+
+    def last(run, k):
+        return tuple(range(len(run.tokens) - k, len(run.tokens)))
+
+    jobs = [(free, other, [PatchEdit("resid", 1, everything, basis=b)]) for b in bases]
+    jobs += [
+        (free, other, []),  # nothing to patch: the clean metric
+        (free, other, [PatchEdit("resid", 1, tail, basis=torch.zeros(d, 0))]),
+        (free, other, [PatchEdit("resid", 1, everything)]),
+        (free, other, [PatchEdit("resid", 0, (2, 5)), PatchEdit("resid", n - 1, tail, basis=bases[0], hold=True)]),
+        (free, other, [PatchEdit("resid", n, (free.decision,))]),
+        (free, other, [PatchEdit("mlp", 0, tail)]),  # not a residual edit: one forward of its own
+        # Other receivers in the same packs: each sees only its own tokens before its start.
+        (other, free, [PatchEdit("resid", 1, last(other, 4), basis=bases[1], donor_positions=last(free, 4))]),
+        (third, free, [PatchEdit("resid", 1, last(third, 7), basis=bases[2], donor_positions=last(free, 7))]),
+        (paid, third, [PatchEdit("resid", 1, last(paid, 2), donor_positions=last(third, 2))]),
+    ]
+    one_each = [patcher.patched_metric(receiver, donor, edits) for receiver, donor, edits in jobs]
+    for pack in (1, 2, 32):
+        packed = patcher.patched_metrics(jobs, pack=pack)
+        assert packed == pytest.approx(one_each, abs=TOLERANCE), pack
+    assert one_each[5] == one_each[6] == free.metric
+    # What is packed together differs: a mask that let one job see another's tokens would show.
+    assert np.ptp(one_each[:5]) > 10 * TOLERANCE
+    with pytest.raises(AfprobeError, match="pack"):
+        patcher.patched_metrics(jobs, pack=0)
+
+
+def test_packed_patches_carry_the_same_gradient(tiny_llama):
+    prompt_set, patcher, _, _ = _setup(tiny_llama, n=2)
+    runs = [patcher.record(p, for_grad=True) for pair in make_pairs(prompt_set) for p in (pair.trained, pair.untrained)]
+    d = runs[0].resid.shape[-1]
+    weight = torch.randn(d, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+
+    def last(run, k=4):
+        return tuple(range(len(run.tokens) - k, len(run.tokens)))
+
+    def jobs():
+        basis = torch.linalg.qr(weight)[0]
+        return [
+            (receiver, donor, [PatchEdit("resid", 1, last(receiver), basis=basis, donor_positions=last(donor))])
+            for receiver, donor in ((runs[0], runs[2]), (runs[1], runs[3]), (runs[2], runs[0]))
+        ]
+
+    one_each = torch.stack([patcher.patched_metric_with_grad(*job) for job in jobs()])
+    (expected,) = torch.autograd.grad(one_each.square().sum(), weight)
+    packed = patcher.patched_metrics_with_grad(jobs())
+    (gradient,) = torch.autograd.grad(packed.square().sum(), weight)
+    assert packed.detach() == pytest.approx(one_each.detach(), abs=TOLERANCE)
+    assert float(expected.norm()) > 0
+    assert float((gradient - expected).norm() / expected.norm()) < 1e-3
+
+
 def perfect_sae(d: int):
     """A standard SAE that reconstructs exactly: features relu(x) and relu(-x), decoded back as their difference."""
     from sae_lens import StandardSAE, StandardSAEConfig

@@ -145,6 +145,19 @@ def test_a_gap_that_runs_around_a_direction_is_not_carried_by_it(around):
     assert learned.cosine(around.named) < 0.8
 
 
+def test_the_same_seed_learns_the_same_subspace(around):
+    fit = around.interchanges(around.pairs[:6])
+    torch.manual_seed(1)
+    before = torch.random.get_rng_state()
+    first = learn_subspace(around.patcher, fit, LAYER, 2, steps=6, lr=0.05, seed=0, batch_size=4)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is not drawn from
+    torch.manual_seed(2)  # another global state: once it reached the parametrisation's base and the result
+    again = learn_subspace(around.patcher, fit, LAYER, 2, steps=6, lr=0.05, seed=0, batch_size=4)
+    other = learn_subspace(around.patcher, fit, LAYER, 2, steps=6, lr=0.05, seed=1, batch_size=4)
+    assert torch.equal(first.basis, again.basis) and first.losses == again.losses
+    assert not torch.equal(first.basis, other.basis)
+
+
 def test_no_gap_means_nothing_to_learn(tokenizer):
     silent = Planted(tokenizer, "gap", silence_tag=True)
     examples = silent.interchanges(silent.pairs[:4])

@@ -191,19 +191,18 @@ def complement(basis: Float[Tensor, "d_model k"]) -> Float[Tensor, "d_model rest
 def _oriented(patcher: Patcher, examples: Sequence[Interchange], basis: Tensor | None, layer: int) -> np.ndarray:
     """Each interchange's oriented change when `basis`'s component (None: the whole residual) at its positions is
     taken from its donor."""
-    return _oriented_edits(
-        patcher,
-        examples,
-        lambda e: [PatchEdit("resid", layer, e.positions, basis=basis, donor_positions=e.donor_positions)],
-    )
+    return _oriented_edits(patcher, examples, lambda e: [_basis_edit(e, basis, layer)])
+
+
+def _basis_edit(e: Interchange, basis: Tensor | None, layer: int) -> PatchEdit:
+    return PatchEdit("resid", layer, e.positions, basis=basis, donor_positions=e.donor_positions)
 
 
 def _oriented_edits(
     patcher: Patcher, examples: Sequence[Interchange], edits: Callable[[Interchange], list[PatchEdit]]
 ) -> np.ndarray:
-    return np.array(
-        [(patcher.patched_metric(e.receiver, e.donor, edits(e)) - e.receiver.metric) * e.orientation for e in examples]
-    )
+    patched = np.array(patcher.patched_metrics([(e.receiver, e.donor, edits(e)) for e in examples]))
+    return (patched - np.array([e.receiver.metric for e in examples])) * np.array([e.orientation for e in examples])
 
 
 def tag_edit(interchange: Interchange, layer: int = 0) -> PatchEdit | None:
@@ -577,14 +576,15 @@ def _evaluate(
         tick(len(examples))
         whole[str(layer)] = asdict(_share(examples, whole_deltas, gaps, config))
         measured.tag_path[str(layer)] = through(layer, None)
-        null_shares = []
-        for basis in covariance_matched_subspaces(
+        null_bases = covariance_matched_subspaces(
             covariance_rows[layer], config.k, config.n_random, seed=config.seed + 1000 + layer
-        ):
-            deltas = _oriented(patcher, examples, basis, layer)
-            null_shares.append(float(deltas.sum() / gaps.sum()) if gaps.sum() != 0 else float("nan"))
-            tick(len(examples))
-        null_array = np.array(null_shares)
+        )
+        null_deltas = np.zeros((len(null_bases), len(examples)))  # [subspace, interchange]
+        for j, e in enumerate(examples):
+            metrics = patcher.patched_metrics([(e.receiver, e.donor, [_basis_edit(e, b, layer)]) for b in null_bases])
+            null_deltas[:, j] = (np.array(metrics) - e.receiver.metric) * e.orientation
+            tick(len(null_bases))
+        null_array = null_deltas.sum(1) / gaps.sum() if gaps.sum() != 0 else np.full(len(null_bases), np.nan)
         null_summary[str(layer)] = _null_summary(
             null_array, config.k, covariance_rows[layer].shape[0], layer, config.tail
         )

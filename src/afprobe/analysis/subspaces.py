@@ -105,10 +105,14 @@ class RotatedSubspace(torch.nn.Module):
             raise AfprobeError(f"subspace dimension {k} must be between 1 and d_model ({d_model})")
         generator = torch.Generator().manual_seed(seed)
         start = torch.randn(k, d_model, generator=generator) if init is None else init.T.float().clone()
-        self.rotation = torch.nn.Linear(d_model, k, bias=False)
-        with torch.no_grad():
-            self.rotation.weight.copy_(torch.linalg.qr(start.T).Q.T)
-        torch.nn.utils.parametrizations.orthogonal(self.rotation)
+        # The parametrisation completes the k rows to a d_model x d_model base with the global RNG, and the base shapes
+        # the whole training path: seeded here, the same seed learns the same subspace (the caller's RNG untouched).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.rotation = torch.nn.Linear(d_model, k, bias=False)
+            with torch.no_grad():
+                self.rotation.weight.copy_(torch.linalg.qr(start.T).Q.T)
+            torch.nn.utils.parametrizations.orthogonal(self.rotation)
 
     @property
     def basis(self) -> Float[Tensor, "d_model k"]:
@@ -190,14 +194,12 @@ def learn_subspace(
             chosen = rng.choice(len(examples), size=min(batch_size, len(examples)), replace=False)
             optimiser.zero_grad()
             basis = subspace.basis
-            errors = [
-                patcher.patched_metric_with_grad(
-                    examples[i].receiver, examples[i].donor, [subspace_edit(basis, layer, examples[i])]
-                )
-                - examples[i].donor.metric
-                for i in chosen
-            ]
-            loss = torch.stack(errors).div(scale).pow(2).mean()
+            batch = [examples[i] for i in chosen]
+            patched = patcher.patched_metrics_with_grad(
+                [(e.receiver, e.donor, [subspace_edit(basis, layer, e)]) for e in batch]
+            )
+            donors = torch.tensor([e.donor.metric for e in batch], dtype=patched.dtype, device=patched.device)
+            loss = (patched - donors).div(scale).pow(2).mean()
             loss.backward()
             optimiser.step()
             total = float(loss.detach())
@@ -219,12 +221,8 @@ def interchange_deltas(
     patcher: Patcher, examples: Sequence[Interchange], basis: Float[Tensor, "d_model k"], layer: int
 ) -> Float[np.ndarray, " n"]:
     """Each receiver's change in log-odds when the subspace's component is taken from its donor."""
-    return np.array(
-        [
-            patcher.patched_metric(e.receiver, e.donor, [subspace_edit(basis, layer, e)]) - e.receiver.metric
-            for e in examples
-        ]
-    )
+    patched = patcher.patched_metrics([(e.receiver, e.donor, [subspace_edit(basis, layer, e)]) for e in examples])
+    return np.array(patched) - np.array([e.receiver.metric for e in examples])
 
 
 def per_query_sums(examples: Sequence[Interchange], *values: np.ndarray) -> list[np.ndarray]:

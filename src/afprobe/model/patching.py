@@ -11,6 +11,8 @@ layer l, own-token position p changes nothing at positions before p nor at layer
 starts from the receiver's KV cache cropped to position p, runs only the tokens from p on, and skips the blocks below
 l: their output is the receiver's residual stream at layer l, recorded once. Caches with sliding-window layers
 (Gemma 3) cannot be cropped; there the forward starts at the first token after the prefix (still skipping blocks).
+Many patched runs (a null's random subspaces, a training batch) are packed into one forward: each run's tokens side
+by side over one cache, a block-diagonal mask keeping them apart (`Patcher.patched_metrics`).
 
 Positions are indices into a run's own tokens (0 = the first token after the shared prefix); layers follow the
 activation store (l < n_layers: entering block l; l = n_layers: leaving the last block).
@@ -18,6 +20,7 @@ activation store (l < n_layers: entering block l; l = n_layers: leaving the last
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -111,6 +114,13 @@ class PatchRun:
     @property
     def decision(self) -> int:
         return len(self.tokens) - 1
+
+
+# A packed forward's query tokens at most: attention scores grow with them times the cached tokens.
+PACKED_TOKENS = 512
+
+# One patched run to score: the receiver, the donor and the edits taking the donor's activations into the receiver.
+PatchJob = tuple[PatchRun, PatchRun, Sequence[PatchEdit]]
 
 
 def _passthrough(*args: Any, **kwargs: Any) -> Any:
@@ -232,6 +242,11 @@ class Patcher:
     # -- patched runs -----------------------------------------------------------------------------------------------
 
     def _check(self, receiver: PatchRun, donor: PatchRun, edits: Sequence[PatchEdit]) -> None:
+        if receiver.offset != self.prefix.length:
+            raise AfprobeError(
+                f"the receiver was recorded after a {receiver.offset}-token prefix, this patcher's is "
+                f"{self.prefix.length}: record receivers with the patcher that patches them"
+            )
         for edit in edits:
             top = self.n_layers if edit.site == "resid" else self.n_layers - 1
             if not 0 <= edit.layer <= top:
@@ -277,13 +292,7 @@ class Patcher:
         self, receiver: PatchRun, donor: PatchRun, edits: Sequence[PatchEdit]
     ) -> float | Float[Tensor, ""]:
         self._check(receiver, donor, edits)
-        edits = [
-            e
-            for e in edits
-            if e.positions
-            and (e.basis is None or e.basis.shape[1] > 0)
-            and (e.features is None or len(e.features.features) > 0)
-        ]
+        edits = _effective(edits)
         if not edits:
             return receiver.metric if not torch.is_grad_enabled() else torch.tensor(receiver.metric)
         start_layer = min(e.layer for e in edits)
@@ -327,6 +336,143 @@ class Patcher:
                     handles.append(self._mlp_hook(edit, donor, start))
             logits, _ = self._forward(receiver.tokens, cache, start)
         return logits[self.accept_id] - logits[self.reject_id]
+
+    @torch.inference_mode()
+    def patched_metrics(self, jobs: Sequence[PatchJob], *, pack: int = 64) -> list[float]:
+        """`patched_metric` of each (receiver, donor, edits) job, residual-stream jobs packed into shared forwards.
+
+        A packed forward holds up to `pack` jobs (and `PACKED_TOKENS` tokens) that start at the same layer: each
+        job's tokens from its first patched position on, side by side, over one KV cache that holds the shared prefix
+        and every job's receiver tokens before that position; a block-diagonal causal mask lets each job see the
+        prefix, its own receiver's tokens and itself only, at its own position ids. Nothing is recomputed or copied
+        per job, and each job's metric equals its own `patched_metric` up to floating-point summation order. Jobs
+        with head, MLP or SAE feature edits, caches that cannot be cropped (sliding windows) and `pack` = 1 run one
+        forward each.
+        """
+        return [float(m) for m in self._patched_metrics(jobs, pack)]
+
+    def patched_metrics_with_grad(self, jobs: Sequence[PatchJob], *, pack: int = 64) -> Float[Tensor, " job"]:
+        """`patched_metrics` as one tensor that carries gradients (see `patched_metric_with_grad`)."""
+        for receiver, donor, _ in jobs:
+            if receiver.resid.is_inference() or donor.resid.is_inference():
+                raise AfprobeError(
+                    "runs recorded for patching with gradients need record(prompt, for_grad=True) (inference-mode "
+                    "tensors cannot be differentiated through)"
+                )
+        with torch.enable_grad():
+            return torch.stack([torch.as_tensor(m, device=self.device) for m in self._patched_metrics(jobs, pack)])
+
+    def _patched_metrics(self, jobs: Sequence[PatchJob], pack: int) -> list[float | Tensor]:
+        if pack < 1:
+            raise AfprobeError(f"pack must be at least 1, not {pack}")
+        for receiver, donor, edits in jobs:
+            self._check(receiver, donor, edits)
+        out: list[float | Tensor] = [receiver.metric for receiver, _, _ in jobs]
+        groups: dict[int, list[int]] = {}
+        for i, (receiver, donor, edits) in enumerate(jobs):
+            kept = _effective(edits)
+            if not kept:
+                continue
+            if pack == 1 or not self.croppable or any(e.site != "resid" or e.features is not None for e in kept):
+                out[i] = self._patched_metric(receiver, donor, kept)
+                continue
+            groups.setdefault(min(e.layer for e in kept), []).append(i)
+        for start_layer, members in groups.items():
+            for indices in _chunks(members, [self._width(jobs[i]) for i in members], pack, PACKED_TOKENS):
+                packed = [(jobs[i][0], jobs[i][1], _effective(jobs[i][2])) for i in indices]
+                for i, metric in zip(indices, self._packed_metrics(packed, start_layer), strict=True):
+                    out[i] = metric
+        return out
+
+    @staticmethod
+    def _width(job: PatchJob) -> int:
+        receiver, _, edits = job
+        return len(receiver.tokens) - min(min(e.positions) for e in _effective(edits))
+
+    def _packed_metrics(self, jobs: Sequence[PatchJob], start_layer: int) -> Tensor:
+        """One forward for jobs that start at `start_layer`; their metrics `[job]`."""
+        offset = self.prefix.length
+        starts = [min(min(e.positions) for e in edits) for _, _, edits in jobs]
+        widths = [len(receiver.tokens) - start for (receiver, _, _), start in zip(jobs, starts, strict=True)]
+        # KV columns: the prefix, each receiver's own tokens before the start (once per receiver and start), then
+        # the packed tokens.
+        segments: dict[tuple[int, int], int] = {}  # (receiver, start) -> index into `segment_runs`
+        segment_runs: list[tuple[PatchRun, int]] = []
+        for (receiver, _, _), start in zip(jobs, starts, strict=True):
+            if (id(receiver), start) not in segments:
+                segments[id(receiver), start] = len(segment_runs)
+                segment_runs.append((receiver, start))
+        cache = fork_cache(jobs[0][0].cache)
+        for layer_index, layer_cache in enumerate(cache.layers):
+            for name in ("keys", "values"):
+                if layer_index < start_layer:  # skipped blocks: never read
+                    setattr(layer_cache, name, getattr(layer_cache, name)[..., :offset, :])
+                    continue
+                own = [getattr(r.cache.layers[layer_index], name)[..., offset : offset + s, :] for r, s in segment_runs]
+                setattr(layer_cache, name, torch.cat([getattr(layer_cache, name)[..., :offset, :], *own], dim=-2))
+        n_cached = offset + sum(s for _, s in segment_runs)
+        n_new = sum(widths)
+        block = torch.repeat_interleave(
+            torch.arange(len(jobs), device=self.device), torch.tensor(widths, device=self.device)
+        )
+        row = torch.arange(n_new, device=self.device)
+        visible = torch.zeros(n_new, n_cached + n_new, dtype=torch.bool, device=self.device)
+        visible[:, :offset] = True
+        first_column = list(itertools.accumulate((s for _, s in segment_runs), initial=offset))
+        for b, ((receiver, _, _), start) in enumerate(zip(jobs, starts, strict=True)):
+            column = first_column[segments[id(receiver), start]]
+            visible[block == b, column : column + start] = True
+        visible[:, n_cached:] = (block[:, None] == block[None, :]) & (row[:, None] >= row[None, :])
+        dtype = self.blocks[0].self_attn.o_proj.weight.dtype
+        mask = torch.zeros(1, 1, *visible.shape, dtype=dtype, device=self.device)
+        mask.masked_fill_(~visible, torch.finfo(dtype).min)
+        positions = torch.cat(
+            [
+                offset + start + torch.arange(width, device=self.device)
+                for start, width in zip(starts, widths, strict=True)
+            ]
+        )[None]
+        last = torch.cumsum(torch.tensor(widths, device=self.device), 0) - 1
+        ids = torch.tensor(
+            [[t for (receiver, _, _), start in zip(jobs, starts, strict=True) for t in receiver.tokens[start:]]],
+            device=self.device,
+        )
+        by_layer: dict[int, list[tuple[int, PatchEdit]]] = {}
+        for b, (_, _, edits) in enumerate(jobs):
+            for edit in edits:
+                by_layer.setdefault(edit.layer, []).append((b, edit))
+
+        def edit_resid(hidden: Tensor, layer: int) -> Tensor:
+            if layer == start_layer:
+                pieces = [
+                    r.resid[start_layer, s:][None].to(hidden.dtype) for (r, _, _), s in zip(jobs, starts, strict=True)
+                ]
+            else:
+                pieces = list(hidden.split(widths, dim=1))
+            for b, edit in by_layer.get(layer, []):
+                receiver, donor, _ = jobs[b]
+                source = (receiver if edit.hold else donor).resid[layer]
+                pieces[b] = _replace(pieces[b], edit, source, starts[b])
+            return torch.cat(pieces, dim=1)
+
+        with ExitStack() as stack:
+            skipped = self.blocks if start_layer == self.n_layers else self.blocks[:start_layer]
+            stack.enter_context(_skipping(skipped))
+            handles = stack.enter_context(removing([]))
+            for layer in sorted({start_layer, *by_layer}):
+                handles.append(
+                    register_residual_hook(self.blocks, layer, lambda hidden, layer=layer: edit_resid(hidden, layer))
+                )
+            with float32_readout(self.model):
+                logits = self.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=last,
+                ).logits[0]
+        return logits[:, self.accept_id] - logits[:, self.reject_id]
 
     def _head_hook(self, edit: PatchEdit, donor: PatchRun, start: int) -> Any:
         assert edit.head is not None
@@ -420,6 +566,31 @@ def _normal_tensors(cache: Any) -> Any:
             if isinstance(tensor, torch.Tensor) and tensor.is_inference():
                 setattr(layer, name, tensor.clone())
     return copied
+
+
+def _chunks(items: list[int], widths: list[int], most: int, tokens: int) -> Iterator[list[int]]:
+    """`items` in order, in runs of at most `most` items and `tokens` summed width (an item wider than that alone)."""
+    run: list[int] = []
+    total = 0
+    for item, width in zip(items, widths, strict=True):
+        if run and (len(run) == most or total + width > tokens):
+            yield run
+            run, total = [], 0
+        run.append(item)
+        total += width
+    if run:
+        yield run
+
+
+def _effective(edits: Sequence[PatchEdit]) -> list[PatchEdit]:
+    """The edits that change something (positions, a basis of rank > 0, at least one SAE feature)."""
+    return [
+        e
+        for e in edits
+        if e.positions
+        and (e.basis is None or e.basis.shape[1] > 0)
+        and (e.features is None or len(e.features.features) > 0)
+    ]
 
 
 def _replace(hidden: Tensor, edit: PatchEdit, donor_layer: Tensor, start: int) -> Tensor:
