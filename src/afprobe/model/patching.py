@@ -21,7 +21,7 @@ activation store (l < n_layers: entering block l; l = n_layers: leaving the last
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -319,16 +319,7 @@ class Patcher:
                 hidden = _replace(hidden, edit, (receiver if edit.hold else donor).resid[layer], start)
             return hidden
 
-        with ExitStack() as stack:
-            skipped = self.blocks[: min(start_layer, self.n_layers)]
-            if start_layer == self.n_layers:
-                skipped = self.blocks
-            stack.enter_context(_skipping(skipped))
-            handles = stack.enter_context(removing([]))
-            for layer in sorted({start_layer, *resid_edits}):
-                handles.append(
-                    register_residual_hook(self.blocks, layer, lambda hidden, layer=layer: edit_resid(hidden, layer))
-                )
+        with self._running_from(start_layer, resid_edits, edit_resid) as handles:
             for edit in edits:
                 if edit.site == "attn_head":
                     handles.append(self._head_hook(edit, donor, start))
@@ -455,24 +446,32 @@ class Patcher:
                 pieces[b] = _replace(pieces[b], edit, source, starts[b])
             return torch.cat(pieces, dim=1)
 
+        with self._running_from(start_layer, by_layer, edit_resid), float32_readout(self.model):
+            logits = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=last,
+            ).logits[0]
+        return logits[:, self.accept_id] - logits[:, self.reject_id]
+
+    @contextmanager
+    def _running_from(
+        self, start_layer: int, edited_layers: Iterable[int], edit_resid: Callable[[Tensor, int], Tensor]
+    ) -> Iterator[list[Any]]:
+        """While inside, a forward skips the blocks below `start_layer` (their output is replaced there anyway) and
+        hands the residual stream at `start_layer` and `edited_layers` to `edit_resid(hidden, layer)`. Yields the list
+        of hook handles, removed on exit with any added to it."""
         with ExitStack() as stack:
-            skipped = self.blocks if start_layer == self.n_layers else self.blocks[:start_layer]
-            stack.enter_context(_skipping(skipped))
+            stack.enter_context(_skipping(self.blocks if start_layer == self.n_layers else self.blocks[:start_layer]))
             handles = stack.enter_context(removing([]))
-            for layer in sorted({start_layer, *by_layer}):
+            for layer in sorted({start_layer, *edited_layers}):
                 handles.append(
                     register_residual_hook(self.blocks, layer, lambda hidden, layer=layer: edit_resid(hidden, layer))
                 )
-            with float32_readout(self.model):
-                logits = self.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=last,
-                ).logits[0]
-        return logits[:, self.accept_id] - logits[:, self.reject_id]
+            yield handles
 
     def _head_hook(self, edit: PatchEdit, donor: PatchRun, start: int) -> Any:
         assert edit.head is not None
