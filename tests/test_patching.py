@@ -172,6 +172,8 @@ def test_packed_patches_equal_one_forward_each(tiny_model):
         (third, free, [PatchEdit("resid", 1, last(third, 7), basis=bases[2], donor_positions=last(free, 7))]),
         (paid, third, [PatchEdit("resid", 1, last(paid, 2), donor_positions=last(third, 2))]),
     ]
+    if patcher.croppable:  # a run keeps its own tokens' KV only, not another copy of the shared prefix's
+        assert all(k.shape[-2] == v.shape[-2] == len(free.tokens) for k, v in free.own_kv)
     one_each = [patcher.patched_metric(receiver, donor, edits) for receiver, donor, edits in jobs]
     for pack in (1, 2, 32):
         packed = patcher.patched_metrics(jobs, pack=pack)

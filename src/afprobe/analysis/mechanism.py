@@ -175,7 +175,7 @@ def _record_pairs(
 
 def _donor_only(run: PatchRun) -> PatchRun:
     """A run kept only to give its residual stream: its KV cache and component outputs are dropped (memory)."""
-    run.cache = None
+    run.own_kv = None
     # New empty tensors, not slices: a slice would keep the whole storage alive.
     run.head_inputs = run.head_inputs.new_empty((0, *run.head_inputs.shape[1:]))
     run.mlp_out = run.mlp_out.new_empty((0, *run.mlp_out.shape[1:]))

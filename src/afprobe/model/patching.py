@@ -105,7 +105,9 @@ class PatchRun:
     prompt: RenderedPrompt
     tokens: tuple[int, ...]  # own tokens + the shared answer start; the last one is the decision position
     offset: int  # absolute position of tokens[0] (the shared prefix length)
-    cache: Any  # KV cache after the prefix and all of `tokens`
+    # Keys and values of `tokens` at every layer, without the shared prefix (kept once, by the patcher); None where
+    # the cache has sliding-window layers (never cropped) or the run was kept only as a donor.
+    own_kv: list[tuple[Tensor, Tensor]] | None
     resid: Float[Tensor, "layer pos d_model"]  # n_layers + 1 layers
     head_inputs: Float[Tensor, "block pos heads_x_head_dim"]
     mlp_out: Float[Tensor, "block pos d_model"]
@@ -205,11 +207,18 @@ class Patcher:
                 self._grad_prefix = _normal_tensors(self.prefix.cache)
             prefix = fork_cache(self._grad_prefix if for_grad else self.prefix.cache)
             logits, cache = self._forward(tokens, prefix, start=0)
+            offset = self.prefix.length
+            # Copies, not slices: a slice would keep the whole cache, prefix included, alive with every run.
+            own_kv = (
+                [(layer.keys[..., offset:, :].clone(), layer.values[..., offset:, :].clone()) for layer in cache.layers]
+                if self.croppable
+                else None
+            )
         return PatchRun(
             prompt=prompt,
             tokens=tokens,
             offset=self.prefix.length,
-            cache=cache,
+            own_kv=own_kv,
             resid=torch.stack([resid[layer] for layer in range(self.n_layers + 1)]),
             head_inputs=torch.stack([heads[layer] for layer in range(self.n_layers)]),
             mlp_out=torch.stack([mlps[layer] for layer in range(self.n_layers)]),
@@ -298,11 +307,7 @@ class Patcher:
         start_layer = min(e.layer for e in edits)
         if self.croppable:
             start = min(min(e.positions) for e in edits)
-            cache = fork_cache(receiver.cache)
-            keep = receiver.offset + start
-            for layer_cache in cache.layers:
-                layer_cache.keys = layer_cache.keys[..., :keep, :]
-                layer_cache.values = layer_cache.values[..., :keep, :]
+            cache = self._cache_through([(receiver, start)], start_layer)
         else:
             start, cache = 0, fork_cache(self.prefix.cache)
 
@@ -393,14 +398,7 @@ class Patcher:
             if (id(receiver), start) not in segments:
                 segments[id(receiver), start] = len(segment_runs)
                 segment_runs.append((receiver, start))
-        cache = fork_cache(jobs[0][0].cache)
-        for layer_index, layer_cache in enumerate(cache.layers):
-            for name in ("keys", "values"):
-                if layer_index < start_layer:  # skipped blocks: never read
-                    setattr(layer_cache, name, getattr(layer_cache, name)[..., :offset, :])
-                    continue
-                own = [getattr(r.cache.layers[layer_index], name)[..., offset : offset + s, :] for r, s in segment_runs]
-                setattr(layer_cache, name, torch.cat([getattr(layer_cache, name)[..., :offset, :], *own], dim=-2))
+        cache = self._cache_through(segment_runs, start_layer)
         n_cached = offset + sum(s for _, s in segment_runs)
         n_new = sum(widths)
         block = torch.repeat_interleave(
@@ -456,6 +454,41 @@ class Patcher:
                 logits_to_keep=last,
             ).logits[0]
         return logits[:, self.accept_id] - logits[:, self.reject_id]
+
+    def _cache_through(self, runs: Sequence[tuple[PatchRun, int]], from_layer: int) -> Any:
+        """A KV cache holding the shared prefix, then each (run, start)'s own tokens before `start` in turn, at the
+        layers from `from_layer` on (the prefix alone below: those blocks are skipped, never read)."""
+        for_grad = not runs[0][0].resid.is_inference()
+        if for_grad and self._grad_prefix is None:
+            self._grad_prefix = _normal_tensors(self.prefix.cache)
+        cache = fork_cache(self._grad_prefix if for_grad else self.prefix.cache)
+        for run, _ in runs:
+            if run.own_kv is None:
+                raise AfprobeError(
+                    f"run {run.prompt.query_id}/{run.prompt.tier} keeps no KV cache (kept only as a donor, or the "
+                    "model's cache has sliding windows): it cannot be a receiver here"
+                )
+        length = self.prefix.length + sum(start for _, start in runs)
+        for layer_index, layer_cache in enumerate(cache.layers):
+            if layer_index < from_layer:
+                # Skipped blocks never read their cache, but the model sizes its mask by the first layer's length:
+                # a zero-stride stand-in of that length costs no memory.
+                for name in ("keys", "values"):
+                    tensor = getattr(layer_cache, name)
+                    setattr(
+                        layer_cache, name, tensor.new_zeros(()).expand(*tensor.shape[:-2], length, tensor.shape[-1])
+                    )
+                continue
+            own = [run.own_kv[layer_index] for run, start in runs if start > 0]
+            if own:
+                starts = [start for _, start in runs if start > 0]
+                layer_cache.keys = torch.cat(
+                    [layer_cache.keys, *(k[..., :s, :] for (k, _), s in zip(own, starts, strict=True))], dim=-2
+                )
+                layer_cache.values = torch.cat(
+                    [layer_cache.values, *(v[..., :s, :] for (_, v), s in zip(own, starts, strict=True))], dim=-2
+                )
+        return cache
 
     @contextmanager
     def _running_from(
