@@ -3,7 +3,8 @@
 The naive way a user would write: for every prompt, run the whole prompt (3,000+ tokens of system prompt) with the
 accept continuation appended, and again with the reject continuation appended. A cheaper naive variant runs the
 whole prompt once and reads only the first divergent token. afprobe runs the shared prefix once and only each
-prompt's own tokens after it.
+prompt's own tokens after it, with both continuations side by side in that one forward; the same with the
+continuations in two more forwards of their own (afprobe before 2026-12-03) is timed too.
 
     python benchmarks/bench_gap.py --pairs 3
 
@@ -22,7 +23,7 @@ from afprobe.data.prompts import render_pairs
 from afprobe.data.query_sets import load_queries
 from afprobe.model.forward import compute_prefix_cache
 from afprobe.model.loading import load_model
-from afprobe.model.readout import AnswerTokens, score_prompt_full, score_prompts
+from afprobe.model.readout import AnswerTokens, score_batch, score_prompt_full, score_prompts
 
 
 def main() -> None:
@@ -51,11 +52,15 @@ def main() -> None:
     continuation_seconds = time.perf_counter() - start
     afprobe_per_pair = (prefix_seconds + continuation_seconds) / len(queries)
 
+    answers = AnswerTokens.from_tokenizer(loaded.tokenizer)
+    start = time.perf_counter()
+    apart = [score_batch(loaded.model, prefix, [p], answers, one_forward=False)[0] for p in prompts]
+    apart_seconds = time.perf_counter() - start
+
     start = time.perf_counter()
     naive = [score_prompt_full(loaded.model, loaded.tokenizer, p) for p in prompts[:n_naive]]
     naive_per_pair = (time.perf_counter() - start) / (n_naive / 2)
 
-    answers = AnswerTokens.from_tokenizer(loaded.tokenizer)
     start = time.perf_counter()
     with torch.inference_mode():
         for prompt in prompts[:n_naive]:
@@ -64,10 +69,15 @@ def main() -> None:
     naive_single_per_pair = (time.perf_counter() - start) / (n_naive / 2)
 
     worst = max(abs(a.log_odds - b.log_odds) for a, b in zip(shared, naive, strict=False))
+    worst_apart = max(abs(a.log_odds - b.log_odds) for a, b in zip(shared, apart, strict=True))
     own_tokens = sum(p.n_tokens - prompt_set.shared_prefix_len for p in prompts) / len(prompts)
     print(f"shared prefix once:               {prefix_seconds:8.2f} s")
     print(f"continuations ({own_tokens:.0f} tokens each): {continuation_seconds / len(prompts):8.2f} s per prompt")
     print(f"afprobe (prefix amortised):       {afprobe_per_pair:8.2f} s per pair")
+    print(
+        f"continuations in their own forwards: {apart_seconds / len(prompts):5.2f} s per prompt "
+        f"-> {apart_seconds / continuation_seconds:5.2f}x the one-forward continuations"
+    )
     print(
         f"naive, whole continuations:       {naive_per_pair:8.2f} s per pair  "
         f"-> {naive_per_pair / afprobe_per_pair:5.1f}x"
@@ -76,7 +86,7 @@ def main() -> None:
         f"naive, first token only:          {naive_single_per_pair:8.2f} s per pair  "
         f"-> {naive_single_per_pair / afprobe_per_pair:5.1f}x"
     )
-    print(f"max |log-odds difference| vs naive: {worst:.2e}")
+    print(f"max |log-odds difference| vs naive: {worst:.2e}; one forward vs apart: {worst_apart:.2e}")
 
 
 if __name__ == "__main__":

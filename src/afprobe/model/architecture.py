@@ -161,6 +161,18 @@ def has_sliding_window(cache: Any) -> bool:
     return any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", []))
 
 
+# Model types whose attention applies a 4-D additive mask exactly as given (each is a tiny family in
+# `afprobe.model.families`, where the tests compare such forwards with plain ones).
+CUSTOM_MASK_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3"})
+
+
+def takes_custom_mask(model: Any, cache: Any) -> bool:
+    """Whether a forward over `cache` may use a 4-D mask of its own (not over sliding-window layers, whose cache
+    drops what is out of the window)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type in CUSTOM_MASK_MODEL_TYPES and not has_sliding_window(cache)
+
+
 def parse_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:
     """`all`, a comma list (`0,10,20`), ranges (`0-10`, `0-30:6` every 6th), negative indices (`-1` = after the last
     block)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from afprobe.model.precision import float32_readout
@@ -75,7 +75,7 @@ def start_batch(prefix: PrefixCache, batch_size: int) -> BatchState:
     cache = fork_cache(prefix.cache)
     if batch_size > 1:
         cache.batch_repeat_interleave(batch_size)
-    device = _cache_device(prefix.cache)
+    device = cache_device(prefix.cache)
     return BatchState(
         cache=cache,
         attention_mask=torch.ones(batch_size, prefix.length, dtype=torch.long, device=device),
@@ -83,7 +83,14 @@ def start_batch(prefix: PrefixCache, batch_size: int) -> BatchState:
     )
 
 
-def _cache_device(cache: Any) -> torch.device:
+def additive_mask(visible: Bool[Tensor, "batch query key"], dtype: torch.dtype) -> Float[Tensor, "batch 1 query key"]:
+    """The 4-D attention mask transformers adds to attention scores: 0 where a query sees a key, the dtype's
+    minimum where it does not (for forwards whose tokens do not simply each see all earlier ones)."""
+    mask = torch.zeros(visible.shape[0], 1, *visible.shape[1:], dtype=dtype, device=visible.device)
+    return mask.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
+
+
+def cache_device(cache: Any) -> torch.device:
     for layer in getattr(cache, "layers", []):
         keys = getattr(layer, "keys", None)
         if isinstance(keys, torch.Tensor) and keys.numel():

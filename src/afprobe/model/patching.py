@@ -39,7 +39,7 @@ from afprobe.model.architecture import (
     removing,
     text_config,
 )
-from afprobe.model.forward import PrefixCache, compute_prefix_cache, fork_cache
+from afprobe.model.forward import PrefixCache, additive_mask, compute_prefix_cache, fork_cache
 from afprobe.model.loading import LoadedModel
 from afprobe.model.precision import float32_readout
 from afprobe.model.readout import AnswerTokens
@@ -412,9 +412,7 @@ class Patcher:
             column = first_column[segments[id(receiver), start]]
             visible[block == b, column : column + start] = True
         visible[:, n_cached:] = (block[:, None] == block[None, :]) & (row[:, None] >= row[None, :])
-        dtype = self.blocks[0].self_attn.o_proj.weight.dtype
-        mask = torch.zeros(1, 1, *visible.shape, dtype=dtype, device=self.device)
-        mask.masked_fill_(~visible, torch.finfo(dtype).min)
+        mask = additive_mask(visible[None], self.blocks[0].self_attn.o_proj.weight.dtype)
         positions = torch.cat(
             [
                 offset + start + torch.arange(width, device=self.device)

@@ -16,11 +16,20 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from afprobe.data.prompt_text import ACCEPT_TAG, REJECT_TAG
 from afprobe.data.prompts import PromptSet, RenderedPrompt, answer_token_ids, common_prefix_length
-from afprobe.model.architecture import has_sliding_window, pad_token_id
-from afprobe.model.forward import PrefixCache, compute_prefix_cache, extend_batch, start_batch
+from afprobe.model.architecture import has_sliding_window, pad_token_id, takes_custom_mask
+from afprobe.model.forward import (
+    PrefixCache,
+    additive_mask,
+    cache_device,
+    compute_prefix_cache,
+    extend_batch,
+    start_batch,
+)
 from afprobe.model.memory import MAX_GPU_BATCH, MemoryEstimate, batch_plan
 from afprobe.model.precision import float32_readout
 
@@ -73,6 +82,8 @@ def _sigmoid(x: float) -> float:
 
 def _logprobs(logits: torch.Tensor, targets: Sequence[int]) -> torch.Tensor:
     """Log-probability of each target under each row of logits: `[n, vocab]`, n targets -> `[n]`."""
+    if not targets:
+        return torch.zeros(0)
     log_softmax = torch.log_softmax(logits.float(), dim=-1)
     return log_softmax[torch.arange(len(targets)), torch.tensor(list(targets))]
 
@@ -85,12 +96,17 @@ def score_batch(
     *,
     pad_id: int = 0,
     stage1_context: AbstractContextManager[Any] | None = None,
+    one_forward: bool = True,
 ) -> list[ComplianceScore]:
     """Score a batch of prompts that all start with `prefix`, running only their own tokens.
 
     stage1_context: entered around the forward of the prompts' own tokens (and nothing else), e.g. hooks that
     record activations, so they see exactly one forward per prompt.
+    one_forward: the answers' continuations in the same forward as the prompts' own tokens where the model allows
+    (`takes_custom_mask`) and no `stage1_context` is given; False: in two more forwards, one per continuation.
     """
+    if one_forward and stage1_context is None and takes_custom_mask(model, prefix.cache):
+        return _score_in_one_forward(model, prefix, prompts, answers, pad_id=pad_id)
     k = prefix.length
     common = list(answers.common)
     accept_rest, reject_rest = list(answers.accept_rest), list(answers.reject_rest)
@@ -114,22 +130,86 @@ def score_batch(
     accept_tail = rest_logprobs(accept_rest, fork=True)
     reject_tail = rest_logprobs(reject_rest, fork=True)
 
+    return [_score(logits[i], accept_tail[i], reject_tail[i], answers) for i in range(len(prompts))]
+
+
+def _score(
+    head: Float[Tensor, "n vocab"],
+    accept_tail: Float[Tensor, " a"],
+    reject_tail: Float[Tensor, " r"],
+    answers: AnswerTokens,
+) -> ComplianceScore:
+    """One prompt's score from the logits that predict the answers' shared start and first divergent token (`head`)
+    and the log-probabilities of each continuation's later tokens."""
+    common = list(answers.common)
+    shared = _logprobs(head[:-1], common).sum().item() if common else 0.0
+    final = torch.log_softmax(head[-1], dim=-1)
+    first_accept, first_reject = final[answers.accept_rest[0]].item(), final[answers.reject_rest[0]].item()
+    logp_accept = shared + first_accept + accept_tail.sum().item()
+    logp_reject = shared + first_reject + reject_tail.sum().item()
+    log_odds = logp_accept - logp_reject
+    return ComplianceScore(
+        log_odds=log_odds,
+        first_token_log_odds=first_accept - first_reject,
+        p_accept=_sigmoid(log_odds),
+        logp_accept=logp_accept,
+        logp_reject=logp_reject,
+    )
+
+
+@torch.inference_mode()
+def _score_in_one_forward(
+    model: Any, prefix: PrefixCache, prompts: Sequence[RenderedPrompt], answers: AnswerTokens, *, pad_id: int
+) -> list[ComplianceScore]:
+    """`score_batch` in one forward: each row is the prompt's own tokens, the answers' shared start, then the
+    accept continuation and the reject continuation side by side (the reject tokens do not see the accept ones and
+    take the same positions), instead of a forward for the prompts and one more for each continuation on copies of
+    their cache."""
+    k = prefix.length
+    own = [list(p.input_ids[k:]) + list(answers.common) for p in prompts]
+    accept_fed, reject_fed = list(answers.accept_rest[:-1]), list(answers.reject_rest[:-1])
+    n_accept, n_reject = len(accept_fed), len(reject_fed)
+    lengths = [len(row) + n_accept + n_reject for row in own]
+    width = max(lengths)
+    device = cache_device(prefix.cache)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    positions = k + torch.arange(width, device=device).repeat(len(prompts), 1)
+    visible = torch.zeros(len(prompts), width, k + width, dtype=torch.bool, device=device)
+    visible[:, :, :k] = True
+    visible[:, :, k:] = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    for i, row in enumerate(own):
+        m = len(row)
+        ids[i, : lengths[i]] = torch.tensor(row + accept_fed + reject_fed, device=device)
+        positions[i, m + n_accept : m + n_accept + n_reject] -= n_accept
+        visible[i, m + n_accept :, k + m : k + m + n_accept] = False
+    # Logits wanted: those predicting the shared start and first divergent token, then each continuation's rest.
+    wanted = sorted(
+        {j for row in own for j in range(len(row) - len(answers.common) - 1, len(row) + n_accept + n_reject)}
+    )
+    column = {j: c for c, j in enumerate(wanted)}
+    cache = start_batch(prefix, len(prompts)).cache
+    with float32_readout(model):
+        logits = model(
+            input_ids=ids,
+            attention_mask=additive_mask(visible, next(model.parameters()).dtype),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=torch.tensor(wanted, dtype=torch.long, device=device),
+        ).logits.float()
     scores = []
-    for i in range(len(prompts)):
-        row_logits = logits[i]
-        shared = _logprobs(row_logits[:-1], common).sum().item() if common else 0.0
-        final = torch.log_softmax(row_logits[-1], dim=-1)
-        first_accept, first_reject = final[accept_rest[0]].item(), final[reject_rest[0]].item()
-        logp_accept = shared + first_accept + accept_tail[i].sum().item()
-        logp_reject = shared + first_reject + reject_tail[i].sum().item()
-        log_odds = logp_accept - logp_reject
+    for i, row in enumerate(own):
+        m = len(row)
+        picked = logits[i, [column[j] for j in range(m - len(answers.common) - 1, m + n_accept + n_reject)]]
+        head = picked[: len(answers.common) + 1]
+        accept_logits = picked[len(answers.common) + 1 : len(answers.common) + 1 + n_accept]
+        reject_logits = picked[len(answers.common) + 1 + n_accept :]
         scores.append(
-            ComplianceScore(
-                log_odds=log_odds,
-                first_token_log_odds=first_accept - first_reject,
-                p_accept=_sigmoid(log_odds),
-                logp_accept=logp_accept,
-                logp_reject=logp_reject,
+            _score(
+                head,
+                _logprobs(accept_logits, answers.accept_rest[1:]),
+                _logprobs(reject_logits, answers.reject_rest[1:]),
+                answers,
             )
         )
     return scores
@@ -147,6 +227,9 @@ def score_prompts(
 ) -> list[ComplianceScore]:
     """Compliance of every prompt in the set, computing the shared prefix once.
 
+    prefix: a cache to start from if it is a prefix of the set's shared prefix (several sets with one system prompt
+    can share it); otherwise the set's own is computed.
+
     batch_size: prompts per forward (default: 1 on the CPU, where it was fastest; on a GPU the largest batch up to
     64 that fits its free memory).
     on_batch: called with the number of prompts finished after each batch (for progress bars).
@@ -155,10 +238,14 @@ def score_prompts(
     answers = AnswerTokens.from_tokenizer(tokenizer)
     prompts = prompt_set.prompts
     k = prompt_set.prefix_len()
+    if prefix is not None and fits_prefix(prefix, prompts[0], k):
+        k = prefix.length
+    else:
+        prefix = None
     estimate, batch_size = plan_batch_size(model, prompts, k, answers, batch_size)
     if on_plan is not None:
         on_plan(estimate)
-    if prefix is None or prefix.input_ids != tuple(prompts[0].input_ids[:k]):
+    if prefix is None:
         prefix = compute_prefix_cache(model, prompts[0].input_ids[:k])
     pad_id = pad_token_id(tokenizer)
     scores: list[ComplianceScore | None] = [None] * len(prompts)
@@ -169,6 +256,11 @@ def score_prompts(
         if on_batch is not None:
             on_batch(len(indices))
     return [score for score in scores if score is not None]
+
+
+def fits_prefix(prefix: PrefixCache, prompt: RenderedPrompt, shared: int) -> bool:
+    """Whether `prefix` is the start of the first `shared` tokens of `prompt` (those every prompt of its set shares)."""
+    return 0 < prefix.length <= shared and tuple(prompt.input_ids[: prefix.length]) == prefix.input_ids
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -44,11 +44,12 @@ from afprobe.analysis.organisms.planted import (
 from afprobe.analysis.patching import make_pairs
 from afprobe.analysis.verdict import RULES_VERSION, VERDICTS
 from afprobe.data.contrast import load_contrast_pairs, render_contrast_set
-from afprobe.data.prompts import PromptConfig, PromptSet, render_pairs
+from afprobe.data.prompts import PromptConfig, PromptSet, cacheable_prefix_len, render_pairs
 from afprobe.data.query_sets import load_queries
 from afprobe.data.splits import split_items
 from afprobe.errors import AfprobeError
 from afprobe.files import atomic_write_bytes, atomic_write_json, results_folder
+from afprobe.model.forward import PrefixCache, compute_prefix_cache
 from afprobe.model.loading import DEFAULT_MODEL, LoadedModel
 from afprobe.model.readout import score_prompts
 from afprobe.stats import Estimate, crossed_difference, paired_difference
@@ -158,9 +159,9 @@ def _text(e: Estimate) -> str:
     return f"{e.mean:+.3f} [{e.ci_low:+.3f}, {e.ci_high:+.3f}]"
 
 
-def pair_differences(loaded: LoadedModel, prompt_set: PromptSet) -> np.ndarray:
-    """Per pair: the trained-side (first) prompt's log-odds minus the other's."""
-    scores = score_prompts(loaded.model, loaded.tokenizer, prompt_set)
+def pair_differences(loaded: LoadedModel, prompt_set: PromptSet, prefix: PrefixCache | None = None) -> np.ndarray:
+    """Per pair: the trained-side (first) prompt's log-odds minus the other's (`prefix`: see `score_prompts`)."""
+    scores = score_prompts(loaded.model, loaded.tokenizer, prompt_set, prefix=prefix)
     by = {(p.query_id, p.tier): s.log_odds for p, s in zip(prompt_set.prompts, scores, strict=True)}
     return np.array(
         [
@@ -186,18 +187,25 @@ def measure_truth(
     def estimate(differences: np.ndarray) -> Estimate:
         return paired_difference(differences, np.zeros_like(differences), n_boot=config.n_boot, seed=config.seed)
 
+    cues = [c for c in HELD_OUT_CUES if c[0]][: config.truth_cues] + [c for c in HELD_OUT_CUES if not c[0]][
+        : config.truth_cues
+    ]
+    cue_set = cue_prompt_set(tokenizer, queries, cues)
+    # The sets that keep the default system prompt (all but the swapped and tag-only ones) start from one cache of it.
+    default_set = render_pairs(tokenizer, queries, PromptConfig(), max_context=max_context)
+    shared = cacheable_prefix_len([*default_set.prompts, *cue_set.prompts])
+    system_prompt = compute_prefix_cache(loaded.model, default_set.prompts[0].input_ids[:shared])
+
     def tiers(variant: str) -> Estimate:
         say(f"{variant} prompts")
-        return estimate(
-            pair_differences(
-                loaded, render_pairs(tokenizer, queries, PromptConfig(variant=variant), max_context=max_context)
-            )
-        )
+        prompt_set = render_pairs(tokenizer, queries, PromptConfig(variant=variant), max_context=max_context)
+        return estimate(pair_differences(loaded, prompt_set, system_prompt))
 
     def contrast(name: str, split: str) -> np.ndarray:
         pairs = split_items(load_contrast_pairs(name), split)[: config.truth_n]
         say(f"{name} ({split} pairs)")
-        return pair_differences(loaded, render_contrast_set(tokenizer, name, pairs, queries, max_context=max_context))
+        prompt_set = render_contrast_set(tokenizer, name, pairs, queries, max_context=max_context)
+        return pair_differences(loaded, prompt_set, system_prompt)
 
     gap, swap, tag_only = tiers("default"), tiers("semantic-swap"), tiers("tag-only")
     stated = estimate(contrast(stated_set, "evaluate"))
@@ -205,10 +213,7 @@ def measure_truth(
     negation = estimate(-contrast("negation-control", "evaluate"))
     negation_trained = estimate(-contrast("negation-control", "fit"))
     say("held-out phrasings")
-    cues = [c for c in HELD_OUT_CUES if c[0]][: config.truth_cues] + [c for c in HELD_OUT_CUES if not c[0]][
-        : config.truth_cues
-    ]
-    scores = score_prompts(loaded.model, tokenizer, cue_prompt_set(tokenizer, queries, cues))
+    scores = score_prompts(loaded.model, tokenizer, cue_set, prefix=system_prompt)
     table = np.array([s.log_odds for s in scores]).reshape(len(queries), len(cues))
     phrasings = crossed_difference(table, [trained for trained, _ in cues], n_boot=config.n_boot, seed=config.seed)
     return BehaviourTruth(gap, swap, tag_only, stated, negation, negation_trained, phrasings)
