@@ -166,11 +166,17 @@ def has_sliding_window(cache: Any) -> bool:
 CUSTOM_MASK_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3"})
 
 
-def takes_custom_mask(model: Any, cache: Any) -> bool:
-    """Whether a forward over `cache` may use a 4-D mask of its own (not over sliding-window layers, whose cache
-    drops what is out of the window)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return model_type in CUSTOM_MASK_MODEL_TYPES and not has_sliding_window(cache)
+def takes_custom_mask(model: Any, cache: Any = None) -> bool:
+    """Whether a forward may use a 4-D mask of its own: a family in `CUSTOM_MASK_MODEL_TYPES` without sliding-window
+    layers (whose cache drops what is out of the window), judged from the config, and from `cache` when given."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "model_type", None) not in CUSTOM_MASK_MODEL_TYPES:
+        return False
+    layer_types = getattr(text, "layer_types", None)
+    if getattr(text, "sliding_window", None) and not (layer_types and set(layer_types) == {"full_attention"}):
+        return False
+    return cache is None or not has_sliding_window(cache)
 
 
 def parse_layers(spec: str | Sequence[int], n_layers: int) -> list[int]:

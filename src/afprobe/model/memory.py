@@ -4,7 +4,9 @@ The prefix-shared forward (`afprobe.model.forward`) keeps the shared prefix's KV
 forks it, repeats it once per row, extends it with the rows' own tokens (stage 1), then extends a fork of that by
 the answer tokens (stage 2) while the stage-1 cache is still alive. At its peak a batch of B rows therefore holds
 two KV caches of B x (prefix + own + answer) tokens besides the prefix cache, plus the activations of one layer's
-forward (the MLP's hidden layer dominates). The prefix's own forward peaks at the prefix cache plus the activations
+forward (the MLP's hidden layer dominates). Where the answers run in the rows' own forward
+(`afprobe.model.readout`), one such cache is alive at a time, plus the 4-D mask (a boolean and a float32 per query
+and key). The prefix's own forward peaks at the prefix cache plus the activations
 of a `prefix`-token forward. Weights are counted as loaded.
 
 `estimate_memory` turns a model config and the job's token counts into those bytes; `fit_batch_size` picks the
@@ -138,6 +140,7 @@ def estimate_memory(
     answer_tokens: int,
     batch_size: int,
     kept_logits: int = 4,
+    answers_in_one_forward: bool = False,
 ) -> MemoryEstimate:
     """The memory of a prefix-shared job (see the module docstring for what is counted).
 
@@ -147,7 +150,11 @@ def estimate_memory(
     size = dtype_bytes(dtype)
     row_tokens = own_tokens + answer_tokens
     row_cache = shape.kv_bytes(prefix_tokens + row_tokens, size)
-    per_row = 2 * row_cache + shape.forward_bytes(row_tokens, size) + kept_logits * shape.vocab_size * 4
+    if answers_in_one_forward:
+        mask = row_tokens * (prefix_tokens + row_tokens) * 5
+        per_row = row_cache + mask + shape.forward_bytes(row_tokens, size) + 2 * answer_tokens * shape.vocab_size * 4
+    else:
+        per_row = 2 * row_cache + shape.forward_bytes(row_tokens, size) + kept_logits * shape.vocab_size * 4
     return MemoryEstimate(
         weights=weights_bytes,
         prefix_cache=shape.kv_bytes(prefix_tokens, size),
@@ -210,6 +217,7 @@ def batch_plan(
     answer_tokens: int,
     requested: int | None,
     default: int,
+    answers_in_one_forward: bool = False,
 ) -> tuple[MemoryEstimate, int]:
     """The estimate for a loaded model and the batch size that fits its devices' free memory.
 
@@ -227,6 +235,7 @@ def batch_plan(
         own_tokens=own_tokens,
         answer_tokens=answer_tokens,
         batch_size=1,
+        answers_in_one_forward=answers_in_one_forward,
     )
     devices = model_devices(model)
     shares = _layer_shares(model, devices)

@@ -41,7 +41,7 @@ from afprobe.model.architecture import (
 )
 from afprobe.model.forward import PrefixCache, additive_mask, compute_prefix_cache, fork_cache
 from afprobe.model.loading import LoadedModel
-from afprobe.model.precision import float32_readout
+from afprobe.model.precision import float32_readout, hidden_dtype
 from afprobe.model.readout import AnswerTokens
 
 Site = Literal["resid", "attn_head", "mlp"]
@@ -412,7 +412,7 @@ class Patcher:
             column = first_column[segments[id(receiver), start]]
             visible[block == b, column : column + start] = True
         visible[:, n_cached:] = (block[:, None] == block[None, :]) & (row[:, None] >= row[None, :])
-        mask = additive_mask(visible[None], self.blocks[0].self_attn.o_proj.weight.dtype)
+        mask = additive_mask(visible[None], hidden_dtype(self.model))
         positions = torch.cat(
             [
                 offset + start + torch.arange(width, device=self.device)

@@ -46,6 +46,14 @@ _READOUT_ACTIVE: weakref.WeakSet[Any] = weakref.WeakSet()
 
 # Modules being re-run in float32 by `call_in_float32`, whose hooks must let that call through.
 _RECOMPUTING: weakref.WeakSet[Any] = weakref.WeakSet()
+# Models inside `float32_compute`.
+_COMPUTING_FLOAT32: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def hidden_dtype(model: Any) -> torch.dtype:
+    """The dtype the model's hidden states (and so its attention scores and masks) have in a forward now: float32
+    inside `float32_compute`, else its embeddings' dtype."""
+    return torch.float32 if model in _COMPUTING_FLOAT32 else model.get_input_embeddings().weight.dtype
 
 
 def call_in_float32(module: torch.nn.Module, args: tuple) -> Any:
@@ -162,11 +170,13 @@ def float32_compute(model: Any) -> Iterator[None]:
 
     try:
         with removing([]) as handles, float32_readout(model):
+            _COMPUTING_FLOAT32.add(model)
             handles.append(model.get_input_embeddings().register_forward_hook(embed_hook))
             for block in blocks:
                 handles.append(block.register_forward_pre_hook(block_pre_hook))
                 handles.append(block.register_forward_hook(block_hook))
             yield
     finally:
+        _COMPUTING_FLOAT32.discard(model)
         for block in blocks:  # a forward that raised inside a block leaves that block cast up
             cast(block, up=False)

@@ -31,7 +31,7 @@ from afprobe.model.forward import (
     start_batch,
 )
 from afprobe.model.memory import MAX_GPU_BATCH, MemoryEstimate, batch_plan
-from afprobe.model.precision import float32_readout
+from afprobe.model.precision import float32_readout, hidden_dtype
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ def _score_in_one_forward(
     with float32_readout(model):
         logits = model(
             input_ids=ids,
-            attention_mask=additive_mask(visible, next(model.parameters()).dtype),
+            attention_mask=additive_mask(visible, hidden_dtype(model)),
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
@@ -270,10 +270,17 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def plan_batch_size(
-    model: Any, prompts: Sequence[RenderedPrompt], prefix_len: int, answers: AnswerTokens, requested: int | None
+    model: Any,
+    prompts: Sequence[RenderedPrompt],
+    prefix_len: int,
+    answers: AnswerTokens,
+    requested: int | None,
+    *,
+    one_forward: bool = True,
 ) -> tuple[MemoryEstimate, int]:
     """The memory estimate of scoring `prompts` on a `prefix_len`-token prefix cache, and the batch size to use:
-    `requested`, or the device default capped by the memory free (see `afprobe.model.memory`)."""
+    `requested`, or the device default capped by the memory free (see `afprobe.model.memory`). one_forward: as
+    `score_batch`'s (False for jobs that hook the prompts' forward)."""
     return batch_plan(
         model,
         prefix_tokens=prefix_len,
@@ -281,6 +288,7 @@ def plan_batch_size(
         answer_tokens=max(len(answers.accept), len(answers.reject)),
         requested=requested,
         default=default_batch_size(next(model.parameters()).device),
+        answers_in_one_forward=one_forward and takes_custom_mask(model),
     )
 
 

@@ -209,7 +209,7 @@ class _PrefixSharedPass:
         self.prefix: PrefixCache | None = None  # computed when the first shard needs it (not at all on a resume)
         self.prefix_seconds = 0.0
         self.estimate, self.batch_size = plan_batch_size(
-            loaded.model, plan.prompts, plan.prefix_len, self.answers, plan.config.batch_size
+            loaded.model, plan.prompts, plan.prefix_len, self.answers, plan.config.batch_size, one_forward=False
         )
         if on_plan is not None:
             on_plan(self.estimate)
