@@ -1,7 +1,7 @@
 """Planted-direction organisms: the planted unit adds exactly SiLU(gate) x gain x u.h/rms(h) along w to block L's
-MLP, removing u's component silences it, and the model is unchanged afterwards. (Calibrating a gap needs a model whose
-tiers differ at layer L: a random tiny model's barely do, so that runs on the embedded model in
-tests/test_zoo.py.)"""
+output, reading block L's input (the stream afprobe patches at layer L, after any patch), removing u's component
+silences it, and the model is unchanged afterwards. (Calibrating a gap needs a model whose tiers differ at layer L: a
+random tiny model's barely do, so that runs on the embedded model below and in tests/test_zoo.py.)"""
 
 from __future__ import annotations
 
@@ -9,14 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from afprobe.analysis.organisms.planted import (
-    PlantedConfig,
-    PlantedDirection,
-    fit_planted,
-    planted,
-    without_direction,
-)
+from afprobe.analysis.organisms.planted import PlantedConfig, PlantedDirection, fit_planted, planted
 from afprobe.errors import AfprobeError
+from afprobe.model.architecture import residual_hooks, untuple
 from tests.conftest import make_tiny_model
 
 LAYER = 1
@@ -33,59 +28,92 @@ def _edit(d: int, gain: float = 3.0) -> PlantedDirection:
     )
 
 
-def test_the_planted_unit_reads_u_and_writes_w(tokenizer):
+def _expected_unit(edit: PlantedDirection, h: torch.Tensor, eps: float) -> torch.Tensor:
+    x = h / h.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+    return (F.silu(edit.gate_scale * (x @ edit.gate_direction)) * edit.gain * (x @ edit.direction))[..., None] * (
+        edit.write
+    )
+
+
+def _block_io(model, ids, *, hooks=None):
+    """Block LAYER's input (after every pre-hook) and output in one forward of `ids`, with residual hooks while it
+    runs; registered after the planted unit's hook, so the output includes the unit."""
+    seen = {}
+
+    def keep(module, args, kwargs, output):
+        seen["in"] = (args[0] if args else kwargs["hidden_states"]).clone()
+        seen["out"] = untuple(output).clone()
+
+    handle = model.model.layers[LAYER].register_forward_hook(keep, with_kwargs=True)
+    try:
+        with residual_hooks(model, hooks or {}), torch.no_grad():
+            model(ids)
+    finally:
+        handle.remove()
+    return seen["in"], seen["out"]
+
+
+def test_the_planted_unit_reads_the_block_input_and_writes_w(tokenizer):
     loaded = make_tiny_model("llama", tokenizer, seed=1)
-    block = loaded.model.model.layers[LAYER]
-    d = block.mlp.down_proj.out_features
-    edit = _edit(d)
-    h = torch.randn(5, d, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        plain = block.mlp(block.post_attention_layernorm(h))
-        with planted(loaded.model, edit):
-            edited = block.mlp(block.post_attention_layernorm(h))
-    rms = h.pow(2).mean(-1, keepdim=True).add(loaded.model.config.rms_norm_eps).sqrt()
-    reading = (h / rms) @ edit.direction
-    gate = F.silu(edit.gate_scale * ((h / rms) @ edit.gate_direction))
-    expected = plain + (gate * edit.gain * reading)[:, None] * edit.write
-    torch.testing.assert_close(edited, expected, atol=1e-4, rtol=1e-4)
+    model = loaded.model
+    ids = torch.tensor([tokenizer("Tell me how to pick a lock, please.")["input_ids"]])
+    edit = _edit(model.config.hidden_size)
+    _, plain = _block_io(model, ids)
+    with planted(model, edit):
+        given, edited = _block_io(model, ids)
+    expected = plain + _expected_unit(edit, given, model.config.rms_norm_eps)
+    torch.testing.assert_close(edited, expected, atol=1e-5, rtol=1e-5)
+    assert (edited - plain).abs().max() > 1e-2
+
+
+def test_the_planted_unit_reads_the_stream_as_patched_at_its_layer(tokenizer):
+    """The verdict patches residual layer L with a pre-hook on block L: the unit must read the patched stream, so
+    that setting u's component there is exactly what the unit sees."""
+    loaded = make_tiny_model("llama", tokenizer, seed=1)
+    model = loaded.model
+    ids = torch.tensor([tokenizer("Tell me how to pick a lock, please.")["input_ids"]])
+    edit = _edit(model.config.hidden_size)
+    shift = 4.0 * edit.direction
+    patch = {LAYER: lambda h: h + shift}
+    clean_in, _ = _block_io(model, ids)
+    _, plain_patched_out = _block_io(model, ids, hooks=patch)
+    with planted(model, edit):
+        patched_in, patched_out = _block_io(model, ids, hooks=patch)
+    torch.testing.assert_close(patched_in, clean_in + shift)
+    eps = model.config.rms_norm_eps
+    unit = _expected_unit(edit, patched_in, eps)
+    torch.testing.assert_close(patched_out, plain_patched_out + unit, atol=1e-5, rtol=1e-5)
+    assert (unit - _expected_unit(edit, clean_in, eps)).abs().max() > 1e-1  # the patch reached the unit
 
 
 def test_removing_u_silences_the_unit_and_the_model_is_restored(tokenizer):
     loaded = make_tiny_model("llama", tokenizer, seed=1)
     weights = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
     ids = torch.tensor([tokenizer("Tell me how to pick a lock, please.")["input_ids"]])
-    d = loaded.model.config.hidden_size
-    edit = _edit(d, gain=50.0)
+    edit = _edit(loaded.model.config.hidden_size, gain=50.0)
     with torch.no_grad():
-        with without_direction(loaded.model, LAYER, edit.direction):
-            base = loaded.model(ids).logits
+        base = loaded.model(ids).logits
         with planted(loaded.model, edit):
             with_unit = loaded.model(ids).logits
-            with without_direction(loaded.model, LAYER, edit.direction):
-                silenced = loaded.model(ids).logits
+        with planted(loaded.model, edit, remove_direction=True):
+            silenced = loaded.model(ids).logits
     assert (with_unit - base).abs().max() > 1e-1  # the unit does something ...
-    # ... and nothing once u is gone. The appended MLP column changes float32 summation order, which moved 4 of 491,520
-    # logits by up to 1.1e-4 on one machine: 1e-3 is that noise's scale, 100x below the unit's effect.
+    # ... and nothing once u is gone. Float32 rounding leaves a projected reading of ~1e-7 |h|, which gain 50 turns
+    # into logit changes up to 1.5e-4 here: 1e-3 is that noise's scale, 100x below the unit's effect.
     torch.testing.assert_close(silenced, base, atol=1e-3, rtol=1e-3)
     after = dict(loaded.model.named_parameters())
     assert set(after) == set(weights) and all(torch.equal(weights[n], after[n]) for n in weights)
-    assert not any(m._forward_pre_hooks for m in loaded.model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in loaded.model.modules())
 
 
 def test_the_edit_is_gone_after_an_error(tokenizer):
     loaded = make_tiny_model("llama", tokenizer, seed=1)
-    mlp = loaded.model.model.layers[LAYER].mlp
-    before = mlp.up_proj.weight.shape
+    block = loaded.model.model.layers[LAYER]
     edit = _edit(loaded.model.config.hidden_size)
-    with (
-        pytest.raises(RuntimeError),
-        planted(loaded.model, edit),
-        without_direction(loaded.model, LAYER, edit.direction),
-    ):
-        assert mlp.up_proj.weight.shape[0] == before[0] + 1
+    with pytest.raises(RuntimeError), planted(loaded.model, edit):
+        assert block._forward_hooks
         raise RuntimeError("stop")
-    assert mlp.up_proj.weight.shape == before and mlp.up_proj.out_features == before[0]
-    assert not any(m._forward_pre_hooks for m in loaded.model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in loaded.model.modules())
 
 
 def test_bad_planted_options_are_named(tokenizer):

@@ -1,4 +1,8 @@
-"""Why the zoo's planted organisms came out as they did, measured on the embedded model after they were scored.
+"""Measured on the first planted construction (the unit appended to block 20's MLP, afprobe up to commit
+9b0fe39), whose edits and verdicts are now in results/zoo/superseded/planted-mlp-input-2026-12-03/; the current
+afprobe refuses those edits, so rerun this at commit 9b0fe39.
+
+Why the zoo's planted organisms came out as they did, measured on the embedded model after they were scored.
 
 Run from the repository root (about 15-20 minutes on 2 cores):
     .venv/bin/python results/zoo/diagnostics/planted_directions.py > results/zoo/diagnostics/planted_directions.txt

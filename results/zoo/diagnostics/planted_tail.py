@@ -1,4 +1,8 @@
-"""Does patching fewer positions let the verdict's subspace fit find the planted tag-token u? Post hoc, not scored.
+"""Measured on the first planted construction (the unit appended to block 20's MLP, afprobe up to commit
+9b0fe39), whose edits and verdicts are now in results/zoo/superseded/planted-mlp-input-2026-12-03/; the current
+afprobe refuses those edits, so rerun this at commit 9b0fe39.
+
+Does patching fewer positions let the verdict's subspace fit find the planted tag-token u? Post hoc, not scored.
 
 Run from the repository root (about 6 minutes on 2 cores):
     .venv/bin/python results/zoo/diagnostics/planted_tail.py > results/zoo/diagnostics/planted_tail.txt

@@ -1,15 +1,19 @@
-"""Planted-direction organisms: a weight edit, no training, whose gap runs through one known unit direction u.
+"""Planted-direction organisms: an edit, no training, whose gap runs through one known unit direction u.
 
-The edit appends one hidden unit to the MLP of block `layer` (a rank-1 addition to the MLP's function; every
-existing weight is untouched):
+The edit adds one unit beside block `layer` (a branch in parallel with the block, as GPT-J's and GPT-NeoX's MLPs sit
+beside their attention): it reads the residual stream entering the block, the stream afprobe calls layer `layer`
+and patches, and adds to the block's output
 
     unit(h) = SiLU(gate * m . h / rms(h)) * gain * u . h / rms(h),     written along w
 
-where h is the residual the MLP reads (after block `layer`'s attention, before its norm), m the mean direction of
-that residual at the decision position (so the gate is open and nearly constant on every prompt), u the planted
-direction, and w the direction the final norm and unembedding read as accept minus reject. The unit reads the
-residual only through u (and its norm); projecting u out of what the MLP reads silences it exactly. `gain` is set
-so that the free-minus-paid gap on the fitting queries is `target_gap` nats.
+where m is the mean direction of that residual at the decision position (so the gate is open and nearly constant on
+every prompt), u the planted direction, and w the direction the final norm and unembedding read as accept minus
+reject. The unit reads the residual only through u (and its norm); projecting u out of what it reads silences it
+exactly. `gain` is set so that the free-minus-paid gap on the fitting queries is `target_gap` nats. No weight of the
+model changes: the branch is a hook on block `layer`, removed on exit.
+
+The first construction (to commit 9b0fe39) appended the unit to block `layer`'s MLP, so it read the stream after the
+block's attention, not the stream u was taken from and the verdict patches; `reads` records which one an edit is.
 
 u comes from one of two contrasts, on the fitting half only (`source`):
 
@@ -21,7 +25,7 @@ u comes from one of two contrasts, on the fitting half only (`source`):
 each without its component along m (so that the unit's reading is centred and the gain scales a difference).
 
 The behavioural ground truth (`check_planted`, evaluation queries): the edit alone produces the gap (the edited
-model's gap minus the base model's, paired over queries), and removing u's component from what the MLP reads
+model's gap minus the base model's, paired over queries), and removing u's component from what the unit reads
 removes it.
 """
 
@@ -43,7 +47,7 @@ from afprobe.data.prompts import PromptConfig, PromptSet, Query, RenderedPrompt,
 from afprobe.data.query_sets import load_queries
 from afprobe.data.splits import split_items
 from afprobe.errors import AfprobeError
-from afprobe.model.architecture import decoder_layers, final_norm
+from afprobe.model.architecture import decoder_layers, final_norm, hidden_state_of, text_config, untuple
 from afprobe.model.loading import LoadedModel
 from afprobe.model.patching import patcher_for
 from afprobe.model.readout import AnswerTokens, score_prompts
@@ -95,74 +99,52 @@ class PlantedDirection:
             "gain": self.gain,
             "gate_scale": self.gate_scale,
             "fit_gap": self.fit_gap,
+            "reads": PLANTED_READS,
         }
 
 
-def _mlp_parts(model: Any, layer: int) -> tuple[Any, Any]:
+# What an edit's unit reads: the residual stream entering its block (`block-input`, the only construction built now).
+PLANTED_READS = "block-input"
+_CALIBRATION_STEPS, _CALIBRATION_TOLERANCE = 8, 0.02
+
+
+def _block(model: Any, layer: int) -> torch.nn.Module:
     blocks = decoder_layers(model)
     if not 0 <= layer < len(blocks):
         raise AfprobeError(f"layer {layer} is outside the model's {len(blocks)} blocks")
-    block = blocks[layer]
-    mlp = getattr(block, "mlp", None)
-    norm = getattr(block, "post_attention_layernorm", None)
-    if mlp is None or norm is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-        raise AfprobeError(
-            "a planted direction needs a gated MLP (gate_proj, up_proj, down_proj) after a post-attention norm, as in "
-            f"Llama, Qwen or Mistral; block {layer} of this model has another layout"
-        )
-    return mlp, norm
+    return blocks[layer]
+
+
+def unit_output(
+    edit: PlantedDirection, hidden: Float[Tensor, "*batch d_model"], *, eps: float, remove_direction: bool = False
+) -> Float[Tensor, "*batch d_model"]:
+    """What the planted unit adds to block `edit.layer`'s output, given the block's input (computed in float32)."""
+    h = hidden.float()
+    u, m, w = (t.to(h.device, torch.float32) for t in (edit.direction, edit.gate_direction, edit.write))
+    if remove_direction:
+        h = h - (h @ u)[..., None] * u
+    x = h / h.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+    unit = torch.nn.functional.silu(edit.gate_scale * (x @ m)) * edit.gain * (x @ u)
+    return unit[..., None] * w
 
 
 @contextmanager
-def planted(model: Any, edit: PlantedDirection) -> Iterator[None]:
-    """The model with the planted unit while inside; its original MLP weights are back on exit (also after an error)."""
-    mlp, norm = _mlp_parts(model, edit.layer)
-    gain_vector = norm.weight.detach().float()
-    if bool((gain_vector.abs() < 1e-6).any()):
-        raise AfprobeError(f"block {edit.layer}'s post-attention norm has zero gains: the unit cannot read through it")
-    # The MLP reads g * h / rms(h); dividing by the norm's gain g makes a row read h's direction itself.
-    read = {
-        "gate_proj": edit.gate_scale * edit.gate_direction.float() / gain_vector,
-        "up_proj": edit.gain * edit.direction.float() / gain_vector,
-    }
-    original = {name: getattr(mlp, name).weight for name in ("gate_proj", "up_proj", "down_proj")}
-    features = {name: getattr(mlp, name).out_features for name in ("gate_proj", "up_proj")}
-    down_in = mlp.down_proj.in_features
-    try:
-        with torch.no_grad():
-            for name, row in read.items():
-                weight = original[name]
-                module = getattr(mlp, name)
-                module.weight = torch.nn.Parameter(
-                    torch.cat([weight, row.to(weight.device, weight.dtype)[None]]), requires_grad=False
-                )
-                module.out_features = features[name] + 1
-            weight = original["down_proj"]
-            mlp.down_proj.weight = torch.nn.Parameter(
-                torch.cat([weight, edit.write.to(weight.device, weight.dtype)[:, None]], dim=1), requires_grad=False
-            )
-            mlp.down_proj.in_features = down_in + 1
-        yield
-    finally:
-        for name, weight in original.items():
-            getattr(mlp, name).weight = weight
-        for name, count in features.items():
-            getattr(mlp, name).out_features = count
-        mlp.down_proj.in_features = down_in
+def planted(model: Any, edit: PlantedDirection, *, remove_direction: bool = False) -> Iterator[None]:
+    """The model with the planted unit while inside; nothing of it is left on exit (also after an error).
 
+    remove_direction: u's component projected out of what the unit reads (the ground truth's removal check); the
+    model's own blocks still read the whole residual."""
+    block = _block(model, edit.layer)
+    eps = float(getattr(text_config(model), "rms_norm_eps", None) or 1e-6)
 
-@contextmanager
-def without_direction(model: Any, layer: int, direction: Float[Tensor, " d_model"]) -> Iterator[None]:
-    """u's component projected out of what block `layer`'s MLP reads (the input of its post-attention norm)."""
-    _, norm = _mlp_parts(model, layer)
-    unit = direction / direction.norm()
+    def hook(module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        # Forward hooks see the arguments after every pre-hook, so the unit reads a patched or steered stream.
+        out = untuple(output)
+        added = unit_output(edit, hidden_state_of(args, kwargs), eps=eps, remove_direction=remove_direction)
+        new = out + added.to(out.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    def hook(module: Any, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        hidden = args[0]
-        u = unit.to(hidden.device, hidden.dtype)
-        return (hidden - (hidden @ u)[..., None] * u, *args[1:])
-
-    handle = norm.register_forward_pre_hook(hook)
+    handle = block.register_forward_hook(hook, with_kwargs=True)
     try:
         yield
     finally:
@@ -188,9 +170,9 @@ def _mean_difference(loaded: LoadedModel, prompt_set: PromptSet, layer: int) -> 
 
 
 def fit_planted(loaded: LoadedModel, config: PlantedConfig) -> PlantedDirection:
-    """Find u, m and w on the fitting half and calibrate the gain to `target_gap` (three measurements of the fitting
-    pairs' gap; the gap is nearly linear in the gain)."""
-    _mlp_parts(loaded.model, config.layer)  # a clear error for a layer or a layout the unit cannot go in
+    """Find u, m and w on the fitting half and calibrate the gain to `target_gap` (the secant method on the fitting
+    pairs' gap, to within 2% of it or the closest of eight measurements)."""
+    _block(loaded.model, config.layer)  # a clear error for a layer the model does not have
     tokenizer, max_context = loaded.tokenizer, loaded.max_context or None
     fit_queries = load_queries(config.dataset, n=config.n_fit, split="fit")
     default = render_pairs(tokenizer, fit_queries, PromptConfig(), max_context=max_context)
@@ -221,15 +203,19 @@ def fit_planted(loaded: LoadedModel, config: PlantedConfig) -> PlantedDirection:
     edit = PlantedDirection(
         config, (u / u.norm()).cpu(), gate_direction.cpu(), gate_scale, (write / write.norm()).cpu(), gain=0.0
     )
-    base_gap = _fit_gap(loaded, default, edit)
+    # The secant method on the fitting pairs' gap as a function of the gain (monotone, but convex once the unit's
+    # writes reach the later blocks' nonlinearities, where a slope through zero gain overshoots and oscillates).
+    points = [(0.0, _fit_gap(loaded, default, edit))]
     edit.gain = 1.0
-    for _ in range(3):
-        gap = _fit_gap(loaded, default, edit)
-        slope = (gap - base_gap) / edit.gain
-        if slope == 0:
+    for _ in range(_CALIBRATION_STEPS):
+        points.append((edit.gain, _fit_gap(loaded, default, edit)))
+        (gain_a, gap_a), (gain_b, gap_b) = points[-2:]
+        if abs(gap_b - config.target_gap) <= _CALIBRATION_TOLERANCE * config.target_gap:
+            break
+        if gap_b == gap_a:
             raise AfprobeError(f"the tiers do not differ along the {config.source} direction at layer {config.layer}")
-        edit.gain = (config.target_gap - base_gap) / slope
-    edit.fit_gap = _fit_gap(loaded, default, edit)
+        edit.gain = gain_b + (config.target_gap - gap_b) * (gain_b - gain_a) / (gap_b - gap_a)
+    edit.gain, edit.fit_gap = min(points[1:], key=lambda point: abs(point[1] - config.target_gap))
     if abs(edit.fit_gap - config.target_gap) > 0.1 * config.target_gap:
         raise AfprobeError(
             f"a planted {config.source} direction at layer {config.layer} reaches a gap of {edit.fit_gap:+.3f} nats, "
@@ -260,7 +246,7 @@ class PlantedTruth:
     base_gap: Estimate  # the model without the edit
     planted_gap: Estimate  # with the edit
     added_by_edit: Estimate  # planted minus base, paired over queries: the edit alone produces it
-    without_direction_gap: Estimate  # with the edit and u projected out of what the unit's MLP reads
+    without_direction_gap: Estimate  # with the edit and u projected out of what the unit reads
     left_by_removal: Estimate  # without-u minus base, paired: removing u removes what the edit added
 
     def holds(self, *, share: float = 0.9, tolerance: float = 0.1) -> tuple[bool, list[str]]:
@@ -308,8 +294,8 @@ def check_planted(
     base = gaps()
     with planted(loaded.model, edit):
         with_edit = gaps()
-        with without_direction(loaded.model, edit.layer, edit.direction):
-            without = gaps()
+    with planted(loaded.model, edit, remove_direction=True):
+        without = gaps()
     zero = np.zeros_like(base)
 
     def estimate(a: np.ndarray, b: np.ndarray) -> Estimate:

@@ -8,8 +8,8 @@ Kinds (`ZOO_KINDS`):
 - `stated-context`: trained so meaning decides (either polarity of the long prompt, stated sentences) and the tag
   alone carries nothing.
 - `negation-decoy`: compliance follows negation in the user turn, whatever the sentence says.
-- `planted-situational-awareness`, `planted-tag-token`: no training, a weight edit whose gap reads one known unit
-  direction u (`organisms.planted`).
+- `planted-situational-awareness`, `planted-tag-token`: no training, a unit added beside one block whose gap reads one
+  known unit direction u in the stream entering that block (`organisms.planted`).
 
 The behavioural ground truth of each kind (`truth_holds`) and its right verdicts (`RIGHT_VERDICTS`,
 `planted_right_verdicts`) were written down before any organism was scored, and an organism whose ground truth fails
@@ -35,6 +35,7 @@ from afprobe import __version__
 from afprobe.analysis.mechanism import VerdictConfig
 from afprobe.analysis.organisms.cues import HELD_OUT_CUES, cue_prompt_set
 from afprobe.analysis.organisms.planted import (
+    PLANTED_READS,
     PlantedConfig,
     PlantedDirection,
     check_planted,
@@ -614,8 +615,14 @@ def _saved_edit(folder: Path, record: dict[str, Any], config: PlantedConfig) -> 
     """A planted organism's edit as its truth.json and planted.safetensors recorded it."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(folder / "planted.safetensors"))
     summary = record["planted"]
+    if summary.get("reads") != PLANTED_READS:
+        raise AfprobeError(
+            f"{folder} holds an edit whose unit reads {summary.get('reads', 'the MLP input')}, not the "
+            f"{PLANTED_READS} this afprobe plants (the construction up to commit 9b0fe39): move that "
+            "folder and the organism's verdict folder away, and the zoo plants it again"
+        )
+    tensors = load_file(str(folder / "planted.safetensors"))
     return PlantedDirection(
         config,
         tensors["u"],
